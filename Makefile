@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the main job on its defaults) and `make test` (the suite).
+# Both create .venv and install aeshield into it first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.aeshield-installed
+
+.PHONY: demo test install bench audit clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/aeshield data fetch mnist
+	$(BIN)/aeshield reproduce demo --profile quick --no-progress
+
+test: $(STAMP)
+	$(BIN)/aeshield data fetch mnist
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python benchmarks/pgd_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,37 @@
+"""aeshield: autoencoder shields for frozen image classifiers, and the evaluation that tests them.
+
+>>> import aeshield
+>>> shield = aeshield.load_shield("aaa-mnist")              # doctest: +SKIP
+>>> model = aeshield.Shielded(shield, my_classifier)        # doctest: +SKIP
+>>> labels = model.predict(images)                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .defenses.base import REJECT, AutoencoderPurifier, Detector, Purifier, Shielded
+from .threat import Norm, ThreatModel
+
+__all__ = ["REJECT", "AutoencoderPurifier", "Detector", "Norm", "Purifier", "Shielded",
+           "ThreatModel", "__version__", "load_classifier", "load_shield"]
+
+
+def load_classifier(name_or_path: str, device: str = "cpu"):
+    """A trained classifier: a shipped name (e.g. ``"mnist-a"``) or a ``.safetensors`` path."""
+    from .models.io import load_weights
+
+    model, side = load_weights(name_or_path, device=device)
+    if side.get("kind") not in (None, "classifier"):
+        raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a classifier")
+    return model
+
+
+def load_shield(name_or_path: str, device: str = "cpu") -> AutoencoderPurifier:
+    """A trained shield as a purifier: a shipped name (e.g. ``"aaa-mnist"``) or a path."""
+    from .models.io import load_weights
+
+    model, side = load_weights(name_or_path, device=device)
+    if side.get("kind") != "shield":
+        raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a shield")
+    return AutoencoderPurifier(model).eval()

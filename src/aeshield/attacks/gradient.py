@@ -1,0 +1,187 @@
+"""First-order L-inf / L2 attacks: FGSM, BIM and PGD with random restarts.
+
+Threat model: white-box, the adversary knows the whole ``model`` (shield, classifier and any
+wrapper such as BPDA or EOT) and its gradients. Every attack is a plain function
+``attack(model, x, y, **settings) -> x_adv`` whose result lies in ``ThreatModel(norm, eps)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..threat import Norm, ThreatModel
+from .losses import LossFn, get_loss, misclassified
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
+    if y.dtype != torch.long or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must be int64 labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if torch.isnan(x).any():
+        raise ValueError("x contains NaN; clean the input before attacking it")
+
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def logit_objective(loss: str | LossFn) -> Objective:
+    """The usual objective: a per-example loss of the model's logits."""
+    loss_fn = get_loss(loss)
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        logits = model(x)
+        return loss_fn(logits, y), logits
+    return objective
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-example objective w.r.t. ``x`` only (parameters get no
+    ``.grad``); returns ``(grad, logits, per_example_objective)``, all detached."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        per_example, logits = objective(model, x, y)
+        (grad,) = torch.autograd.grad(per_example.sum(), x)
+    return grad, logits.detach(), per_example.detach()
+
+
+def _step(x: torch.Tensor, grad: torch.Tensor, step_size: float, norm: Norm) -> torch.Tensor:
+    if norm is Norm.LINF:
+        return x + step_size * grad.sign()
+    g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    return x + step_size * grad / g_norm
+
+
+def _random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
+    shape = x.shape
+    if threat.norm is Norm.LINF:
+        delta = (torch.rand(shape, generator=generator) * 2 - 1) * threat.eps
+    else:
+        direction = torch.randn(shape, generator=generator)
+        direction /= direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        radius = torch.rand(shape[0], generator=generator).view(-1, *([1] * (x.dim() - 1)))
+        delta = direction * radius * threat.eps
+    return threat.project(x + delta.to(x.device, x.dtype), x)
+
+
+def _default_generator(generator: torch.Generator | None) -> torch.Generator:
+    # A fixed default seed, never the clock: the same call gives the same answer.
+    return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
+         norm: str | Norm = Norm.LINF, loss: str | LossFn = "ce",
+         bounds: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Fast Gradient Sign Method (Goodfellow et al. 2015): one step of size ``eps``.
+
+    For L2, one step of length ``eps`` along the normalized gradient.
+    """
+    _check_inputs(x, y)
+    threat = ThreatModel(norm, eps, bounds)
+    if eps == 0:
+        return x.clone()
+    grad, _, _ = input_gradient(model, x, y, logit_objective(loss))
+    return threat.project(_step(x, grad, eps, threat.norm), x).detach()
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
+        norm: str | Norm = Norm.LINF, step_size: float = 0.01, steps: int = 40,
+        restarts: int = 1, random_start: bool = True, loss: str | LossFn = "ce",
+        bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None,
+        early_stop: bool = True, objective: Objective | None = None) -> torch.Tensor:
+    """Projected Gradient Descent (Madry et al. 2018) with random restarts.
+
+    Each restart runs ``steps`` projected steps of ``step_size`` (sign of the gradient for
+    L-inf, normalized gradient for L2) from a uniform random point of the eps-ball
+    (``random_start``). Per example, the first iterate that fools the model is kept, over all
+    steps and restarts, so a later step or restart can never turn a fooled example back to
+    robust; examples that are never fooled return the iterate of highest loss.
+    ``early_stop`` stops attacking an example once it is fooled (same result, less compute).
+    ``objective(model, x, y) -> (per_example_loss, logits)`` replaces the logit ``loss`` for
+    adaptive attacks (reconstruction-augmented, latent-space, detector-aware).
+
+    Args:
+        model: any ``nn.Module`` from images in ``bounds`` to logits, in the mode to attack.
+        x: ``(N, C, H, W)`` float images; y: ``(N,)`` int64 labels.
+    Returns:
+        ``x_adv`` with ``ThreatModel(norm, eps, bounds).contains(x_adv, x)`` for every example.
+
+    Example:
+        >>> x_adv = pgd(model, x, y, eps=0.3, step_size=0.01, steps=40, restarts=5)
+    """
+    _check_inputs(x, y)
+    threat = ThreatModel(norm, eps, bounds)
+    if eps == 0 or steps == 0:
+        return x.clone()
+    objective = objective or logit_objective(loss)
+    gen = _default_generator(generator)
+    x = x.detach()
+    best = x.clone()
+    best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    for restart in range(max(1, restarts)):
+        active = (~fooled).nonzero().squeeze(1) if early_stop else torch.arange(x.shape[0], device=x.device)
+        if active.numel() == 0:
+            break
+        x0, y0 = x[active], y[active]
+        start_random = random_start or restart > 0
+        x_adv = _random_start(x0, threat, gen) if start_random else x0.clone()
+        for step in range(steps + 1):
+            if step < steps:
+                grad, logits, per_loss = input_gradient(model, x_adv, y0, objective)
+            else:
+                with torch.no_grad():
+                    per_loss, logits = objective(model, x_adv, y0)
+            with torch.no_grad():
+                hit = misclassified(logits, y0) & ~fooled[active]
+                if hit.any():
+                    best[active[hit]] = x_adv[hit]
+                    fooled[active[hit]] = True
+                better = (per_loss > best_loss[active]) & ~fooled[active]
+                best[active[better]] = x_adv[better]
+                best_loss[active[better]] = per_loss[better]
+            if step == steps:
+                break
+            if early_stop:
+                keep = ~fooled[active]
+                if not keep.all():
+                    active, x0, y0, x_adv, grad = (t[keep] for t in (active, x0, y0, x_adv, grad))
+                    if active.numel() == 0:
+                        break
+            x_adv = threat.project(_step(x_adv, grad, step_size, threat.norm), x0).detach()
+    return threat.project(best, x)
+
+
+def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
+        norm: str | Norm = Norm.LINF, step_size: float | None = None, steps: int = 10,
+        loss: str | LossFn = "ce", bounds: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Basic Iterative Method (Kurakin et al. 2017): PGD from the clean input, no restarts.
+
+    ``step_size`` defaults to ``eps / steps``, so that the steps together just reach the
+    edge of the ball.
+    """
+    step = eps / max(steps, 1) if step_size is None else step_size
+    return pgd(model, x, y, eps=eps, norm=norm, step_size=step, steps=steps, restarts=1,
+               random_start=False, loss=loss, bounds=bounds)
+
+
+def pgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,
+              step_size: float, steps: int, generator: torch.Generator,
+              loss: str | LossFn = "ce") -> torch.Tensor:
+    """Madry's training-time PGD: random start, ``steps`` steps, the last iterate.
+
+    Unlike ``pgd`` it neither keeps the first fooling iterate nor stops early, because
+    adversarial training wants the highest-loss point, not the first misclassified one.
+    """
+    objective = logit_objective(loss)
+    x = x.detach()
+    x_adv = _random_start(x, threat, generator)
+    for _ in range(steps):
+        grad, _, _ = input_gradient(model, x_adv, y, objective)
+        x_adv = threat.project(_step(x_adv, grad, step_size, threat.norm), x).detach()
+    return x_adv

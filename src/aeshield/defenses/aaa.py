@@ -1,0 +1,193 @@
+"""AAA: adversarially trained autoencoder augmentation.
+
+Vaishnavi, Eykholt, Prakash and Rahmati, "Towards Model-Agnostic Adversarial Defenses using
+Adversarially Trained Autoencoders". A denoising autoencoder ``G`` is placed in front of one or
+more frozen, naturally trained classifiers ``F_k`` and trained on the saddle point
+
+    min_G  E[ max_{||delta||_inf <= eps}  L(F_k(G(x + delta)), y) ]
+
+where the inner maximization is L-inf PGD on ``CE(F_k(G(x + delta)), y)``, run end to end, and
+the outer loss is one of ``xent`` (CE), ``mse`` (per-image sum of squared errors to the clean
+input, averaged over the batch) or ``xent+mse`` (CE + lambda * mse). With several classifiers
+(ensemble training) each step draws one ``F_k`` at random. Threat model of the result:
+white-box L-inf against the whole pipeline ``F(G(.))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks.gradient import pgd_train
+from ..threat import ThreatModel
+from ..train.loop import LoopConfig, LoopResult, fit
+from .base import AutoencoderPurifier, Shielded
+
+logger = logging.getLogger(__name__)
+
+LOSS_VARIANTS = ("xent", "mse", "xent+mse")
+
+
+@dataclass(frozen=True)
+class AAAConfig:
+    """Settings of one AAA training run (paper defaults for MNIST, CPU-sized epochs)."""
+
+    loss: str = "xent+mse"
+    # lambda weighs the per-image sum of squared errors (about 5-20 on MNIST) against the
+    # cross-entropy (about 0.1-2): 0.01 keeps both terms of the same order.
+    lam: float = 0.01
+    eps: float = 0.3
+    step_size: float = 0.01
+    attack_steps: int = 40
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    plateau_patience: int = 5
+    early_stop_patience: int | None = None
+    warmup_steps: int = 100  # clean reconstruction steps that start G near the identity
+    val_attack_steps: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_VARIANTS:
+            raise ValueError(f"unknown AAA loss {self.loss!r}; use one of {LOSS_VARIANTS}")
+
+
+@contextmanager
+def frozen(*modules: nn.Module):
+    """Eval mode and no parameter gradients for the duration; restores both afterwards."""
+    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+            m.requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+def aaa_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, reconstruction: torch.Tensor,
+             clean: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
+    xent = F.cross_entropy(logits, y)
+    mse = (reconstruction - clean).pow(2).flatten(1).sum(1).mean()
+    total = {"xent": xent, "mse": mse, "xent+mse": xent + lam * mse}[kind]
+    return total, {"xent": xent.detach(), "mse": mse.detach()}
+
+
+@dataclass
+class AAAResult:
+    config: dict
+    history: list[dict] = field(default_factory=list)
+    visits: list[int] = field(default_factory=list)  # training steps per classifier
+    loop: LoopResult | None = None
+
+
+def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Tensor,
+              y: torch.Tensor, config: AAAConfig, *, x_val: torch.Tensor | None = None,
+              y_val: torch.Tensor | None = None, checkpoint: str | Path | None = None,
+              progress: bool = True) -> AAAResult:
+    """Train ``autoencoder`` in front of the frozen ``classifiers`` (updated in place).
+
+    The classifiers stay in eval mode with ``requires_grad`` off for the whole run, so their
+    weights, BatchNorm statistics and dropout never change; only G's parameters are optimized.
+    """
+    if not classifiers:
+        raise ValueError("AAA needs at least one classifier to train against")
+    threat = ThreatModel("Linf", config.eps)
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
+    visits = [0] * len(classifiers)
+    result = AAAResult(config=asdict(config), visits=visits)
+
+    with frozen(*classifiers):
+        if config.warmup_steps and not (checkpoint and Path(checkpoint).exists()):
+            _warmup(autoencoder, optimizer, x, config)
+
+        def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+            k = int(torch.randint(len(classifiers), (1,), generator=gen))
+            visits[k] += 1
+            classifier = classifiers[k]
+            # Craft with G in eval mode: 40 attack forwards must not move its BatchNorm statistics.
+            autoencoder.eval()
+            x_adv = pgd_train(Shielded(autoencoder, classifier), xb, yb, threat=threat,
+                              step_size=config.step_size, steps=config.attack_steps, generator=gen)
+            autoencoder.train()
+            reconstruction = autoencoder(x_adv)
+            logits = classifier(reconstruction)
+            loss, metrics = aaa_loss(config.loss, logits, yb, reconstruction, xb, config.lam)
+            metrics["adv_acc"] = (logits.argmax(1) == yb).float().mean()
+            return loss, metrics
+
+        val_fn = None
+        if x_val is not None and y_val is not None:
+            def val_fn() -> dict:
+                return validate_aaa(autoencoder, classifiers, x_val, y_val, config)
+
+        loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                          checkpoint_every=config.checkpoint_every,
+                          plateau_patience=config.plateau_patience,
+                          early_stop_patience=config.early_stop_patience,
+                          val_metric="val_adv_loss")
+        result.loop = fit({"autoencoder": autoencoder}, optimizer, step, x, y, loop,
+                          val_fn=val_fn, checkpoint=checkpoint, progress=progress)
+    result.history = result.loop.history
+    autoencoder.eval()
+    return result
+
+
+def _warmup(autoencoder: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+            config: AAAConfig) -> None:
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    autoencoder.train()
+    for _ in range(config.warmup_steps):
+        idx = torch.randint(x.shape[0], (config.batch_size,), generator=gen).to(x.device)
+        xb = x[idx]
+        noisy = (xb + config.eps * (torch.rand(xb.shape, generator=gen).to(x.device) * 2 - 1)).clamp(0, 1)
+        loss = (autoencoder(noisy) - xb).pow(2).flatten(1).sum(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    autoencoder.eval()
+
+
+@torch.no_grad()
+def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def validate_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Tensor,
+                 y: torch.Tensor, config: AAAConfig) -> dict:
+    """Clean and PGD accuracy and the adversarial loss on a validation batch, per classifier."""
+    autoencoder.eval()
+    threat = ThreatModel("Linf", config.eps)
+    gen = torch.Generator().manual_seed(12345)
+    # Fewer validation steps than training steps: take Madry's 2.5 * eps / steps step size.
+    step_size = max(config.step_size, 2.5 * config.eps / max(1, config.val_attack_steps))
+    out: dict[str, float] = {}
+    adv_losses = []
+    for k, classifier in enumerate(classifiers):
+        model = Shielded(autoencoder, classifier)
+        x_adv = pgd_train(model, x, y, threat=threat, step_size=step_size,
+                          steps=config.val_attack_steps, generator=gen)
+        with torch.no_grad():
+            reconstruction = autoencoder(x_adv)
+            logits = classifier(reconstruction)
+            loss, _ = aaa_loss(config.loss, logits, y, reconstruction, x, config.lam)
+        adv_losses.append(float(loss))
+        out[f"val_clean_acc_{k}"] = _clean_accuracy(model, x, y)
+        out[f"val_adv_acc_{k}"] = float((logits.argmax(1) == y).float().mean())
+    out["val_adv_loss"] = sum(adv_losses) / len(adv_losses)
+    return out
+
+
+def shield_from_autoencoder(autoencoder: nn.Module) -> AutoencoderPurifier:
+    return AutoencoderPurifier(autoencoder)

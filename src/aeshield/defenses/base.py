@@ -1,0 +1,145 @@
+"""Purifiers, detectors and the shielded pipeline.
+
+A *purifier* maps images to images of the same shape and range. A *detector* scores how
+suspicious an input is and rejects it above a calibrated threshold. ``Shielded`` chains them in
+front of a classifier and is itself an ``nn.Module`` from images to logits, so every attack
+attacks the whole pipeline without knowing it is there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+REJECT = -1
+
+
+class InputError(ValueError):
+    """The input does not fit the model: the message says what was expected."""
+
+
+def validate_images(x: torch.Tensor, in_shape: tuple[int, ...] | None = None,
+                    bounds: tuple[float, float] = (0.0, 1.0)) -> None:
+    """Raise ``InputError`` for anything but a float NCHW batch in ``bounds`` without NaN."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise InputError(f"expected float images in [{bounds[0]}, {bounds[1]}], got dtype {x.dtype}; "
+                         "convert uint8 images with x.float() / 255")
+    if x.dim() != 4:
+        raise InputError(f"expected a batch of shape (N, C, H, W), got shape {tuple(x.shape)}; "
+                         "add a batch dimension with x.unsqueeze(0)")
+    if in_shape is not None and tuple(x.shape[1:]) != tuple(in_shape):
+        raise InputError(f"expected images of shape {tuple(in_shape)} (C, H, W), got "
+                         f"{tuple(x.shape[1:])}; check the dataset and the channel count")
+    if torch.isnan(x).any():
+        raise InputError("input contains NaN values")
+    lo, hi = bounds
+    if x.numel() and (x.min() < lo - 1e-6 or x.max() > hi + 1e-6):
+        raise InputError(f"pixel values must lie in [{lo}, {hi}], got [{x.min().item():.3g}, "
+                         f"{x.max().item():.3g}]; undo any normalization, the model does it")
+
+
+class Purifier(nn.Module):
+    """Base class of shields: images in, images of the same shape and range out.
+
+    ``stochastic`` tells evaluations to use EOT. ``bpda_forward`` is the differentiable
+    stand-in a BPDA attack should use for the backward pass (identity by default).
+    """
+
+    stochastic: bool = False
+
+    def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class AutoencoderPurifier(Purifier):
+    """Wrap any autoencoder ``nn.Module`` as a purifier."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(z)
+
+
+class Detector(nn.Module):
+    """Scores inputs (higher is more suspicious) and rejects those above ``threshold``.
+
+    ``forward`` returns the differentiable score, so detector-aware attacks can target it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(float("inf")))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)
+
+    def rejects(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x) > self.threshold
+
+    @torch.no_grad()
+    def calibrate(self, clean: torch.Tensor, false_positive_rate: float, batch_size: int = 500) -> float:
+        """Set the threshold so that ``false_positive_rate`` of ``clean`` inputs are rejected."""
+        if not 0 <= false_positive_rate < 1:
+            raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate}")
+        scores = torch.cat([self.score(b) for b in clean.split(batch_size)])
+        threshold = torch.quantile(scores.float(), 1 - false_positive_rate)
+        self.threshold.fill_(threshold.item())
+        return float(threshold)
+
+
+class Shielded(nn.Module):
+    """``classifier(purifier(x))``, with an optional detector that answers ``REJECT`` (-1).
+
+    ``forward`` returns logits (what attacks differentiate); ``predict`` returns labels.
+    """
+
+    def __init__(self, purifier: nn.Module | None, classifier: nn.Module,
+                 detector: Detector | None = None) -> None:
+        super().__init__()
+        self.purifier = purifier if purifier is not None else nn.Identity()
+        self.classifier = classifier
+        self.detector = detector
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        return getattr(self.classifier, "in_shape", None)
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(getattr(self.purifier, "stochastic", False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purifier(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """Labels for a batch of images in [0, 1]; ``REJECT`` where the detector fires."""
+        validate_images(x, self.in_shape)
+        out = []
+        for batch in x.split(batch_size):
+            labels = self(batch).argmax(1)
+            if self.detector is not None:
+                labels = labels.masked_fill(self.detector.rejects(batch), REJECT)
+            out.append(labels)
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Labels from any model: its own ``predict`` (which may reject) or the logits' arg-max."""
+    if hasattr(model, "predict"):
+        return model.predict(x, batch_size=batch_size)
+    return torch.cat([model(b).argmax(1) for b in x.split(batch_size)])

@@ -1,0 +1,210 @@
+"""The evaluation harness: attacks run as a cascade with per-example robust flags.
+
+Each attack sees only the examples that are still robust (the AutoAttack design), so the
+reported robust accuracy is the worst case over every restart and every attack, and it can
+only go down as attacks are added. An example counts as robust if the model's prediction on
+every attack's output is its true label or, when the pipeline has a detector, a reject.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..attacks import BPDA, EOT, autoattack, bim, cw_l2, fgsm, pgd
+from ..attacks.adaptive import latent_pgd, reconstruction_pgd
+from ..defenses.base import REJECT, Shielded, predict
+from ..threat import Norm, ThreatModel
+from .records import AttackResult, Accuracy, EvalRecord, config_hash, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+AttackFn = Callable[..., torch.Tensor]
+
+
+def _run_pgd(model, x, y, threat, gen, **kw):
+    return pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds, generator=gen, **kw)
+
+
+def _run_fgsm(model, x, y, threat, gen, **kw):
+    return fgsm(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds, **kw)
+
+
+def _run_bim(model, x, y, threat, gen, **kw):
+    return bim(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds, **kw)
+
+
+def _run_cw(model, x, y, threat, gen, **kw):
+    if threat.norm is not Norm.L2:
+        raise ValueError("cw-l2 needs an L2 threat model (its eps is the L2 success budget)")
+    return cw_l2(model, x, y, max_l2=threat.eps, bounds=threat.bounds, **kw)
+
+
+def _autoattack_part(part: str) -> AttackFn:
+    def run(model, x, y, threat, gen, **kw):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        return autoattack(model, x, y, eps=threat.eps, norm=threat.norm.value, attacks=[part],
+                          seed=seed, **kw)
+    return run
+
+
+def _run_recon(model, x, y, threat, gen, **kw):
+    return reconstruction_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
+                              generator=gen, **kw)
+
+
+def _run_latent(model, x, y, threat, gen, **kw):
+    return latent_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
+                      generator=gen, **kw)
+
+
+ATTACKS: dict[str, AttackFn] = {
+    "recon-pgd": _run_recon, "latent-pgd": _run_latent,
+    "fgsm": _run_fgsm, "bim": _run_bim, "pgd": _run_pgd, "cw-l2": _run_cw,
+    "apgd-ce": _autoattack_part("apgd-ce"), "apgd-t": _autoattack_part("apgd-t"),
+    "fab-t": _autoattack_part("fab-t"), "square": _autoattack_part("square"),
+}
+
+
+def register_attack(name: str, fn: AttackFn) -> None:
+    """Make ``fn(model, x, y, threat, generator, **params)`` available to configs and the CLI."""
+    ATTACKS[name] = fn
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of a cascade.
+
+    ``wrap`` adapts the model first: ``"bpda"`` swaps the purifier's backward pass for its
+    ``bpda_forward`` (identity by default), ``"eot"`` averages ``eot_samples`` random draws,
+    ``"classifier"`` crafts on the bare classifier (a transfer / bypass attack that is then
+    evaluated on the whole pipeline). ``threat`` overrides the evaluation's threat model.
+    """
+
+    name: str
+    params: dict = field(default_factory=dict)
+    wrap: str | None = None
+    eot_samples: int = 8
+    threat: ThreatModel | None = None
+    label: str | None = None
+
+    @property
+    def title(self) -> str:
+        if self.label:
+            return self.label
+        bits = [self.name] + [f"{k}={v}" for k, v in sorted(self.params.items())]
+        if self.wrap:
+            bits.append(f"wrap={self.wrap}")
+        return " ".join(bits)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["threat"] = self.threat.to_dict() if self.threat else None
+        return d
+
+
+def adapt_model(model: nn.Module, spec: AttackSpec, surrogate: nn.Module | None = None) -> nn.Module:
+    if spec.wrap in (None, "none"):
+        return model
+    if spec.wrap == "eot":
+        return EOT(model, spec.eot_samples)
+    if spec.wrap in ("bpda", "classifier"):
+        if not isinstance(model, Shielded):
+            raise ValueError(f"wrap={spec.wrap!r} needs a Shielded pipeline, got {type(model).__name__}")
+        if spec.wrap == "classifier":
+            return model.classifier
+        purifier = model.purifier
+        return Shielded(BPDA(purifier, getattr(purifier, "bpda_forward", None)), model.classifier)
+    if spec.wrap == "surrogate":
+        if surrogate is None:
+            raise ValueError("wrap='surrogate' needs a surrogate model")
+        return surrogate
+    raise ValueError(f"unknown wrap {spec.wrap!r}; use none, bpda, eot, classifier or surrogate")
+
+
+def _handled(labels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (labels == y) | (labels == REJECT)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             attacks: Sequence[AttackSpec], threat: ThreatModel, *, batch_size: int = 500,
+             seed: int = 0, defense: str = "none", classifier: str = "", dataset: str = "",
+             data_source: str = "", data_hash: str = "", surrogate: nn.Module | None = None,
+             checkpoint: str | Path | None = None, progress: bool = True) -> EvalRecord:
+    """Attack ``model`` on ``(images, labels)`` with the ``attacks`` cascade.
+
+    Returns an ``EvalRecord`` with clean and robust accuracy (Wilson 95% intervals), what each
+    attack added, and per-example robust flags. ``checkpoint`` (a JSON path) stores the flags
+    after every attack so that an interrupted evaluation resumes where it stopped.
+    """
+    model.eval()
+    device = images.device
+    labels = labels.to(device)
+    n = images.shape[0]
+    clean_labels = predict(model, images, batch_size)
+    clean_correct = clean_labels == labels
+    clean_reject = clean_labels == REJECT
+    robust = clean_correct.clone()
+
+    key = config_hash({"attacks": [a.to_dict() for a in attacks], "threat": threat.to_dict(),
+                       "n": n, "seed": seed, "labels": labels.tolist()[:50]})
+    done: list[dict] = []
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and ckpt.exists():
+        state = json.loads(ckpt.read_text())
+        if state.get("key") == key:
+            robust = torch.tensor([c == "1" for c in state["flags"]], dtype=torch.bool, device=device)
+            done = state["results"]
+            logger.info("resumed evaluation from %s after %d attack(s)", ckpt, len(done))
+
+    results: list[AttackResult] = []
+    for index, spec in enumerate(attacks):
+        attack_threat = spec.threat or threat
+        if index < len(done):
+            r = done[index]
+            results.append(AttackResult(r["name"], r["settings"], r["threat"], r["newly_fooled"],
+                                        Accuracy(**{k: r["accuracy_after"][k] for k in ("correct", "n")}),
+                                        r["seconds"], r.get("peak_memory_mb")))
+            continue
+        if spec.name not in ATTACKS:
+            raise KeyError(f"unknown attack {spec.name!r}; known: {sorted(ATTACKS)}")
+        attack_model = adapt_model(model, spec, surrogate)
+        start, before = time.perf_counter(), int(robust.sum())
+        todo = robust.nonzero().squeeze(1)
+        batches = todo.split(batch_size)
+        for b, idx in enumerate(tqdm(batches, desc=spec.title[:40], disable=not progress, leave=False)):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + index * 10_007 + b)
+            x, y = images[idx], labels[idx]
+            x_adv = ATTACKS[spec.name](attack_model, x, y, attack_threat, gen, **spec.params)
+            if not attack_threat.contains(x_adv, x).all():
+                raise RuntimeError(f"attack {spec.title} left its threat model; this is a bug")
+            robust[idx] = _handled(predict(model, x_adv, batch_size), y)
+        result = AttackResult(spec.title, {**spec.params, "wrap": spec.wrap}, attack_threat.to_dict(),
+                              before - int(robust.sum()), Accuracy.from_flags(robust),
+                              time.perf_counter() - start, _peak_rss_mb())
+        results.append(result)
+        logger.info("%-40s robust %s  (%.1fs)", spec.title, result.accuracy_after.format(), result.seconds)
+        if ckpt:
+            write_json_atomic(ckpt, {"key": key, "flags": "".join("1" if f else "0" for f in robust.tolist()),
+                                     "results": [r.to_dict() for r in results]})
+
+    return EvalRecord(
+        defense=defense, classifier=classifier, dataset=dataset, data_source=data_source,
+        data_hash=data_hash, threat=threat.to_dict(), n=n, seed=seed,
+        clean=Accuracy.from_flags(clean_correct), robust=Accuracy.from_flags(robust),
+        attacks=results, robust_flags="".join("1" if f else "0" for f in robust.tolist()),
+        clean_reject_rate=float(clean_reject.float().mean()) if getattr(model, "detector", None) is not None else None,
+    )

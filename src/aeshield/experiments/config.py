@@ -1,0 +1,205 @@
+"""Experiment configs: typed, frozen dataclasses read from YAML.
+
+A target (``aeshield reproduce NAME``) is one YAML file in ``aeshield/configs``. Its
+``profiles`` section holds the numbers that differ between the ``quick`` (CPU, minutes) and
+``paper`` (published protocol, GPU) profiles; they are deep-merged over the base.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..eval.harness import AttackSpec
+from ..threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    model: str
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    train_limit: int | None = None
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class AdvTrainSpec:
+    eps: float = 0.3
+    step_size: float = 0.01
+    attack_steps: int = 40
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    train_limit: int | None = None
+    val_n: int = 500
+
+
+@dataclass(frozen=True)
+class ShieldSpec:
+    method: str  # "aaa"
+    autoencoder: str
+    against: tuple[str, ...]
+    loss: str = "xent+mse"
+    lam: float = 0.01
+    eps: float = 0.3
+    step_size: float = 0.01
+    attack_steps: int = 40
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    train_limit: int | None = None
+    val_n: int = 500
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    threat: ThreatModel
+    attacks: tuple[AttackSpec, ...]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    label: str
+    kind: str = "natural"  # natural | adversarial-training | shield
+    shield: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    label: str
+    classifiers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    label: str
+    value: str = "robust"  # clean | robust
+    suites: tuple[str, ...] = ()
+    after: str | None = None  # report the accuracy after this attack of the (single) suite
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    title: str
+    dataset: str
+    profile: str
+    seed: int = 0
+    n: int = 1000
+    batch_size: int = 500
+    notes: str = ""
+    classifiers: dict[str, ClassifierSpec] = field(default_factory=dict)
+    adversarial_training: AdvTrainSpec | None = None
+    shields: dict[str, ShieldSpec] = field(default_factory=dict)
+    suites: tuple[SuiteSpec, ...] = ()
+    rows: tuple[RowSpec, ...] = ()
+    groups: tuple[GroupSpec, ...] = ()
+    columns: tuple[ColumnSpec, ...] = ()
+    figures: tuple[dict, ...] = ()
+    raw: dict = field(default_factory=dict, compare=False)
+
+
+def _build(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    return cls(**data)
+
+
+def _attack(d: dict) -> AttackSpec:
+    d = dict(d)
+    if "threat" in d and d["threat"] is not None:
+        d["threat"] = ThreatModel(**d["threat"])
+    return _build(AttackSpec, d)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def config_dir() -> Path:
+    return Path(str(resources.files("aeshield") / "configs"))
+
+
+def list_targets() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def load_config(target: str | Path, profile: str = "quick") -> ExperimentConfig:
+    """Read a target's YAML (by name or path) and resolve one profile."""
+    path = Path(target)
+    if not path.exists():
+        path = config_dir() / f"{target}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"unknown target {target!r}; known targets: {', '.join(list_targets())}")
+    raw = yaml.safe_load(path.read_text())
+    profiles = raw.pop("profiles", {}) or {}
+    if profile not in profiles:
+        raise ValueError(f"target {raw.get('name', path.stem)!r} has no profile {profile!r}; "
+                         f"choose from {sorted(profiles)}")
+    data = deep_merge(raw, profiles[profile] or {})
+    return from_dict(data, profile)
+
+
+def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
+    d = dict(data)
+    resolved = copy.deepcopy(d)
+    classifiers = {k: _build(ClassifierSpec, v) for k, v in (d.pop("classifiers", {}) or {}).items()}
+    at = d.pop("adversarial_training", None)
+    shields = {}
+    for k, v in (d.pop("shields", {}) or {}).items():
+        v = dict(v)
+        v["against"] = tuple(v["against"])
+        shields[k] = _build(ShieldSpec, v)
+    suites = tuple(SuiteSpec(s["name"], ThreatModel(**s["threat"]),
+                             tuple(_attack(a) for a in s["attacks"])) for s in d.pop("suites", []))
+    rows = tuple(_build(RowSpec, r) for r in d.pop("rows", []))
+    groups = tuple(GroupSpec(g["label"], tuple(g["classifiers"])) for g in d.pop("groups", []))
+    columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})
+                    for c in d.pop("columns", []))
+    figures = tuple(d.pop("figures", []) or [])
+    config = ExperimentConfig(
+        profile=profile, classifiers=classifiers,
+        adversarial_training=_build(AdvTrainSpec, at) if at else None, shields=shields,
+        suites=suites, rows=rows, groups=groups, columns=columns, figures=figures, raw=resolved,
+        **d)
+    _check(config)
+    return config
+
+
+def _check(config: ExperimentConfig) -> None:
+    suite_names = {s.name for s in config.suites}
+    for row in config.rows:
+        if row.kind == "shield" and row.shield not in config.shields:
+            raise ValueError(f"row {row.label!r} names unknown shield {row.shield!r}")
+        if row.kind == "adversarial-training" and config.adversarial_training is None:
+            raise ValueError(f"row {row.label!r} needs an adversarial_training section")
+    for group in config.groups:
+        for c in group.classifiers:
+            if c not in config.classifiers:
+                raise ValueError(f"group {group.label!r} names unknown classifier {c!r}")
+    for shield in config.shields.values():
+        for c in shield.against:
+            if c not in config.classifiers:
+                raise ValueError(f"shield trained against unknown classifier {c!r}")
+    for column in config.columns:
+        missing = set(column.suites) - suite_names
+        if missing:
+            raise ValueError(f"column {column.label!r} names unknown suites {sorted(missing)}")

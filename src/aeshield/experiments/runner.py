@@ -1,0 +1,249 @@
+"""The one runner behind every ``aeshield reproduce`` target.
+
+It resolves a config, trains what is missing (cached by a hash of its spec and its data),
+evaluates every (row, classifier, suite) through the cascade harness, and renders tables and
+figures from the records it wrote. Results land in ``<out>/<target>/<profile>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import cache_dir, load_dataset
+from ..defenses.aaa import AAAConfig, train_aaa
+from ..defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
+from ..defenses.base import Shielded
+from ..eval.harness import evaluate
+from ..eval.records import EvalRecord, config_hash, manifest, write_json_atomic
+from ..models import create_model
+from ..models.io import load_weights, save_weights, shipped_dir
+from ..train.classifier import ClassifierConfig, accuracy, train_classifier
+from .config import ExperimentConfig, RowSpec, load_config
+from .report import render_figures, render_tables
+
+logger = logging.getLogger(__name__)
+
+
+class Runner:
+    def __init__(self, config: ExperimentConfig, out_root: str | Path = "docs/results",
+                 artifacts: str | Path | None = None, use_shipped: bool = True,
+                 progress: bool = True, device: str = "cpu") -> None:
+        self.config = config
+        self.out = Path(out_root) / config.name / config.profile
+        self.artifacts = Path(artifacts) if artifacts else cache_dir() / "artifacts"
+        self.use_shipped = use_shipped
+        self.progress = progress
+        self.device = device
+        self._models: dict[str, nn.Module] = {}
+        self.timings: dict[str, float] = {}
+        self.train = load_dataset(config.dataset, "train")
+        self.val = load_dataset(config.dataset, "val")
+        self.test = load_dataset(config.dataset, "test")
+
+    # ---- artifacts -------------------------------------------------------------------
+    def _artifact(self, kind: str, spec: dict) -> tuple[Path, str]:
+        key = config_hash({"kind": kind, "spec": spec, "data": self.train.sha256})
+        return self.artifacts / f"{kind}-{key}.safetensors", key
+
+    def _find(self, path: Path, key: str) -> Path | None:
+        if path.exists():
+            return path
+        if self.use_shipped and shipped_dir().exists():
+            for side in shipped_dir().glob("*.json"):
+                try:
+                    if json.loads(side.read_text()).get("spec_hash") == key:
+                        return side.with_suffix(".safetensors")
+                except (OSError, json.JSONDecodeError):
+                    continue
+        return None
+
+    def classifier(self, name: str) -> nn.Module:
+        if name in self._models:
+            return self._models[name]
+        spec = self.config.classifiers[name]
+        path, key = self._artifact("classifier", asdict(spec))
+        found = self._find(path, key)
+        if found is None:
+            start = time.perf_counter()
+            logger.info("training classifier %s (%s)", name, spec.model)
+            cfg = ClassifierConfig(model=spec.model, dataset=self.config.dataset, epochs=spec.epochs,
+                                   batch_size=spec.batch_size, lr=spec.lr, optimizer=spec.optimizer,
+                                   seed=self.config.seed, train_limit=spec.train_limit,
+                                   augment=spec.augment)
+            train_classifier(cfg, path, progress=self.progress, device=self.device)
+            _stamp(path, key)
+            self.timings[f"train classifier {name}"] = time.perf_counter() - start
+            found = path
+        model, _ = load_weights(found, architecture=spec.model, dataset=self.config.dataset,
+                                device=self.device)
+        self._models[name] = model
+        return model
+
+    def adversarially_trained(self, name: str) -> nn.Module:
+        key_name = f"AT-{name}"
+        if key_name in self._models:
+            return self._models[key_name]
+        spec = self.config.adversarial_training
+        base = self.config.classifiers[name]
+        path, key = self._artifact("adv-trained", {"base": asdict(base), "at": asdict(spec)})
+        found = self._find(path, key)
+        if found is None:
+            start = time.perf_counter()
+            logger.info("adversarial training of %s", name)
+            model = create_model(base.model).to(self.device)
+            model.load_state_dict(self.classifier(name).state_dict())
+            train = self._train_subset(spec.train_limit)
+            val = self.val.subset(spec.val_n, seed=1)
+            cfg = AdversarialTrainingConfig(eps=spec.eps, step_size=spec.step_size,
+                                            attack_steps=spec.attack_steps, epochs=spec.epochs,
+                                            batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed)
+            result = adversarial_training(model, train.images, train.labels, cfg, x_val=val.images,
+                                          y_val=val.labels, checkpoint=path.with_suffix(".ckpt"),
+                                          progress=self.progress)
+            clean = accuracy(model, self.test.images, self.test.labels)
+            save_weights(model, path, architecture=base.model, dataset=self.config.dataset,
+                         kind="classifier", training="pgd-adversarial-training", clean_accuracy=clean,
+                         config=asdict(cfg), spec_hash=key, history=result.history,
+                         data_hash=self.train.sha256)
+            path.with_suffix(".ckpt").unlink(missing_ok=True)
+            self.timings[f"adversarial training {name}"] = time.perf_counter() - start
+            found = path
+        model, _ = load_weights(found, architecture=base.model, dataset=self.config.dataset,
+                                device=self.device)
+        self._models[key_name] = model
+        return model
+
+    def shield(self, name: str) -> nn.Module:
+        key_name = f"shield-{name}"
+        if key_name in self._models:
+            return self._models[key_name]
+        spec = self.config.shields[name]
+        if spec.method != "aaa":
+            raise ValueError(f"unknown shield method {spec.method!r}")
+        against = {c: asdict(self.config.classifiers[c]) for c in spec.against}
+        path, key = self._artifact("shield", {"spec": asdict(spec), "against": against})
+        found = self._find(path, key)
+        if found is None:
+            start = time.perf_counter()
+            logger.info("training AAA shield %s (%s loss, against %s)", name, spec.loss, list(spec.against))
+            classifiers = [self.classifier(c) for c in spec.against]
+            autoencoder = create_model(spec.autoencoder).to(self.device)
+            train = self._train_subset(spec.train_limit)
+            val = self.val.subset(spec.val_n, seed=1)
+            cfg = AAAConfig(loss=spec.loss, lam=spec.lam, eps=spec.eps, step_size=spec.step_size,
+                            attack_steps=spec.attack_steps, epochs=spec.epochs,
+                            batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed,
+                            warmup_steps=spec.warmup_steps)
+            result = train_aaa(autoencoder, classifiers, train.images, train.labels, cfg,
+                               x_val=val.images, y_val=val.labels,
+                               checkpoint=path.with_suffix(".ckpt"), progress=self.progress)
+            native_clean = {c: accuracy(Shielded(autoencoder, self.classifier(c)), self.test.images,
+                                        self.test.labels) for c in spec.against}
+            save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=self.config.dataset,
+                         kind="shield", method="aaa", trained_against=against, config=asdict(cfg),
+                         clean_accuracy=native_clean, spec_hash=key, history=result.history,
+                         visits=result.visits, data_hash=self.train.sha256)
+            path.with_suffix(".ckpt").unlink(missing_ok=True)
+            self.timings[f"train shield {name}"] = time.perf_counter() - start
+            found = path
+        model, _ = load_weights(found, architecture=spec.autoencoder, dataset=self.config.dataset,
+                                device=self.device)
+        self._models[key_name] = model
+        return model
+
+    def _train_subset(self, limit: int | None):
+        return self.train.subset(limit, seed=self.config.seed) if limit else self.train
+
+    # ---- evaluation ------------------------------------------------------------------
+    def pipeline(self, row: RowSpec, classifier: str) -> tuple[nn.Module, str]:
+        if row.kind == "natural":
+            return self.classifier(classifier), "none"
+        if row.kind == "adversarial-training":
+            return self.adversarially_trained(classifier), "adversarial training"
+        if row.kind == "shield":
+            return Shielded(self.shield(row.shield), self.classifier(classifier)), f"AAA {row.shield}"
+        raise ValueError(f"unknown row kind {row.kind!r}")
+
+    def evaluate_all(self) -> list[dict]:
+        test = self.test.subset(self.config.n, seed=self.config.seed)
+        entries = []
+        for row in self.config.rows:
+            for group in self.config.groups:
+                for classifier in group.classifiers:
+                    model, defense = self.pipeline(row, classifier)
+                    for suite in self.config.suites:
+                        entries.append(self._evaluate_one(row, classifier, suite, model, defense, test))
+        return entries
+
+    def _evaluate_one(self, row, classifier, suite, model, defense, test) -> dict:
+        spec = {"row": asdict(row), "classifier": classifier, "suite": suite.name,
+                "attacks": [a.to_dict() for a in suite.attacks], "threat": suite.threat.to_dict(),
+                "n": self.config.n, "seed": self.config.seed,
+                "model": self._model_key(row, classifier)}
+        key = config_hash(spec)
+        path = self.out / "records" / f"{_slug(row.label)}__{classifier}__{suite.name}.json"
+        if path.exists():
+            old = EvalRecord.load(path)
+            if old.extra.get("spec_hash") == key:
+                logger.info("record %s is up to date", path.name)
+                return {"row": row.label, "classifier": classifier, "suite": suite.name, "record": old}
+        start = time.perf_counter()
+        record = evaluate(model, test.images, test.labels, suite.attacks, suite.threat,
+                          batch_size=self.config.batch_size, seed=self.config.seed,
+                          defense=defense, classifier=f"{classifier} ({self.config.classifiers[classifier].model})",
+                          dataset=self.config.dataset, data_source=test.source,
+                          data_hash=test.sha256, progress=self.progress,
+                          checkpoint=path.with_suffix(".partial.json"))
+        record.extra.update({"spec_hash": key, "row": row.label, "suite": suite.name,
+                             "target": self.config.name, "profile": self.config.profile})
+        record.save(path)
+        path.with_suffix(".partial.json").unlink(missing_ok=True)
+        self.timings[f"eval {row.label} / {classifier} / {suite.name}"] = time.perf_counter() - start
+        logger.info("%s | %s | %s: clean %s, robust %s", row.label, classifier, suite.name,
+                    record.clean.format(), record.robust.format())
+        return {"row": row.label, "classifier": classifier, "suite": suite.name, "record": record}
+
+    def _model_key(self, row: RowSpec, classifier: str) -> dict:
+        base = asdict(self.config.classifiers[classifier])
+        if row.kind == "adversarial-training":
+            return {"base": base, "at": asdict(self.config.adversarial_training)}
+        if row.kind == "shield":
+            return {"base": base, "shield": asdict(self.config.shields[row.shield])}
+        return {"base": base}
+
+    def run(self) -> Path:
+        start = time.perf_counter()
+        entries = self.evaluate_all()
+        tables = render_tables(self.config, entries, self.out)
+        render_figures(self, self.out)
+        self.timings["total"] = time.perf_counter() - start
+        write_json_atomic(self.out / "manifest.json", {
+            **manifest(self.config.raw, {self.config.dataset: self.train.sha256}),
+            "target": self.config.name, "profile": self.config.profile,
+            "data_source": self.test.source, "timings_seconds": self.timings})
+        print(tables)
+        return self.out
+
+
+def _stamp(path: Path, key: str) -> None:
+    side = path.with_suffix(".json")
+    data = json.loads(side.read_text())
+    data["spec_hash"] = key
+    write_json_atomic(side, data)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
+
+
+def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/results",
+              use_shipped: bool = True, progress: bool = True) -> Path:
+    config = load_config(target, profile)
+    return Runner(config, out_root, use_shipped=use_shipped, progress=progress).run()

@@ -1,0 +1,108 @@
+"""Saving and loading weights: safetensors plus a JSON sidecar, never pickle.
+
+The sidecar names the architecture, dataset and what the weights were trained for, so that
+loading into the wrong model or for the wrong dataset fails with a clear message instead of
+a cryptic shape error (or, worse, silently).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..eval.records import package_versions, write_json_atomic
+from .registry import MODELS, create_model
+
+logger = logging.getLogger(__name__)
+FORMAT = "aeshield-weights-v1"
+
+
+class CheckpointError(ValueError):
+    """Weights that do not fit the requested model, dataset or file format."""
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_weights(model: nn.Module, path: str | Path, *, architecture: str, dataset: str,
+                 **metadata: Any) -> Path:
+    """Write ``path`` (.safetensors) and its JSON sidecar, both atomically."""
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": architecture,
+                                           "dataset": dataset})
+    tmp.replace(path)
+    side = {"format": FORMAT, "architecture": architecture, "dataset": dataset,
+            "versions": package_versions(), **metadata}
+    write_json_atomic(sidecar_path(path), side)
+    return path
+
+
+def read_sidecar(path: str | Path) -> dict:
+    side = sidecar_path(path)
+    if not side.exists():
+        raise CheckpointError(f"{path} has no sidecar {side.name}; aeshield needs it to know the "
+                              "architecture and dataset of the weights")
+    return json.loads(side.read_text())
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("aeshield") / "weights"))
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """A path to a .safetensors file, or the name of a weight file shipped with aeshield."""
+    candidate = Path(name_or_path)
+    if candidate.suffix != ".safetensors":
+        candidate = candidate.with_suffix(".safetensors") if candidate.suffix == "" and candidate.parent != Path(".") else candidate
+    if candidate.exists() and candidate.is_file():
+        return candidate
+    for c in (Path(str(name_or_path) + ".safetensors"), shipped_dir() / f"{name_or_path}.safetensors"):
+        if c.exists():
+            return c
+    shipped = sorted(p.stem for p in shipped_dir().glob("*.safetensors")) if shipped_dir().exists() else []
+    raise FileNotFoundError(f"no weights found at {name_or_path!r}; give a .safetensors path or "
+                            f"one of the shipped names: {', '.join(shipped) or '(none shipped)'}")
+
+
+def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
+                 dataset: str | None = None, model: nn.Module | None = None,
+                 device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load weights into a freshly built model (or ``model``); returns ``(model, sidecar)``.
+
+    Refuses, with a message saying what was found, weights whose sidecar names another
+    architecture or dataset than the ones asked for.
+    """
+    path = resolve_weights(name_or_path)
+    side = read_sidecar(path)
+    if side.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an aeshield weight file (format {side.get('format')!r})")
+    if architecture is not None and side["architecture"] != architecture:
+        raise CheckpointError(f"{path} holds a {side['architecture']!r} model, not the requested "
+                              f"{architecture!r}; pass the matching --model or another file")
+    if dataset is not None and side["dataset"] != dataset:
+        raise CheckpointError(f"{path} was trained on {side['dataset']!r}, not {dataset!r}")
+    if model is None:
+        if side["architecture"] not in MODELS:
+            raise CheckpointError(f"{path} names unknown architecture {side['architecture']!r}")
+        model = create_model(side["architecture"])
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} could not be read ({err}); the file is damaged, re-create it") from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit architecture {side['architecture']!r}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    return model, side

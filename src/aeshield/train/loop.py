@@ -1,0 +1,186 @@
+"""One training loop for classifiers, adversarial training and autoencoder shields.
+
+It shuffles with a seeded generator, checkpoints every few steps (modules, optimizer,
+scheduler, random states, history) and resumes from the last checkpoint so that a killed run
+ends exactly where an uninterrupted one would. Learning rate drops on a validation plateau;
+training stops early after ``patience`` epochs without improvement and keeps the best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict]]
+ValFn = Callable[[], dict]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    seed: int = 0
+    checkpoint_every: int = 100  # optimizer steps
+    plateau_patience: int = 5  # epochs without val improvement before the lr drops
+    plateau_factor: float = 0.5
+    early_stop_patience: int | None = None
+    val_metric: str = "val_loss"  # lower is better
+    max_steps: int | None = None  # stop after this many steps in total (a crash stand-in for tests)
+
+
+@dataclass
+class LoopResult:
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    best_epoch: int = -1
+    best_metric: float = math.inf
+    finished: bool = False
+
+
+def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, scheduler,
+                     gen: torch.Generator, state: dict) -> None:
+    payload = {
+        "modules": {k: m.state_dict() for k, m in modules.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "state": state,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn,
+        x: torch.Tensor, y: torch.Tensor, config: LoopConfig, *, val_fn: ValFn | None = None,
+        checkpoint: str | Path | None = None, progress: bool = True,
+        trainable: Mapping[str, nn.Module] | None = None) -> LoopResult:
+    """Run ``step_fn`` over shuffled mini-batches of ``(x, y)`` for ``config.epochs`` epochs.
+
+    ``modules`` are checkpointed; ``trainable`` (default: all of ``modules``) are put in train
+    mode for each step and restored to their best validation weights at the end.
+    """
+    trainable = dict(trainable if trainable is not None else modules)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # only for dropout; attacks use their own generators
+    result = LoopResult()
+    start_epoch, start_step = 0, 0
+    best_state: dict | None = None
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and ckpt.exists():
+        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(payload["modules"][k])
+        optimizer.load_state_dict(payload["optimizer"])
+        if payload["scheduler"]:
+            scheduler.load_state_dict(payload["scheduler"])
+        gen.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        st = payload["state"]
+        start_epoch, start_step = st["epoch"], st["step_in_epoch"]
+        result.history, result.steps = st["history"], st["steps"]
+        result.best_epoch, result.best_metric = st["best_epoch"], st["best_metric"]
+        best_state = payload["modules"].get("__best__") if "__best__" in payload["modules"] else None
+        if st.get("finished"):
+            if best_state is not None:
+                for k, m in trainable.items():
+                    m.load_state_dict(best_state[k])
+            result.finished = True
+            return result
+        logger.info("resumed from %s at epoch %d step %d", ckpt, start_epoch, start_step)
+
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    stale = 0
+    for epoch in range(start_epoch, config.epochs):
+        # The permutation is a pure function of (seed, epoch): a resumed run sees the same order.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+        batches = order.split(config.batch_size)
+        first = start_step if epoch == start_epoch else 0
+        sums: dict[str, float] = {}
+        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False)
+        for step in bar:
+            idx = batches[step].to(x.device)
+            for m in trainable.values():
+                m.train()
+            loss, metrics = step_fn(x[idx], y[idx], gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.steps += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            done_now = config.max_steps is not None and result.steps >= config.max_steps
+            if ckpt and (result.steps % config.checkpoint_every == 0 or done_now):
+                _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
+                    "epoch": epoch, "step_in_epoch": step + 1, "history": result.history,
+                    "steps": result.steps, "best_epoch": result.best_epoch,
+                    "best_metric": result.best_metric})
+            if done_now:
+                return result
+        for m in trainable.values():
+            m.eval()
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"train_{k}": v / max(1, steps_per_epoch - first) for k, v in sums.items()}}
+        if val_fn is not None:
+            record.update(val_fn())
+        result.history.append(record)
+        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                         if isinstance(v, float)))
+        metric = record.get(config.val_metric)
+        if metric is not None:
+            scheduler.step(metric)
+            if metric < result.best_metric:
+                result.best_metric, result.best_epoch, stale = float(metric), epoch + 1, 0
+                best_state = {k: copy.deepcopy(m.state_dict()) for k, m in trainable.items()}
+            else:
+                stale += 1
+        stop = config.early_stop_patience is not None and stale >= config.early_stop_patience
+        last = stop or epoch + 1 == config.epochs
+        if ckpt:
+            _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
+                "epoch": epoch + 1, "step_in_epoch": 0, "history": result.history,
+                "steps": result.steps, "best_epoch": result.best_epoch,
+                "best_metric": result.best_metric, "finished": last})
+        if stop:
+            logger.info("early stop after epoch %d (best epoch %d)", epoch + 1, result.best_epoch)
+            break
+    if best_state is not None:
+        for k, m in trainable.items():
+            m.load_state_dict(best_state[k])
+    for m in trainable.values():
+        m.eval()
+    result.finished = True
+    return result
+
+
+def _with_best(modules: Mapping[str, nn.Module], best_state: dict | None) -> dict:
+    if best_state is None:
+        return dict(modules)
+    holder = _StateHolder(best_state)
+    return {**modules, "__best__": holder}
+
+
+class _StateHolder:
+    """Lets the best weights travel inside the checkpoint's ``modules`` dict."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state

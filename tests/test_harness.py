@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from aeshield.defenses import REJECT, Detector, Shielded
+from aeshield.eval import AttackSpec, EvalRecord, evaluate, wilson_interval
+from aeshield.threat import ThreatModel
+
+PGD = AttackSpec("pgd", {"steps": 5, "step_size": 0.02})
+FGSM = AttackSpec("fgsm")
+BIM = AttackSpec("bim", {"steps": 5})
+
+
+@pytest.fixture
+def eval_data(mnist_small):
+    _, test = mnist_small
+    return test.images[:150], test.labels[:150]
+
+
+def test_cascade_never_better_than_any_single_attack(trained_mlp, eval_data):
+    x, y = eval_data
+    threat = ThreatModel("Linf", 0.06)
+    singles = [evaluate(trained_mlp, x, y, [a], threat, progress=False).robust.value
+               for a in (FGSM, BIM, PGD)]
+    cascade = evaluate(trained_mlp, x, y, [FGSM, BIM, PGD], threat, progress=False)
+    assert cascade.robust.value <= min(singles)
+    after = [a.accuracy_after.value for a in cascade.attacks]
+    assert after == sorted(after, reverse=True)  # each attack can only remove survivors
+    assert cascade.clean.value >= after[0]
+
+
+def test_record_fields_and_roundtrip(trained_mlp, eval_data, tmp_path):
+    x, y = eval_data
+    record = evaluate(trained_mlp, x, y, [PGD], ThreatModel("Linf", 0.05), seed=3,
+                      defense="none", classifier="mlp", dataset="mnist", progress=False)
+    d = record.to_dict()
+    assert d["n"] == 150 and d["seed"] == 3 and d["threat"]["eps"] == 0.05
+    lo, hi = d["robust"]["ci95"]
+    assert lo <= d["robust"]["accuracy"] <= hi
+    assert d["attacks"][0]["settings"]["steps"] == 5
+    path = record.save(tmp_path / "r.json")
+    again = EvalRecord.load(path)
+    assert again.robust.correct == record.robust.correct
+    assert torch.equal(again.flags(), record.flags())
+
+
+def test_checkpoint_resumes_to_same_result(trained_mlp, eval_data, tmp_path):
+    from aeshield.attacks import fgsm, pgd
+    from aeshield.eval.harness import ATTACKS, register_attack
+
+    x, y = eval_data
+    threat = ThreatModel("Linf", 0.05)
+    calls = {"fgsm": 0, "crash": True}
+
+    def counting_fgsm(model, xb, yb, threat, gen):
+        calls["fgsm"] += 1
+        return fgsm(model, xb, yb, eps=threat.eps)
+
+    def flaky_pgd(model, xb, yb, threat, gen):
+        if calls["crash"]:
+            raise KeyboardInterrupt("simulated kill")
+        return pgd(model, xb, yb, eps=threat.eps, steps=5, step_size=0.02, generator=gen)
+
+    register_attack("counting-fgsm", counting_fgsm)
+    register_attack("flaky-pgd", flaky_pgd)
+    specs = [AttackSpec("counting-fgsm"), AttackSpec("flaky-pgd")]
+    try:
+        ckpt = tmp_path / "state.json"
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(trained_mlp, x, y, specs, threat, progress=False, checkpoint=ckpt)
+        assert ckpt.exists() and calls["fgsm"] == 1
+        calls["crash"] = False
+        resumed = evaluate(trained_mlp, x, y, specs, threat, progress=False, checkpoint=ckpt)
+        assert calls["fgsm"] == 1  # the finished attack was not run again
+        full = evaluate(trained_mlp, x, y, specs, threat, progress=False)
+        assert resumed.robust_flags == full.robust_flags
+        assert [a.newly_fooled for a in resumed.attacks] == [a.newly_fooled for a in full.attacks]
+    finally:
+        ATTACKS.pop("counting-fgsm")
+        ATTACKS.pop("flaky-pgd")
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+class ThresholdDetector(Detector):
+    """Rejects images whose mean brightness exceeds the threshold."""
+
+    def score(self, x):
+        return x.flatten(1).mean(1)
+
+
+def test_reject_counts_as_handled_for_attacks_and_as_error_when_clean(trained_mlp, eval_data):
+    x, y = eval_data
+    detector = ThresholdDetector()
+    detector.threshold.fill_(-1.0)  # rejects everything
+    model = Shielded(None, trained_mlp, detector)
+    assert (model.predict(x) == REJECT).all()
+    record = evaluate(model, x, y, [PGD], ThreatModel("Linf", 0.3), progress=False)
+    assert record.clean.correct == 0  # a rejected clean input is an error
+    assert record.clean_reject_rate == 1.0
+
+
+def test_rejected_adversarial_input_is_handled(trained_mlp, eval_data):
+    x, y = eval_data
+    detector = ThresholdDetector()
+    # Calibrated on clean data: adversarial PGD images (brighter on average) get rejected.
+    detector.calibrate(x, false_positive_rate=0.0)
+    model = Shielded(None, trained_mlp, detector)
+    bright = AttackSpec("pgd", {"steps": 1, "step_size": 0.0, "random_start": True})
+    undefended = evaluate(trained_mlp, x, y, [PGD], ThreatModel("Linf", 0.3), progress=False)
+    defended = evaluate(model, x, y, [PGD, bright], ThreatModel("Linf", 0.3), progress=False)
+    assert defended.robust.value > undefended.robust.value
+
+
+def test_attack_leaving_threat_model_is_caught(trained_mlp, eval_data):
+    from aeshield.eval.harness import register_attack, ATTACKS
+
+    register_attack("broken", lambda model, x, y, threat, gen: (x + 0.5).clamp(0, 1))
+    try:
+        with pytest.raises(RuntimeError, match="left its threat model"):
+            evaluate(trained_mlp, *eval_data, [AttackSpec("broken")], ThreatModel("Linf", 0.1),
+                     progress=False)
+    finally:
+        ATTACKS.pop("broken")

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from aeshield.models import MODELS, create_model, list_models
+from aeshield.models.io import CheckpointError, load_weights, save_weights
+
+SMALL = [n for n in MODELS if n not in {"cifar-d", "cifar-e"}]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_zoo_model_shapes_and_gradients(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    spec = MODELS[name]
+    shape = (1, 28, 28) if spec.dataset in ("mnist", "fashion-mnist") else (3, 32, 32)
+    x = torch.rand(2, *shape)
+    out = model(x)
+    if spec.kind == "classifier":
+        assert out.shape == (2, 10)
+    else:
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.isnan(out).any()
+    out.float().pow(2).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cifar-d", "cifar-e"])
+def test_paper_size_cifar_models(name):
+    model = create_model(name)
+    out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10) and not torch.isnan(out).any()
+
+
+def test_registry_lists_and_rejects_unknown():
+    assert "mnist-a" in list_models("mnist-*")
+    assert set(list_models(kind="autoencoder")) >= {"conv-ae", "unet"}
+    with pytest.raises(KeyError, match="known models"):
+        create_model("mnist-z")
+
+
+def test_save_load_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mnist-b").eval()
+    path = save_weights(model, tmp_path / "b", architecture="mnist-b", dataset="mnist",
+                        clean_accuracy=0.5)
+    loaded, side = load_weights(path, architecture="mnist-b", dataset="mnist")
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert side["clean_accuracy"] == 0.5 and side["architecture"] == "mnist-b"
+
+
+def test_load_refuses_wrong_architecture_dataset_and_damage(tmp_path):
+    path = save_weights(create_model("mnist-c"), tmp_path / "c", architecture="mnist-c",
+                        dataset="mnist")
+    with pytest.raises(CheckpointError, match="holds a 'mnist-c' model"):
+        load_weights(path, architecture="mnist-a")
+    with pytest.raises(CheckpointError, match="trained on 'mnist'"):
+        load_weights(path, dataset="fashion-mnist")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_weights(path)
+    with pytest.raises(FileNotFoundError, match="shipped names"):
+        load_weights(tmp_path / "nothing.safetensors")

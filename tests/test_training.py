@@ -1,0 +1,116 @@
+import torch
+import torch.nn.functional as F
+
+from aeshield.defenses.aaa import AAAConfig, train_aaa
+from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
+from aeshield.models import ConvAutoencoder
+from aeshield.train import LoopConfig, fit
+from aeshield.train.classifier import augment_batch
+from conftest import tiny_mlp
+
+TINY_AAA = dict(attack_steps=2, step_size=0.1, epochs=2, batch_size=32, warmup_steps=3,
+                checkpoint_every=2)
+
+
+def _data(n=96):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_loop_resume_after_kill_matches_uninterrupted(tmp_path):
+    x, y = _data()
+
+    def run(max_steps=None, ckpt=None):
+        torch.manual_seed(0)
+        model = tiny_mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+        def step(xb, yb, gen):
+            loss = F.cross_entropy(model(xb), yb)
+            return loss, {"loss": loss.detach()}
+        cfg = LoopConfig(epochs=3, batch_size=32, checkpoint_every=1, max_steps=max_steps)
+        fit({"model": model}, opt, step, x, y, cfg, checkpoint=ckpt, progress=False)
+        return model
+
+    reference = run()
+    ckpt = tmp_path / "loop.ckpt"
+    run(max_steps=4, ckpt=ckpt)  # "killed" after 4 of 9 steps
+    resumed = run(ckpt=ckpt)  # a fresh process would start the same way
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_aaa_updates_only_the_autoencoder():
+    x, y = _data()
+    classifiers = [tiny_mlp().eval(), tiny_mlp(32).train()]
+    before = [_state(c) for c in classifiers]
+    modes = [c.training for c in classifiers]
+    g = ConvAutoencoder()
+    g_before = _state(g)
+    train_aaa(g, classifiers, x, y, AAAConfig(**TINY_AAA), progress=False)
+    for c, state, mode in zip(classifiers, before, modes):
+        for k, v in c.state_dict().items():
+            assert torch.equal(v, state[k]), f"classifier tensor {k} changed"
+        assert c.training is mode and all(p.requires_grad for p in c.parameters())
+    assert any(not torch.equal(v, g_before[k]) for k, v in g.state_dict().items())
+
+
+def test_aaa_ensemble_visits_every_classifier():
+    x, y = _data()
+    classifiers = [tiny_mlp(16), tiny_mlp(24), tiny_mlp(32)]
+    result = train_aaa(ConvAutoencoder(), classifiers, x, y,
+                       AAAConfig(**{**TINY_AAA, "epochs": 4}), progress=False)
+    assert sum(result.visits) == 12
+    assert all(v > 0 for v in result.visits)
+
+
+def test_aaa_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+    x, y = _data()
+    xv, yv = _data(32)
+
+    def run(ckpt=None):
+        torch.manual_seed(0)
+        classifiers = [tiny_mlp(16), tiny_mlp(24)]
+        torch.manual_seed(1)
+        g = ConvAutoencoder()
+        train_aaa(g, classifiers, x, y, AAAConfig(**TINY_AAA), x_val=xv, y_val=yv,
+                  checkpoint=ckpt, progress=False)
+        return g
+
+    reference = run()
+    ckpt = tmp_path / "aaa.ckpt"
+    import aeshield.train.loop as loop
+
+    original = loop.fit
+
+    def killed_fit(*args, **kwargs):
+        config = args[5]
+        return original(*args[:5], LoopConfig(**{**config.__dict__, "max_steps": 3}), **kwargs)
+
+    monkeypatch.setattr("aeshield.defenses.aaa.fit", killed_fit)
+    run(ckpt)
+    monkeypatch.setattr("aeshield.defenses.aaa.fit", original)
+    resumed = run(ckpt)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_adversarial_training_changes_the_classifier():
+    x, y = _data()
+    model = tiny_mlp()
+    before = _state(model)
+    adversarial_training(model, x, y, AdversarialTrainingConfig(attack_steps=2, step_size=0.1,
+                                                                 epochs=1, batch_size=32), progress=False)
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_augmentation_is_seeded_and_shape_preserving():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment_batch(x, torch.Generator().manual_seed(0))
+    b = augment_batch(x, torch.Generator().manual_seed(0))
+    c = augment_batch(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
