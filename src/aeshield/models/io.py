@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,17 +35,25 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def save_weights(model: nn.Module, path: str | Path, *, architecture: str, dataset: str,
-                 **metadata: Any) -> Path:
-    """Write ``path`` (.safetensors) and its JSON sidecar, both atomically."""
+                 half: bool = False, **metadata: Any) -> Path:
+    """Write ``path`` (.safetensors) and its JSON sidecar, both atomically.
+
+    ``half`` stores floating-point tensors as float16 (half the size, for shipped weights);
+    they load back into float32 models unchanged otherwise, so record any accuracy on the
+    model as re-loaded, not as trained.
+    """
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": architecture,
-                                           "dataset": dataset})
-    tmp.replace(path)
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"format": FORMAT, "architecture": architecture,
+                                      "dataset": dataset})
+    os.replace(tmp, path)
     side = {"format": FORMAT, "architecture": architecture, "dataset": dataset,
-            "versions": package_versions(), **metadata}
+            "storage_dtype": "float16" if half else "float32", "versions": package_versions(),
+            **metadata}
     write_json_atomic(sidecar_path(path), side)
     return path
 
@@ -100,6 +110,7 @@ def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
         state = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path} could not be read ({err}); the file is damaged, re-create it") from err
+    # Shipped float16 tensors are cast to the model's dtype by load_state_dict's copy.
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit architecture {side['architecture']!r}: "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +59,11 @@ def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, sc
         "torch_rng": torch.get_rng_state(),
         "state": state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A unique temporary name, so two runs sharing a cache never trip over each other's file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     torch.save(payload, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn,
