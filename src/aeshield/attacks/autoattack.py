@@ -9,7 +9,6 @@ them in its cascade and report what each one contributed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -29,26 +28,49 @@ def _import_autoattack():
     return AutoAttack
 
 
+def _set_apgd_iters(attack, n_iter: int) -> None:
+    # pyautoattack derives its step-size schedule from n_iter in __init__ only; changing
+    # n_iter alone would keep the 100-iteration checkpoints and weaken the attack.
+    attack.n_iter = n_iter
+    attack.n_iter_2 = max(int(0.22 * n_iter), 1)
+    attack.n_iter_min = max(int(0.06 * n_iter), 1)
+    attack.size_decr = max(int(0.03 * n_iter), 1)
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
                norm: str = "Linf", attacks: Sequence[str] = AUTOATTACK_PARTS, seed: int = 0,
                apgd_iters: int | None = None, apgd_restarts: int | None = None,
-               square_queries: int | None = None, batch_size: int = 500) -> torch.Tensor:
+               fab_iters: int | None = None, square_queries: int | None = None,
+               batch_size: int = 500) -> torch.Tensor:
     """Run the AutoAttack cascade (or the listed parts of it) and return ``x_adv``.
 
-    ``apgd_iters``, ``apgd_restarts`` and ``square_queries`` shrink the standard budget
-    (100 iterations, 5000 queries) for quick CPU runs; leave them ``None`` for the standard one.
+    Defaults are the standard version's budget (APGD 100 iterations and 1 restart, 9 target
+    classes for APGD-T and FAB-T, Square 5000 queries). ``apgd_iters``, ``apgd_restarts``,
+    ``fab_iters`` and ``square_queries`` shrink it for quick CPU runs.
     """
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"aeshield runs AutoAttack for Linf or L2, got norm={norm!r}")
     unknown = set(attacks) - set(AUTOATTACK_PARTS) - {"apgd-dlr", "fab"}
     if unknown:
         raise ValueError(f"unknown AutoAttack parts {sorted(unknown)}; use {AUTOATTACK_PARTS}")
     AutoAttack = _import_autoattack()
     adversary = AutoAttack(model, attacks=list(attacks), eps=float(eps), norm=norm, seed=seed,
                            version="custom", device=x.device)
-    adversary.logger.setLevel(logging.WARNING)
+    adversary.verbose = False
+    # The standard version's settings (version="custom" would keep the constructor's 5 restarts).
+    adversary.apgd.n_restarts = 1
+    adversary.apgd_targeted.n_restarts = 1
+    adversary.fab.n_restarts = 1
+    adversary.apgd_targeted.n_target_classes = 9
+    adversary.fab.n_target_classes = 9
+    adversary.square.n_queries = 5000
     if apgd_iters is not None:
-        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = apgd_iters
+        _set_apgd_iters(adversary.apgd, apgd_iters)
+        _set_apgd_iters(adversary.apgd_targeted, apgd_iters)
     if apgd_restarts is not None:
         adversary.apgd.n_restarts = apgd_restarts
+    if fab_iters is not None:
+        adversary.fab.n_iter = fab_iters
     if square_queries is not None:
         adversary.square.n_queries = square_queries
     x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)

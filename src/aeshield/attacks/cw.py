@@ -75,6 +75,8 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 100.
                 best[improved] = x_adv.detach()[improved]
                 best_l2[improved] = l2[improved]
                 found |= success
+            if binary_search_steps == 1 and max_l2 is not None and bool(found.all()):
+                break  # every example already has an adversarial point inside the budget
         if binary_search_steps > 1:
             c_high = torch.where(found, torch.minimum(c_high, c_now), c_high)
             c_low = torch.where(found, c_low, torch.maximum(c_low, c_now))

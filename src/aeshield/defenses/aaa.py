@@ -54,10 +54,15 @@ class AAAConfig:
     warmup_steps: int = 100  # clean reconstruction steps that start G near the identity
     val_attack_steps: int = 10
     checkpoint_every: int = 50
+    # "eval": craft x_adv with G's BatchNorm running statistics (they do not move during the
+    # attack); "train": craft with batch statistics, exactly the function that is then updated.
+    craft_mode: str = "eval"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_VARIANTS:
             raise ValueError(f"unknown AAA loss {self.loss!r}; use one of {LOSS_VARIANTS}")
+        if self.craft_mode not in ("eval", "train"):
+            raise ValueError(f"craft_mode must be 'eval' or 'train', got {self.craft_mode!r}")
 
 
 @contextmanager
@@ -116,8 +121,7 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
             k = int(torch.randint(len(classifiers), (1,), generator=gen))
             visits[k] += 1
             classifier = classifiers[k]
-            # Craft with G in eval mode: 40 attack forwards must not move its BatchNorm statistics.
-            autoencoder.eval()
+            autoencoder.train(config.craft_mode == "train")
             x_adv = pgd_train(Shielded(autoencoder, classifier), xb, yb, threat=threat,
                               step_size=config.step_size, steps=config.attack_steps, generator=gen)
             autoencoder.train()

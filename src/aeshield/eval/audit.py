@@ -1,0 +1,773 @@
+"""Robustness audit: attack any (shielded) classifier as hard as the field knows how, check the
+evaluation for gradient masking, and write the report.
+
+``audit(model, images, labels, threat)`` runs one cascade (``evaluate``, per-example worst
+case, checkpointed so that a crash resumes where it stopped) of
+
+1. PGD on the cross-entropy and on the margin (CW) loss, with restarts (Madry et al. 2018);
+2. APGD-CE, APGD-T, FAB-T (Croce and Hein 2020) from the reference AutoAttack code;
+3. CW-L2 (Carlini and Wagner 2017) for L2 threat models;
+4. BPDA variants when the model is ``Shielded`` (Athalye, Carlini and Wagner 2018);
+5. component-aware adaptive attacks that the pipeline exposes: reconstruction-augmented PGD,
+   latent-space PGD when the purifier has ``encode``, detector-aware PGD when there is a
+   detector (Tramer et al. 2020, "On Adaptive Attacks to Adversarial Example Defenses");
+6. last, the black-box and transfer attacks: Square (Andriushchenko et al. 2020), transfer
+   from the bare classifier and from an independently trained surrogate,
+
+with every gradient attack run through EOT (Athalye et al. 2018) when the pipeline turns out
+to be random (the same input twice gives different logits). Then it runs the sanity checks of
+``aeshield.eval.sanity`` on a subset, draws accuracy-vs-eps and accuracy-vs-steps plots, and
+writes ``audit.md`` and ``audit.json`` (with the manifest: settings, seed, versions, data
+hashes) atomically to ``out``.
+
+Threat model: white-box and black-box adversaries within ``ThreatModel(norm, eps)``; an
+example counts as robust if every attack leaves it correctly classified or rejected.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks.gradient import pgd
+from ..defenses.base import Shielded
+from ..threat import Norm, ThreatModel
+from . import sanity
+from .harness import ATTACKS, AttackSpec, evaluate, register_attack
+from .records import (Accuracy, EvalRecord, config_hash, manifest, write_json_atomic,
+                      write_text_atomic)
+from .sanity import CheckResult
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "aeshield-audit-v1"
+
+
+# ---- budgets ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuditBudget:
+    """How hard the audit attacks, and how much of the data its sanity checks use.
+
+    PGD uses ``step_size = step_factor * eps / steps``. AutoAttack parts use ``apgd_iters``
+    iterations (APGD-CE, APGD-T and FAB-T), ``apgd_restarts`` restarts of APGD-CE,
+    ``target_classes`` target classes for APGD-T and FAB-T, and ``square_queries`` queries.
+    ``sanity_n`` is the size of the subset the checks run on (``None``: all examples).
+    """
+
+    name: str
+    pgd_steps: int
+    pgd_restarts: int
+    step_factor: float = 2.5
+    apgd_iters: int = 100
+    apgd_restarts: int = 1
+    target_classes: int = 9
+    square_queries: int = 5000
+    cw_steps: int = 100
+    eot_samples: int = 8
+    bpda_losses: tuple[str, ...] = ("ce",)
+    adaptive_steps: int = 40
+    sanity_n: int | None = 200
+    eps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5)
+    steps_sweep: tuple[int, ...] = (2, 5, 10, 20, 40)
+    longer_factor: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+BUDGETS: dict[str, AuditBudget] = {
+    # CPU minutes for a small MNIST pipeline on 1,000 images; checks on 200 examples.
+    "quick": AuditBudget("quick", pgd_steps=20, pgd_restarts=2, apgd_iters=20, apgd_restarts=1,
+                         target_classes=3, square_queries=500, cw_steps=50, eot_samples=4,
+                         bpda_losses=("ce",), adaptive_steps=20, sanity_n=200,
+                         eps_fractions=(0.25, 0.5, 1.0, 1.5), steps_sweep=(2, 5, 10, 20, 40)),
+    # A serious evaluation on a GPU: checks on 500 examples.
+    "standard": AuditBudget("standard", pgd_steps=50, pgd_restarts=5, apgd_iters=50, apgd_restarts=1,
+                            target_classes=9, square_queries=2000, cw_steps=200, eot_samples=8,
+                            bpda_losses=("ce", "margin"), adaptive_steps=50, sanity_n=500,
+                            eps_fractions=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
+                            steps_sweep=(5, 10, 20, 50, 100)),
+    # The standard AutoAttack budget (100 iterations, 9 targets, 5000 Square queries) and
+    # 100-step PGD with 20 restarts; checks on every example.
+    "paper": AuditBudget("paper", pgd_steps=100, pgd_restarts=20, apgd_iters=100, apgd_restarts=1,
+                         target_classes=9, square_queries=5000, cw_steps=1000, eot_samples=20,
+                         bpda_losses=("ce", "margin"), adaptive_steps=100, sanity_n=None,
+                         eps_fractions=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+                         steps_sweep=(5, 10, 20, 50, 100, 200)),
+}
+
+
+def get_budget(budget: str | AuditBudget) -> AuditBudget:
+    if isinstance(budget, AuditBudget):
+        return budget
+    try:
+        return BUDGETS[budget]
+    except KeyError:
+        raise ValueError(f"unknown budget {budget!r}; use one of {sorted(BUDGETS)} or an AuditBudget") from None
+
+
+def step_size(eps: float, steps: int, factor: float = 2.5) -> float:
+    """PGD step size ``factor * eps / steps`` (Madry et al. use 2.5 eps / steps in the
+    spirit of covering the ball 2.5 times); rounded so that records stay readable."""
+    return float(f"{factor * eps / max(steps, 1):.6g}")
+
+
+# ---- attacks this module adds to the harness -----------------------------------------------
+def _unwrap_detector(model: nn.Module):
+    """The detector of a Shielded model, also through an EOT wrapper."""
+    for m in (model, getattr(model, "model", None)):
+        detector = getattr(m, "detector", None)
+        if detector is not None:
+            return detector
+    return None
+
+
+def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: float = 10.0,
+                 loss: str = "ce", **pgd_settings) -> torch.Tensor:
+    """Detector-aware PGD: seek inputs that are misclassified *and* not rejected.
+
+    Maximizes ``CE(logits, y) - weight * relu(s(x) - t) / |t|`` where ``s`` is the detector's
+    differentiable score and ``t`` its threshold (Carlini and Wagner 2017, "Adversarial
+    examples are not easily detected"). An iterate counts as a success only if it is
+    misclassified and its score is at or below the threshold, so PGD keeps searching past
+    points that the detector would reject. Threat model: white-box, L-inf or L2.
+    """
+    detector = _unwrap_detector(model)
+    if detector is None:
+        raise TypeError("detector-pgd needs a Shielded model with a detector")
+    threshold = float(detector.threshold)
+    scale = abs(threshold) if torch.isfinite(torch.tensor(threshold)) and threshold != 0 else 1.0
+    loss_fn = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"),
+               "margin": lambda z, t: _margin(z, t)}[loss]
+
+    def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
+        logits = net(x_adv)
+        score = detector.score(x_adv)
+        excess = torch.relu(score - threshold) / scale
+        per_example = loss_fn(logits, y_adv) - weight * excess
+        rejected = (score > threshold).detach()
+        # A rejected point is no success: show PGD a logit vector that classifies it correctly.
+        shown = torch.where(rejected[:, None], F.one_hot(y_adv, logits.shape[1]).to(logits.dtype),
+                            logits.detach())
+        return per_example, shown
+
+    return pgd(model, x, y, objective=objective, **pgd_settings)
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from ..attacks.losses import margin
+
+    return margin(logits, y)
+
+
+def _run_detector_pgd(model, x, y, threat, gen, **kw):
+    return detector_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
+                        generator=gen, **kw)
+
+
+def _run_autoattack_part(model, x, y, threat, gen, *, part: str, iters: int | None = None,
+                         restarts: int | None = None, targets: int | None = None,
+                         queries: int | None = None, batch_size: int = 500):
+    """One part of the reference AutoAttack with every budget knob exposed (the harness's
+    ``apgd-ce``/``fab-t`` wrappers cannot shrink FAB's iterations or the target classes)."""
+    from ..attacks.autoattack import _import_autoattack
+
+    AutoAttack = _import_autoattack()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    adversary = AutoAttack(model, attacks=[part], eps=float(threat.eps), norm=threat.norm.value,
+                           seed=seed, version="custom", device=x.device)
+    # Its randomness/dynamic-defense warnings are the audit's own checks; keep the log clean.
+    previous = adversary.logger.level
+    adversary.logger.setLevel(logging.ERROR)
+    if iters is not None:
+        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = iters
+    if restarts is not None:
+        adversary.apgd.n_restarts = restarts
+    if targets is not None:
+        with torch.no_grad():
+            n_classes = model(x[:1]).shape[1]
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = \
+            max(1, min(targets, n_classes - 1))
+    if queries is not None:
+        adversary.square.n_queries = queries
+    try:
+        x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
+    finally:
+        adversary.logger.setLevel(previous)
+    return threat.project(x_adv.to(x.device), x).detach()
+
+
+def _empty_safe(fn: Callable) -> Callable:
+    """``fn`` that returns an empty batch unchanged. ``evaluate`` calls each attack once with an
+    empty batch when no example is left robust, and ``EOT`` (and the reference AutoAttack)
+    cannot reshape an empty batch."""
+    if getattr(fn, "empty_safe", False):
+        return fn
+
+    @functools.wraps(fn)
+    def run(model, x, y, threat, gen, **kw):
+        if x.shape[0] == 0:
+            return x.clone()
+        return fn(model, x, y, threat, gen, **kw)
+
+    run.empty_safe = True  # type: ignore[attr-defined]
+    return run
+
+
+def register_audit_attacks() -> None:
+    """Add ``detector-pgd`` and ``autoattack-part`` to the harness's attack table, and make
+    the table's attacks that the audit uses safe on empty batches (same results otherwise)."""
+    for name, fn in (("detector-pgd", _run_detector_pgd), ("autoattack-part", _run_autoattack_part)):
+        if name not in ATTACKS:
+            register_attack(name, _empty_safe(fn))
+    for name in ("pgd", "cw-l2", "recon-pgd", "latent-pgd"):
+        if name in ATTACKS:
+            register_attack(name, _empty_safe(ATTACKS[name]))
+
+
+register_audit_attacks()
+
+
+# ---- the battery --------------------------------------------------------------------------
+BLACKBOX_LABELS = ("square", "transfer-classifier", "transfer-surrogate")
+
+
+def describe_model(model: nn.Module) -> dict:
+    """What the audit could see of the pipeline's parts."""
+    d: dict = {"type": type(model).__name__, "shielded": isinstance(model, Shielded)}
+    if isinstance(model, Shielded):
+        purifier = model.purifier
+        d.update(purifier=type(purifier).__name__, classifier=type(model.classifier).__name__,
+                 detector=type(model.detector).__name__ if model.detector is not None else None,
+                 purifier_has_encode=callable(getattr(purifier, "encode", None)),
+                 declared_stochastic=bool(getattr(purifier, "stochastic", False)),
+                 custom_bpda_forward=type(purifier).__dict__.get("bpda_forward") is not None)
+    d["parameters"] = sum(p.numel() for p in model.parameters())
+    return d
+
+
+def build_battery(model: nn.Module, threat: ThreatModel, budget: AuditBudget | str = "quick", *,
+                  random: bool = False, surrogate: nn.Module | None = None) -> list[AttackSpec]:
+    """The audit's cascade for this pipeline: white-box first, then BPDA and the adaptive
+    attacks, and the black-box and transfer attacks last (so that what they add is exactly
+    what every white-box attack missed)."""
+    b = get_budget(budget)
+    eot = "eot" if random else None
+    tag = " [eot]" if random else ""
+    shielded = isinstance(model, Shielded)
+
+    def pgd_params(loss: str, steps: int, restarts: int) -> dict:
+        return {"loss": loss, "steps": steps, "step_size": step_size(threat.eps, steps, b.step_factor),
+                "restarts": restarts}
+
+    def aa(part: str, **kw) -> AttackSpec:
+        return AttackSpec("autoattack-part", {"part": part, **kw}, wrap=eot,
+                          eot_samples=b.eot_samples, label=part + tag)
+
+    specs = [
+        AttackSpec("pgd", pgd_params("ce", b.pgd_steps, b.pgd_restarts), wrap=eot,
+                   eot_samples=b.eot_samples, label="pgd-ce" + tag),
+        AttackSpec("pgd", pgd_params("margin", b.pgd_steps, b.pgd_restarts), wrap=eot,
+                   eot_samples=b.eot_samples, label="pgd-margin" + tag),
+        aa("apgd-ce", iters=b.apgd_iters, restarts=b.apgd_restarts),
+        aa("apgd-t", iters=b.apgd_iters, targets=b.target_classes),
+        aa("fab-t", iters=b.apgd_iters, targets=b.target_classes),
+    ]
+    if threat.norm is Norm.L2:
+        specs.append(AttackSpec("cw-l2", {"steps": b.cw_steps}, wrap=eot, eot_samples=b.eot_samples,
+                                label="cw-l2" + tag))
+    if shielded:
+        for loss in b.bpda_losses:
+            specs.append(AttackSpec("pgd", pgd_params(loss, b.pgd_steps, b.pgd_restarts), wrap="bpda",
+                                    label=f"bpda-pgd-{loss}"))
+        adaptive = pgd_params("ce", b.adaptive_steps, 1)
+        adaptive.pop("loss")
+        # The adaptive attacks need the pipeline's parts, so they cannot go through EOT's wrapper.
+        specs.append(AttackSpec("recon-pgd", dict(adaptive), label="recon-pgd"))
+        if callable(getattr(model.purifier, "encode", None)):
+            specs.append(AttackSpec("latent-pgd", dict(adaptive), label="latent-pgd"))
+        if model.detector is not None:
+            specs.append(AttackSpec("detector-pgd", pgd_params("ce", b.adaptive_steps, b.pgd_restarts),
+                                    wrap=eot, eot_samples=b.eot_samples, label="detector-pgd" + tag))
+    specs.append(AttackSpec("autoattack-part", {"part": "square", "queries": b.square_queries},
+                            label="square"))
+    if shielded:
+        specs.append(AttackSpec("pgd", pgd_params("ce", b.pgd_steps, 1), wrap="classifier",
+                                label="transfer-classifier"))
+    if surrogate is not None:
+        specs.append(AttackSpec("pgd", pgd_params("ce", b.pgd_steps, 1), wrap="surrogate",
+                                label="transfer-surrogate"))
+    return specs
+
+
+def reference_attack(model: nn.Module, budget: AuditBudget, *, random: bool
+                     ) -> Callable[[float, int], AttackSpec]:
+    """``make(eps, steps)``: the PGD the sanity checks sweep (detector-aware when the pipeline
+    has a detector, through EOT when it is random)."""
+    name = "detector-pgd" if _unwrap_detector(model) is not None else "pgd"
+
+    def make(eps: float, steps: int) -> AttackSpec:
+        return AttackSpec(name, {"loss": "ce", "steps": steps,
+                                 "step_size": step_size(eps, steps, budget.step_factor), "restarts": 1},
+                          wrap="eot" if random else None, eot_samples=budget.eot_samples,
+                          label=f"{name} eps={eps:g} steps={steps}")
+    return make
+
+
+# ---- the report ---------------------------------------------------------------------------
+@dataclass
+class AuditReport:
+    """Everything an audit found; ``save(out)`` writes ``audit.json`` and ``audit.md``."""
+
+    record: EvalRecord
+    checks: list[CheckResult]
+    battery: list[AttackSpec]
+    budget: AuditBudget
+    threat: ThreatModel
+    random: bool
+    model: dict
+    subset_n: int | None
+    sweeps: dict = field(default_factory=dict)
+    plots: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    check_seconds: dict = field(default_factory=dict)
+
+    @property
+    def robust(self) -> Accuracy:
+        return self.record.robust
+
+    @property
+    def clean(self) -> Accuracy:
+        return self.record.clean
+
+    @property
+    def flags(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.flagged]
+
+    def check(self, name: str) -> CheckResult:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check {name!r}; ran {[c.name for c in self.checks]}")
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "summary": {"robust": self.robust.to_dict(), "clean": self.clean.to_dict(),
+                        "clean_reject_rate": self.record.clean_reject_rate,
+                        "threat": self.threat.to_dict(), "budget": self.budget.name,
+                        "n": self.record.n, "seed": self.record.seed, "random": self.random,
+                        "checks": {c.name: c.verdict for c in self.checks},
+                        "flags": [c.name for c in self.flags], "seconds": self.seconds},
+            "record": self.record.to_dict(),
+            "checks": [c.to_dict() for c in self.checks],
+            "checks_subset_n": self.subset_n,
+            "battery": [s.to_dict() for s in self.battery],
+            "budget": self.budget.to_dict(),
+            "model": self.model,
+            "sweeps": self.sweeps,
+            "plots": self.plots,
+            "timing": {"total_seconds": self.seconds,
+                       "attacks": [{"attack": a.name, "seconds": a.seconds,
+                                    "peak_memory_mb": a.peak_memory_mb} for a in self.record.attacks],
+                       "checks_seconds": self.check_seconds},
+            "manifest": self.manifest,
+        }
+
+    def attack_lines(self) -> list[str]:
+        lines = [f"{'attack':26s} {'newly fooled':>12s} {'robust after (Wilson 95%)':>27s} "
+                 f"{'time s':>8s} {'peak RSS MB':>11s}"]
+        for a in self.record.attacks:
+            mem = f"{a.peak_memory_mb:.0f}" if a.peak_memory_mb is not None else "-"
+            lines.append(f"{a.name:26s} {a.newly_fooled:12d} {a.accuracy_after.format():>27s} "
+                         f"{a.seconds:8.1f} {mem:>11s}")
+        return lines
+
+    def to_markdown(self) -> str:
+        r, t = self.record, self.threat
+        who = " + ".join(p for p in (r.defense if r.defense not in ("", "none") else "",
+                                      r.classifier) if p) or self.model.get("type", "model")
+        flags = self.flags
+        lines = [f"# Robustness audit: {who}", ""]
+        lines += [f"Dataset **{r.dataset or '(tensors)'}**, n = {r.n}, threat **{t.describe()}** "
+                  f"(bounds {list(t.bounds)}), budget **{self.budget.name}**, seed {r.seed}.", ""]
+        lines += [f"- **Worst-case robust accuracy: {r.robust.format()} %** (Wilson 95% interval, "
+                  f"{r.robust.correct}/{r.n}), over {len(r.attacks)} attacks run as a cascade.",
+                  f"- Clean accuracy: {r.clean.format()} %."]
+        if r.clean_reject_rate is not None:
+            lines.append(f"- Clean reject rate (detector): {100 * r.clean_reject_rate:.1f} %. "
+                         "Rejected adversarial inputs count as robust.")
+        lines.append(f"- Randomness: {'random, so every gradient attack ran through EOT with ' + str(self.budget.eot_samples) + ' samples' if self.random else 'deterministic'}.")
+        if flags:
+            lines.append(f"- **{len(flags)} sanity check(s) flagged: "
+                         f"{', '.join(c.name for c in flags)}. Treat the robust accuracy as an upper "
+                         "bound that the attacks may not have reached.**")
+        elif self.checks:
+            lines.append("- All sanity checks passed (or were skipped, see below).")
+        lines.append(f"- Total time {self.seconds:.0f} s.")
+        lines += ["", "## Attacks", "",
+                  "Each attack sees only the examples that every earlier attack left robust, so "
+                  "*newly fooled* is what it contributed. Peak memory is the process's peak "
+                  "resident set size when the attack finished (a running maximum).", "",
+                  "| # | attack | settings | newly fooled | robust after (%) | time (s) | peak RSS (MB) |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for i, a in enumerate(r.attacks, 1):
+            settings = ", ".join(f"{k}={v}" for k, v in a.settings.items() if v is not None)
+            mem = f"{a.peak_memory_mb:.0f}" if a.peak_memory_mb is not None else "-"
+            lines.append(f"| {i} | {a.name} | {settings} | {a.newly_fooled} | "
+                         f"{a.accuracy_after.format()} | {a.seconds:.1f} | {mem} |")
+        sub = (f"on a seeded subset of {self.subset_n} of the {r.n} examples"
+               if self.subset_n is not None and self.subset_n < r.n else "on all examples")
+        lines += ["", "## Sanity checks", "",
+                  f"Checks that run attacks do so {sub}; the black-box check reads the cascade "
+                  "above. See docs/audit.md for what each check means and what to do when it flags.",
+                  "", "| check | verdict | examples | time (s) | explanation |", "|---|---|---:|---:|---|"]
+        for c in self.checks:
+            secs = self.check_seconds.get(c.name)
+            lines.append(f"| {c.name} | **{c.verdict}** | {c.n if c.n is not None else '-'} | "
+                         f"{'-' if secs is None else f'{secs:.1f}'} | {c.explanation} |")
+        if self.plots:
+            lines += ["", "## Plots", ""]
+            for title, path in self.plots.items():
+                lines += [f"![{title}]({path})", ""]
+        if self.sweeps:
+            lines += ["## Sweeps (reference attack alone)", ""]
+            for key in ("eps", "steps"):
+                curve = self.sweeps.get(key)
+                if curve:
+                    cells = ", ".join(f"{p[key]:g}: {_acc(p['accuracy']).format()}" for p in curve)
+                    lines.append(f"- accuracy (%) vs {key}: {cells}")
+            lines.append("")
+        lines += ["## Settings", "", "```json",
+                  json.dumps({"budget": self.budget.to_dict(), "threat": t.to_dict(), "model": self.model,
+                              "random": self.random, "seed": r.seed,
+                              "battery": [s.to_dict() for s in self.battery]}, indent=1, default=str),
+                  "```", "", "## Provenance", ""]
+        m = self.manifest
+        lines += [f"- created {m.get('created')}, git commit `{m.get('git_commit')}`",
+                  f"- device: {m.get('device')}",
+                  f"- versions: {', '.join(f'{k} {v}' for k, v in m.get('versions', {}).items())}",
+                  f"- data hashes: {', '.join(f'{k}={v}' for k, v in m.get('data_hashes', {}).items())}",
+                  ""]
+        return "\n".join(lines)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        write_json_atomic(out / "audit.json", self.to_dict())
+        write_text_atomic(out / "audit.md", self.to_markdown())
+        return out
+
+
+def _acc(d: dict) -> Accuracy:
+    return Accuracy(d["correct"], d["n"])
+
+
+# ---- plots --------------------------------------------------------------------------------
+def _save_figure(fig, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plot_eps(path: Path, report: AuditReport) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
+    curve = report.sweeps.get("eps", [])
+    if curve:
+        xs = [p["eps"] for p in curve]
+        acc = [_acc(p["accuracy"]) for p in curve]
+        ys = [100 * a.value for a in acc]
+        lo = [100 * (a.value - a.interval[0]) for a in acc]
+        hi = [100 * (a.interval[1] - a.value) for a in acc]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label="reference PGD alone")
+    unb = report.sweeps.get("unbounded")
+    if unb:
+        a = _acc(unb["accuracy"])
+        ax.plot([unb["eps"]], [100 * a.value], "kx", label=f"unbounded eps={unb['eps']:g}")
+    r = report.record.robust
+    ax.errorbar([report.threat.eps], [100 * r.value],
+                yerr=[[100 * (r.value - r.interval[0])], [100 * (r.interval[1] - r.value)]],
+                fmt="r*", markersize=12, capsize=3, label="worst case, all attacks")
+    ax.axvline(report.threat.eps, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(f"eps ({report.threat.norm.value})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("accuracy vs eps")
+    ax.legend(fontsize=8)
+    names = ["clean"] + [a.name for a in report.record.attacks]
+    vals = [100 * report.record.clean.value] + [100 * a.accuracy_after.value for a in report.record.attacks]
+    bars.barh(range(len(names)), vals, color=["tab:green"] + ["tab:blue"] * (len(names) - 1))
+    bars.set_yticks(range(len(names)), names, fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 100)
+    bars.set_xlabel(f"accuracy after each attack (%), cascade at eps={report.threat.eps:g}")
+    _save_figure(fig, path)
+
+
+def _plot_steps(path: Path, report: AuditReport) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    curve = report.sweeps.get("steps", [])
+    if curve:
+        xs = [p["steps"] for p in curve]
+        acc = [_acc(p["accuracy"]) for p in curve]
+        ax.errorbar(xs, [100 * a.value for a in acc],
+                    yerr=[[100 * (a.value - a.interval[0]) for a in acc],
+                          [100 * (a.interval[1] - a.value) for a in acc]],
+                    marker="o", capsize=3, label="reference PGD alone")
+    longer = report.sweeps.get("longer")
+    if longer:
+        for key, style, label in (("short", "bs", "normal length"), ("long", "r^", "10x longer")):
+            a = _acc(longer[key]["accuracy"])
+            ax.plot([longer[key]["steps"]], [100 * a.value], style, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("attack steps")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"accuracy vs steps at eps={report.threat.eps:g}")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+# ---- the audit ----------------------------------------------------------------------------
+def _tensor_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _CheckCache:
+    """Finished checks stored in a JSON file, so that a restarted audit skips them."""
+
+    def __init__(self, path: Path | None, key: str) -> None:
+        self.path, self.key, self.data = path, key, {}
+        if path and path.exists():
+            state = json.loads(path.read_text())
+            if state.get("key") == key:
+                self.data = state.get("entries", {})
+
+    def get(self, name: str):
+        return self.data.get(name)
+
+    def put(self, name: str, value) -> None:
+        self.data[name] = value
+        if self.path:
+            write_json_atomic(self.path, {"key": self.key, "entries": self.data})
+
+
+def audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel, *,
+          budget: str | AuditBudget = "quick", surrogate: nn.Module | None = None, seed: int = 0,
+          out: str | Path | None = None, progress: bool = True, batch_size: int = 500,
+          checks: bool = True, plots: bool = True, checkpoint: str | Path | None = None,
+          defense: str = "", classifier: str = "", dataset: str = "", data_source: str = "",
+          data_hash: str = "", config: dict | None = None) -> AuditReport:
+    """Attack ``model`` with the audit battery, run the sanity checks and write the report.
+
+    Args:
+        model: any ``nn.Module`` from images in ``threat.bounds`` to logits; a ``Shielded``
+            pipeline also gets BPDA, adaptive and transfer attacks, and its detector (if any)
+            counts rejections as robust and gets a detector-aware attack.
+        images, labels: ``(N, C, H, W)`` floats and ``(N,)`` int64 labels.
+        threat: the threat model (norm, eps, bounds).
+        budget: ``"quick"``, ``"standard"``, ``"paper"`` or an ``AuditBudget``.
+        surrogate: an independently trained classifier for a transfer attack.
+        out: directory for ``audit.md``, ``audit.json`` and the plots; while the audit runs it
+            also holds checkpoints (``.audit-cascade.json``, ``.audit-checks.json``) so that a
+            crashed audit resumes; they are removed once the report is written.
+        checkpoint: the cascade checkpoint path, if not the one in ``out``.
+        checks, plots: turn the sanity checks / plots off.
+        defense, classifier, dataset, data_source, data_hash: provenance for the record.
+        config: extra settings to store in the manifest (e.g. the command line).
+
+    Returns:
+        an ``AuditReport``; ``report.robust`` is the worst case over all attacks and
+        ``report.flags`` the sanity checks that flagged.
+    """
+    b = get_budget(budget)
+    register_audit_attacks()
+    start = time.perf_counter()
+    model.eval()
+    device = images.device
+    labels = labels.to(device)
+    n = images.shape[0]
+    out_dir = Path(out) if out is not None else None
+    cascade_ckpt = Path(checkpoint) if checkpoint else (out_dir / ".audit-cascade.json" if out_dir else None)
+    checks_ckpt = (cascade_ckpt.parent / ".audit-checks.json") if cascade_ckpt else None
+
+    # Randomness decides whether the gradient attacks go through EOT.
+    probe = images[: min(n, 64)]
+    measured_random, change = sanity.detect_randomness(model, probe)
+    declared = bool(getattr(model, "stochastic", False))
+    random = measured_random or declared
+    if random:
+        logger.info("the pipeline is random (max relative logit change %.2g, declared %s): "
+                    "gradient attacks run through EOT(%d)", change, declared, b.eot_samples)
+
+    battery = build_battery(model, threat, b, random=random, surrogate=surrogate)
+    tensor_hash = _tensor_hash(images, labels)
+    record = evaluate(model, images, labels, battery, threat, batch_size=batch_size, seed=seed,
+                      defense=defense or "none", classifier=classifier, dataset=dataset,
+                      data_source=data_source, data_hash=data_hash or tensor_hash,
+                      surrogate=surrogate, checkpoint=cascade_ckpt, progress=progress)
+    for a in record.attacks:
+        logger.info("%-24s newly fooled %4d  robust %s  %.1fs  peak RSS %.0f MB", a.name,
+                    a.newly_fooled, a.accuracy_after.format(), a.seconds, a.peak_memory_mb or 0)
+
+    report = AuditReport(record=record, checks=[], battery=battery, budget=b, threat=threat,
+                         random=random, model=describe_model(model), subset_n=None)
+    if checks:
+        _run_checks(report, model, images, labels, threat, b, seed=seed, batch_size=batch_size,
+                    random=random, measured=(measured_random, change, declared),
+                    cache=_CheckCache(checks_ckpt, config_hash({"key": record.robust_flags,
+                                                                "threat": threat.to_dict(),
+                                                                "budget": b.to_dict(), "seed": seed,
+                                                                "data": tensor_hash})))
+    report.seconds = time.perf_counter() - start
+    report.manifest = manifest({"audit": {"budget": b.to_dict(), "threat": threat.to_dict(),
+                                          "seed": seed, "n": n, "batch_size": batch_size,
+                                          "surrogate": surrogate is not None,
+                                          "defense": defense, "classifier": classifier,
+                                          "dataset": dataset, "data_source": data_source},
+                                **(config or {})},
+                               {"evaluation_tensors": tensor_hash, **({dataset or "dataset": data_hash}
+                                                                      if data_hash else {})})
+    if out_dir is not None:
+        if plots:
+            _plot_eps(out_dir / "acc_vs_eps.png", report)
+            _plot_steps(out_dir / "acc_vs_steps.png", report)
+            report.plots = {"accuracy vs eps": "acc_vs_eps.png", "accuracy vs steps": "acc_vs_steps.png"}
+        report.save(out_dir)
+        for path in (cascade_ckpt, checks_ckpt):
+            if path is not None and path.parent == out_dir:
+                path.unlink(missing_ok=True)
+    logger.info("robust accuracy %s (worst case over %d attacks); %d flag(s); %.0fs",
+                record.robust.format(), len(record.attacks), len(report.flags), report.seconds)
+    return report
+
+
+def _run_checks(report: AuditReport, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                threat: ThreatModel, b: AuditBudget, *, seed: int, batch_size: int, random: bool,
+                measured: tuple[bool, float, bool], cache: _CheckCache) -> None:
+    n = images.shape[0]
+    k = n if b.sanity_n is None else min(n, b.sanity_n)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    idx = idx.to(images.device)
+    xs, ys = images[idx], labels[idx]
+    report.subset_n = k
+    make = reference_attack(model, b, random=random)
+    shielded = isinstance(model, Shielded)
+    eot = b.eot_samples if random else None
+
+    def run(name: str, fn: Callable[[], tuple[CheckResult, dict]]) -> None:
+        cached = cache.get(name)
+        if cached is not None:
+            result, sweeps, secs = CheckResult.from_dict(cached["result"]), cached["sweeps"], cached["seconds"]
+        else:
+            t0 = time.perf_counter()
+            result, sweeps = fn()
+            secs = time.perf_counter() - t0
+            cache.put(name, {"result": result.to_dict(), "sweeps": sweeps, "seconds": secs})
+        report.checks.append(result)
+        report.sweeps.update(sweeps)
+        report.check_seconds[name] = secs
+        logger.info("%s  (%.1fs)", result.line(), secs)
+
+    measured_random, change, declared = measured
+
+    def randomness():
+        return sanity.judge_randomness(random, max_logit_change=change, declared=declared,
+                                       eot_samples=eot, n=min(n, 64)), {}
+
+    def gradients():
+        stats = sanity.gradient_statistics(model, xs, ys, threat, seed=seed, eot_samples=eot,
+                                           batch_size=min(batch_size, 250))
+        result = sanity.judge_gradients(stats["zero_fraction"], stats["uninformative_fraction"],
+                                        n=stats["n"], shielded=shielded)
+        result.details.update(stats)
+        return result, {}
+
+    def unbounded():
+        eps_max = sanity.unbounded_eps(threat, images.shape)
+        (acc,) = sanity.run_sweep(model, xs, ys, threat, make, [(eps_max, b.pgd_steps)], seed=seed,
+                                  batch_size=batch_size)
+        return sanity.judge_unbounded(acc, eps_max), {"unbounded": {"eps": eps_max, "accuracy": acc.to_dict()}}
+
+    def eps_sweep():
+        if threat.eps == 0:
+            return CheckResult(sanity.EPS_MONOTONE, sanity.SKIP, "eps is 0", {}, k), {}
+        values = sorted({0.0} | {round(f * threat.eps, 6) for f in b.eps_fractions})
+        accs = sanity.run_sweep(model, xs, ys, threat, make, [(e, b.pgd_steps) for e in values],
+                                seed=seed, batch_size=batch_size)
+        curve = [{"eps": e, "accuracy": a.to_dict()} for e, a in zip(values, accs)]
+        return sanity.judge_monotone(sanity.EPS_MONOTONE, "eps", values, accs, random=random), {"eps": curve}
+
+    def steps_sweep():
+        if threat.eps == 0:
+            return CheckResult(sanity.STEPS_MONOTONE, sanity.SKIP, "eps is 0", {}, k), {}
+        values = sorted(set(b.steps_sweep))
+        accs = sanity.run_sweep(model, xs, ys, threat, make, [(threat.eps, s) for s in values],
+                                seed=seed, batch_size=batch_size)
+        curve = [{"steps": s, "accuracy": a.to_dict()} for s, a in zip(values, accs)]
+        return (sanity.judge_monotone(sanity.STEPS_MONOTONE, "steps", values, accs, random=random),
+                {"steps": curve})
+
+    def blackbox():
+        return sanity.judge_blackbox(report.record, BLACKBOX_LABELS), {}
+
+    def longer():
+        if threat.eps == 0:
+            return CheckResult(sanity.LONGER, sanity.SKIP, "eps is 0", {}, k), {}
+        short, long, only_long, only_short = sanity.run_longer(
+            model, xs, ys, threat, make, b.pgd_steps, factor=b.longer_factor, seed=seed,
+            batch_size=batch_size)
+        result = sanity.judge_longer(short, long, only_long=only_long, only_short=only_short,
+                                     factor=b.longer_factor)
+        return result, {"longer": {"short": {"steps": b.pgd_steps, "accuracy": short.to_dict()},
+                                   "long": {"steps": b.longer_factor * b.pgd_steps,
+                                            "accuracy": long.to_dict()}}}
+
+    for name, fn in ((sanity.RANDOMNESS, randomness), (sanity.GRADIENTS, gradients),
+                     (sanity.UNBOUNDED, unbounded), (sanity.EPS_MONOTONE, eps_sweep),
+                     (sanity.STEPS_MONOTONE, steps_sweep), (sanity.BLACKBOX, blackbox),
+                     (sanity.LONGER, longer)):
+        run(name, fn)
+
+
+def with_budget(budget: str | AuditBudget, **changes) -> AuditBudget:
+    """A copy of a named budget with some fields changed (e.g. ``sanity_n=100``)."""
+    return replace(get_budget(budget), **changes)
+
+
+__all__ = ["AuditBudget", "AuditReport", "BUDGETS", "audit", "build_battery", "describe_model",
+           "detector_pgd", "get_budget", "reference_attack", "register_audit_attacks", "step_size",
+           "with_budget"]

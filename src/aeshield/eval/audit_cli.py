@@ -1,0 +1,176 @@
+"""``aeshield audit``: the robustness audit as a command (a thin layer over ``eval.audit.audit``).
+
+Registered in ``aeshield.cli`` with ``main.add_command(audit_cmd, name="audit")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from .audit import BUDGETS
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ["mnist", "fashion-mnist", "cifar10"]
+# The radii the literature reports for each dataset (Madry et al.; Croce and Hein; RobustBench).
+DEFAULT_EPS = {("mnist", "Linf"): 0.3, ("fashion-mnist", "Linf"): 0.1, ("cifar10", "Linf"): 8 / 255,
+               ("mnist", "L2"): 2.0, ("fashion-mnist", "L2"): 1.5, ("cifar10", "L2"): 0.5}
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).stem if text.endswith(".safetensors") else text).strip("-")
+
+
+def _echo_report(report) -> None:
+    click.echo(f"clean accuracy:  {report.clean.format()} %"
+               + (f"   clean reject rate {100 * report.record.clean_reject_rate:.1f} %"
+                  if report.record.clean_reject_rate is not None else ""))
+    for line in report.attack_lines():
+        click.echo(line)
+    for c in report.checks:
+        secs = report.check_seconds.get(c.name)
+        click.echo(c.line() + (f"  ({secs:.1f}s)" if secs is not None else ""))
+    flags = report.flags
+    click.echo(f"robust accuracy: {report.robust.format()} % (worst case over {len(report.record.attacks)} "
+               f"attacks, Wilson 95%); {len(flags)} flag(s); {report.seconds:.0f} s in all")
+
+
+def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str, norm: str,
+             eps: float, budget: str, n: int, seed: int, batch_size: int, device: str,
+             out: Path | None, progress: bool):
+    from .. import load_classifier, load_shield
+    from ..data import load_dataset
+    from ..defenses.base import Shielded
+    from ..threat import ThreatModel
+    from .audit import audit
+
+    clf = load_classifier(classifier, device=device)
+    model = Shielded(load_shield(shield, device=device), clf) if shield else clf
+    sur = load_classifier(surrogate, device=device) if surrogate else None
+    test = load_dataset(dataset, "test").subset(n, seed=seed).to(device)
+    threat = ThreatModel(norm, eps)
+    click.echo(f"auditing {shield + ' + ' if shield else ''}{classifier} on {dataset} ({test.source}), "
+               f"n={len(test)}, threat {threat.describe()}, budget {budget}")
+    return audit(model, test.images, test.labels, threat, budget=budget, surrogate=sur, seed=seed,
+                 out=out, progress=progress, batch_size=batch_size, defense=shield or "none",
+                 classifier=classifier, dataset=dataset, data_source=test.source,
+                 data_hash=test.sha256, config={"command": sys.argv,
+                                                 "surrogate_name": surrogate})
+
+
+@click.command("audit", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--classifier", default=None,
+              help="Classifier to audit: a shipped name or a .safetensors path (required unless --all-shipped).")
+@click.option("--shield", default=None,
+              help="Shield (shipped name or path) put in front of the classifier; omit to audit the bare classifier.")
+@click.option("--surrogate", default=None,
+              help="An independently trained classifier (name or path) for a transfer attack.")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Test set to audit on (required unless --all-shipped, which reads it from each shield).")
+@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True,
+              help="Threat model norm.")
+@click.option("--eps", type=float, default=None,
+              help="Threat model radius in [0, 1] pixel units (default: 0.3/0.1/8/255 for Linf on "
+                   "mnist/fashion-mnist/cifar10, 2.0/1.5/0.5 for L2; --all-shipped uses the shield's "
+                   "training eps for Linf).")
+@click.option("--budget", type=click.Choice(list(BUDGETS)), default="quick", show_default=True,
+              help="quick: CPU minutes, reduced AutoAttack budget; standard: GPU; paper: the standard "
+                   "AutoAttack budget and 100-step PGD with 20 restarts.")
+@click.option("--n", "n", type=int, default=1000, show_default=True,
+              help="Number of test images (a seeded subset).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset and the attacks.")
+@click.option("--batch-size", type=int, default=500, show_default=True, help="Attack batch size.")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for audit.md, audit.json and the plots (and the checkpoints that let a "
+                   "crashed audit resume). Default: print only; docs/results/audit with --all-shipped.")
+@click.option("--all-shipped", is_flag=True,
+              help="Audit every shipped shield against each classifier its sidecar lists in "
+                   "trained_against; one report per pair under --out, plus index.md.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def audit_cmd(classifier, shield, surrogate, dataset, norm, eps, budget, n, seed, batch_size, device,
+              out, all_shipped, no_progress) -> None:
+    """Attack a (shielded) classifier with the full audit battery, run the gradient-masking
+    sanity checks and write the report (see docs/audit.md)."""
+    device = _device(device)
+    if all_shipped:
+        _all_shipped(surrogate=surrogate, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
+                     batch_size=batch_size, device=device,
+                     out=Path(out) if out else Path("docs/results/audit"), progress=not no_progress)
+        return
+    if not classifier:
+        raise click.UsageError("give --classifier (or --all-shipped)")
+    if not dataset:
+        raise click.UsageError("give --dataset (or --all-shipped)")
+    eps = DEFAULT_EPS[(dataset, norm)] if eps is None else eps
+    try:
+        report = _run_one(classifier=classifier, shield=shield, surrogate=surrogate, dataset=dataset,
+                          norm=norm, eps=eps, budget=budget, n=n, seed=seed, batch_size=batch_size,
+                          device=device, out=Path(out) if out else None, progress=not no_progress)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    _echo_report(report)
+    if out:
+        click.echo(f"report: {Path(out) / 'audit.md'}")
+
+
+def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, out: Path,
+                 progress: bool) -> None:
+    from ..models.io import shipped_dir
+    from .records import write_text_atomic
+
+    shields = []
+    if shipped_dir().exists():
+        for side in sorted(shipped_dir().glob("*.json")):
+            meta = json.loads(side.read_text())
+            if meta.get("kind") == "shield":
+                shields.append((side.stem, meta))
+    if not shields:
+        raise click.ClickException(f"no shipped shields (sidecars with \"kind\": \"shield\") in {shipped_dir()}")
+    rows = []
+    for name, meta in shields:
+        dataset = meta["dataset"]
+        against = meta.get("trained_against") or []
+        if not against:
+            rows.append((name, "-", "-", "-", "-", "-", "sidecar lists no trained_against classifier"))
+            continue
+        trained_eps = (meta.get("config") or {}).get("eps")
+        radius = eps if eps is not None else (
+            float(trained_eps) if trained_eps is not None and norm == "Linf" else DEFAULT_EPS[(dataset, norm)])
+        for clf in against:
+            sub = f"{_slug(name)}__{_slug(str(clf))}"
+            try:
+                report = _run_one(classifier=str(clf), shield=name, surrogate=surrogate, dataset=dataset,
+                                  norm=norm, eps=radius, budget=budget, n=n, seed=seed,
+                                  batch_size=batch_size, device=device, out=out / sub, progress=progress)
+            except (FileNotFoundError, ValueError) as err:
+                click.echo(f"skipping {name} + {clf}: {err}", err=True)
+                rows.append((name, str(clf), dataset, f"{norm} {radius:g}", "-", "-", f"skipped: {err}"))
+                continue
+            _echo_report(report)
+            flags = ", ".join(c.name for c in report.flags) or "none"
+            rows.append((name, str(clf), dataset, f"{norm} {radius:g}", report.clean.format(),
+                         f"[{report.robust.format()}]({sub}/audit.md)", flags))
+    lines = ["# Audits of the shipped shields", "",
+             f"Budget **{budget}**, n = {n} test images per audit, seed {seed}. Accuracies in % with "
+             "Wilson 95% intervals; robust accuracy is the worst case over every attack of the audit. "
+             "See docs/audit.md for how to read a report.", "",
+             "| shield | classifier | dataset | threat | clean | robust | flagged checks |",
+             "|---|---|---|---|---:|---:|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    index = write_text_atomic(out / "index.md", "\n".join(lines) + "\n")
+    click.echo(f"index: {index}")
