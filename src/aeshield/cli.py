@@ -75,7 +75,8 @@ def train() -> None:
 
 @train.command("classifier")
 @click.option("--model", "model_name", required=True, help="Architecture name (see `aeshield models`).")
-@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]))
+@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+              help="Training dataset.")
 @click.option("--epochs", default=3, show_default=True, help="Passes over the training split.")
 @click.option("--batch-size", default=128, show_default=True, help="Mini-batch size.")
 @click.option("--lr", default=1e-3, show_default=True, help="Learning rate.")
@@ -106,7 +107,8 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @train.command("aaa")
 @click.option("--classifier", "classifiers", multiple=True, required=True,
               help="Frozen classifier(s) to train against: shipped name or path; repeat for an ensemble.")
-@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]))
+@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+              help="Training dataset (the classifiers' sidecars must name it).")
 @click.option("--autoencoder", default="conv-ae", show_default=True, help="Autoencoder architecture.")
 @click.option("--loss", type=click.Choice(["xent", "mse", "xent+mse"]), default="xent+mse",
               show_default=True, help="Outer loss of the saddle point.")
@@ -152,7 +154,8 @@ ATTACK_CHOICES = ["fgsm", "bim", "pgd", "cw-l2", "recon-pgd", "latent-pgd", "apg
 @main.command("eval")
 @click.option("--classifier", required=True, help="Shipped classifier name or .safetensors path.")
 @click.option("--shield", default=None, help="Optional shield (shipped name or path) in front of it.")
-@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]))
+@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+              help="Dataset whose test split is attacked.")
 @click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACK_CHOICES),
               default=["pgd"], show_default=True, help="Attack(s), run as a cascade; repeatable.")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True,
@@ -236,11 +239,14 @@ def report_cmd(records, fmt) -> None:
               help="Results go to OUT/TARGET/PROFILE/.")
 @click.option("--retrain", is_flag=True, help="Ignore shipped weights; train everything missing from the cache.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def reproduce_cmd(target, profile, out, retrain, no_progress) -> None:
+@click.option("--ship", is_flag=True,
+              help="Maintainers: also export the config's `ship` artifacts (float16) into the package.")
+def reproduce_cmd(target, profile, out, retrain, no_progress, ship) -> None:
     """Regenerate a paper's table and figures: TARGET is a config name (see `aeshield targets`)."""
     from .experiments import reproduce
 
-    path = reproduce(target, profile, out, use_shipped=not retrain, progress=not no_progress)
+    path = reproduce(target, profile, out, use_shipped=not retrain, progress=not no_progress,
+                     ship=ship)
     click.echo(f"\nresults in {path}")
 
 

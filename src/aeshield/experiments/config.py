@@ -175,6 +175,7 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})
                     for c in d.pop("columns", []))
     figures = tuple(d.pop("figures", []) or [])
+    d.pop("ship", None)  # read by Runner.ship from the raw config
     config = ExperimentConfig(
         profile=profile, classifiers=classifiers,
         adversarial_training=_build(AdvTrainSpec, at) if at else None, shields=shields,

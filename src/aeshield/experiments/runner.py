@@ -7,6 +7,7 @@ figures from the records it wrote. Results land in ``<out>/<target>/<profile>/``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -42,6 +43,7 @@ class Runner:
         self.progress = progress
         self.device = device
         self._models: dict[str, nn.Module] = {}
+        self.sources: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
         self.train = load_dataset(config.dataset, "train")
         self.val = load_dataset(config.dataset, "val")
@@ -83,6 +85,7 @@ class Runner:
             found = path
         model, _ = load_weights(found, architecture=spec.model, dataset=self.config.dataset,
                                 device=self.device)
+        self._note_source(name, found)
         self._models[name] = model
         return model
 
@@ -117,6 +120,7 @@ class Runner:
             found = path
         model, _ = load_weights(found, architecture=base.model, dataset=self.config.dataset,
                                 device=self.device)
+        self._note_source(key_name, found)
         self._models[key_name] = model
         return model
 
@@ -155,8 +159,55 @@ class Runner:
             found = path
         model, _ = load_weights(found, architecture=spec.autoencoder, dataset=self.config.dataset,
                                 device=self.device)
+        self._note_source(key_name, found)
         self._models[key_name] = model
         return model
+
+    def _note_source(self, name: str, path: Path) -> None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        origin = "shipped" if path.parent == shipped_dir() else "trained (cache)"
+        self.sources[name] = {"file": path.name, "sha256_16": digest, "origin": origin}
+
+    def ship(self) -> list[Path]:
+        """Export the artifacts named in the config's ``ship`` section into the package's
+        weight folder, as float16, with clean accuracy re-measured on the stored weights."""
+        written = []
+        for ship_name, what in (self.config.raw.get("ship") or {}).items():
+            if "classifier" in what:
+                key = what["classifier"]
+                spec = self.config.classifiers[key]
+                model = self.classifier(key)
+                _, spec_hash = self._artifact("classifier", asdict(spec))
+                path = save_weights(model, shipped_dir() / ship_name, architecture=spec.model,
+                                    dataset=self.config.dataset, half=True, kind="classifier",
+                                    training="natural", spec_hash=spec_hash, source_target=self.config.name)
+                reloaded, _ = load_weights(path)
+                extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
+                         "test_n": len(self.test)}
+            else:
+                key = what["shield"]
+                spec = self.config.shields[key]
+                against = {c: asdict(self.config.classifiers[c]) for c in spec.against}
+                _, spec_hash = self._artifact("shield", {"spec": asdict(spec), "against": against})
+                path = save_weights(self.shield(key), shipped_dir() / ship_name,
+                                    architecture=spec.autoencoder, dataset=self.config.dataset,
+                                    half=True, kind="shield", method=spec.method, loss=spec.loss,
+                                    spec_hash=spec_hash, source_target=self.config.name,
+                                    shield_spec=asdict(spec))
+                reloaded, _ = load_weights(path)
+                names = what.get("classifier_names", {})
+                extra = {"trained_against": [names.get(c, c) for c in spec.against],
+                         "clean_accuracy": {names.get(c, c): accuracy(Shielded(reloaded, self.classifier(c)),
+                                                                       self.test.images, self.test.labels)
+                                            for c in self.config.classifiers},
+                         "clean_accuracy_note": "measured with the stored float16 shield in front of "
+                                                "the listed classifiers as loaded by this run",
+                         "test_n": len(self.test)}
+            side = path.with_suffix(".json")
+            write_json_atomic(side, {**json.loads(side.read_text()), **extra})
+            written.append(path)
+            logger.info("shipped %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
+        return written
 
     def _train_subset(self, limit: int | None):
         return self.train.subset(limit, seed=self.config.seed) if limit else self.train
@@ -227,7 +278,8 @@ class Runner:
         write_json_atomic(self.out / "manifest.json", {
             **manifest(self.config.raw, {self.config.dataset: self.train.sha256}),
             "target": self.config.name, "profile": self.config.profile,
-            "data_source": self.test.source, "timings_seconds": self.timings})
+            "data_source": self.test.source, "weights": self.sources,
+            "timings_seconds": self.timings})
         print(tables)
         return self.out
 
@@ -244,6 +296,10 @@ def _slug(text: str) -> str:
 
 
 def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/results",
-              use_shipped: bool = True, progress: bool = True) -> Path:
+              use_shipped: bool = True, progress: bool = True, ship: bool = False) -> Path:
     config = load_config(target, profile)
-    return Runner(config, out_root, use_shipped=use_shipped, progress=progress).run()
+    runner = Runner(config, out_root, use_shipped=use_shipped, progress=progress)
+    out = runner.run()
+    if ship:
+        runner.ship()
+    return out

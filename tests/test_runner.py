@@ -1,0 +1,77 @@
+"""The one runner: trains what is missing, caches it, evaluates, renders from records."""
+
+import json
+
+import pytest
+import yaml
+
+from aeshield.eval import EvalRecord
+from aeshield.experiments import Runner, list_targets, load_config
+from aeshield.experiments.config import from_dict
+
+TINY = {
+    "name": "tiny", "title": "tiny runner check", "dataset": "mnist", "seed": 0, "n": 40,
+    "batch_size": 40,
+    "classifiers": {"C": {"model": "mnist-c", "epochs": 1, "train_limit": 600}},
+    "adversarial_training": {"eps": 0.3, "step_size": 0.1, "attack_steps": 1, "epochs": 1,
+                             "train_limit": 200, "val_n": 20},
+    "shields": {"s": {"method": "aaa", "autoencoder": "conv-ae-small", "against": ["C"],
+                      "attack_steps": 1, "step_size": 0.1, "epochs": 1, "train_limit": 200,
+                      "warmup_steps": 2, "val_n": 20, "batch_size": 50}},
+    "suites": [{"name": "linf", "threat": {"norm": "Linf", "eps": 0.3},
+                "attacks": [{"name": "pgd", "label": "PGD-3", "params": {"steps": 3, "step_size": 0.1}}]}],
+    "rows": [{"label": "natural", "kind": "natural"},
+             {"label": "AT", "kind": "adversarial-training"},
+             {"label": "shield", "kind": "shield", "shield": "s"}],
+    "groups": [{"label": "g", "classifiers": ["C"]}],
+    "columns": [{"label": "clean", "value": "clean"}, {"label": "PGD", "suites": ["linf"]}],
+}
+
+
+@pytest.fixture
+def tiny_runner(tmp_path):
+    config = from_dict(json.loads(json.dumps(TINY)), "quick")
+    return lambda: Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts",
+                          use_shipped=False, progress=False)
+
+
+def test_runner_trains_caches_and_renders_from_records(tiny_runner, tmp_path):
+    out = tiny_runner().run()
+    table = json.loads((out / "table.json").read_text())
+    records = {p.name: EvalRecord.load(p) for p in (out / "records").glob("*.json")}
+    assert len(records) == 3
+    shield_record = records["shield__C__linf.json"]
+    cell = [c for c in table["cells"] if c["row"] == "shield" and c["column"] == "PGD"][0]
+    assert cell["correct"] == shield_record.robust.correct and cell["n"] == 40
+    assert "PGD-3" in (out / "table.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["name"] == "tiny" and "versions" in manifest
+    trained = {k for k in manifest["timings_seconds"] if k.startswith(("train", "adversarial"))}
+    assert trained == {"train classifier C", "adversarial training C", "train shield s"}
+
+    again = tiny_runner()
+    again.run()
+    assert not any(k.startswith(("train", "adversarial", "eval")) for k in again.timings)
+
+
+def test_shipped_targets_resolve_both_profiles():
+    assert {"aaa-mnist", "aaa-fmnist", "demo"} <= set(list_targets())
+    for target in list_targets():
+        for profile in ("quick", "paper"):
+            config = load_config(target, profile)
+            assert config.profile == profile and config.suites and config.rows
+
+
+def test_config_rejects_unknown_keys_and_names(tmp_path):
+    bad = json.loads(json.dumps(TINY))
+    bad["classifiers"]["C"]["epochz"] = 3
+    with pytest.raises(ValueError, match="unknown keys"):
+        from_dict(bad, "quick")
+    bad = json.loads(json.dumps(TINY))
+    bad["rows"][2]["shield"] = "nope"
+    with pytest.raises(ValueError, match="unknown shield"):
+        from_dict(bad, "quick")
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "profiles": {"quick": {}}}))
+    with pytest.raises(ValueError, match="no profile 'paper'"):
+        load_config(path, "paper")
