@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_mlp
 from torch import nn
 
 from aeshield.defenses import REJECT, Detector, Purifier, Shielded
 from aeshield.eval import sanity
-from aeshield.eval.audit import (BUDGETS, AuditBudget, audit, build_battery, detector_pgd,
-                                 reference_attack, with_budget)
+from aeshield.eval.audit import (
+    BUDGETS,
+    AuditBudget,
+    audit,
+    build_battery,
+    detector_pgd,
+    reference_attack,
+    with_budget,
+)
 from aeshield.eval.harness import ATTACKS
 from aeshield.eval.records import Accuracy
 from aeshield.threat import ThreatModel
 
 # The quick budget shrunk further for tests: every number smaller, the same battery.
-TINY = with_budget("quick", pgd_steps=10, pgd_restarts=1, apgd_iters=10, target_classes=2,
+TINY = with_budget("quick", pgd_steps=10, pgd_restarts=1, apgd_iters=10,
                    square_queries=200, cw_steps=20, eot_samples=4, adaptive_steps=10, sanity_n=100,
                    eps_fractions=(0.5, 1.0, 1.5), steps_sweep=(2, 5, 10))
 LINF = ThreatModel("Linf", 0.3)
@@ -109,6 +118,13 @@ def test_undefended_classifier_falls_to_zero_with_no_flags(trained_mlp, data, tm
     assert saved["checks_subset_n"] == 100
     text = (tmp_path / "audit.md").read_text()
     assert "Worst-case robust accuracy" in text and "[PASS]" not in text and "**PASS**" in text
+
+
+def test_audit_restores_the_model_mode(data):
+    x, y = data
+    model = tiny_mlp().train()
+    audit(model, x[:20], y[:20], LINF, budget=TINY, progress=False, checks=False)
+    assert model.training
 
 
 def test_cascade_never_raises_accuracy(trained_mlp, data):
@@ -217,14 +233,14 @@ def test_longer_attack_check_fires_when_the_budget_is_too_short(trained_mlp, dat
 
 # ---- judgements on synthetic numbers ----------------------------------------------------------
 def test_monotone_judgement_allows_sampling_noise():
-    a = lambda c: Accuracy(c, 200)  # noqa: E731
+    a = lambda c: Accuracy(c, 200)
     assert not sanity.judge_monotone("m", "eps", [0.1, 0.2, 0.3], [a(100), a(60), a(62)]).flagged
     assert sanity.judge_monotone("m", "eps", [0.1, 0.2, 0.3], [a(100), a(60), a(90)]).flagged
     assert sanity.judge_monotone("m", "eps", [0.3], [a(1)]).verdict == sanity.SKIP
 
 
 def test_longer_judgement_uses_a_sign_test():
-    a = lambda c: Accuracy(c, 200)  # noqa: E731
+    a = lambda c: Accuracy(c, 200)
     assert sanity.judge_longer(a(50), a(40), only_long=10, only_short=0, factor=10).flagged
     assert not sanity.judge_longer(a(50), a(48), only_long=4, only_short=2, factor=10).flagged
     assert not sanity.judge_longer(a(50), a(50), only_long=0, only_short=0, factor=10).flagged
@@ -244,7 +260,7 @@ def test_detector_pgd_finds_points_the_detector_accepts(trained_mlp, mnist_small
     detector.calibrate(train.images[:500], false_positive_rate=0.05)
     model = Shielded(None, trained_mlp, detector).eval()
     x, y = test.images[:100], test.labels[:100]
-    settings = dict(eps=0.3, steps=20, step_size=0.03, generator=torch.Generator().manual_seed(0))
+    settings = {"eps": 0.3, "steps": 20, "step_size": 0.03, "generator": torch.Generator().manual_seed(0)}
     from aeshield.attacks import pgd
 
     def evaded(x_adv):
@@ -263,16 +279,14 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
     x, y = data
     model = Shielded(Quantize(), trained_mlp)
     budget = with_budget(TINY, sanity_n=50)
-    calls = {"n": 0}
-    real_aa, real_longer = ATTACKS["autoattack-part"], sanity.run_longer
+    calls = {"fab-t": 0, "pgd": 0}
+    real_fab, real_pgd, real_longer = ATTACKS["fab-t"], ATTACKS["pgd"], sanity.run_longer
 
-    def crash_at_fab(model_, xb, yb, threat, gen, **kw):
-        if kw.get("part") == "fab-t":
-            raise KeyboardInterrupt("simulated kill during the cascade")
-        return real_aa(model_, xb, yb, threat, gen, **kw)
+    def crash_at_fab(*args, **kw):
+        raise KeyboardInterrupt("simulated kill during the cascade")
 
     out = tmp_path / "resumed"
-    monkeypatch.setitem(ATTACKS, "autoattack-part", crash_at_fab)
+    monkeypatch.setitem(ATTACKS, "fab-t", crash_at_fab)
     with pytest.raises(KeyboardInterrupt):
         audit(model, x, y, LINF, budget=budget, out=out, progress=False)
     assert (out / ".audit-cascade.json").exists()
@@ -280,22 +294,26 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
     def crash_in_checks(*args, **kw):
         raise KeyboardInterrupt("simulated kill during the checks")
 
-    monkeypatch.setitem(ATTACKS, "autoattack-part", real_aa)
+    monkeypatch.setitem(ATTACKS, "fab-t", real_fab)
     monkeypatch.setattr(sanity, "run_longer", crash_in_checks)
     with pytest.raises(KeyboardInterrupt):
         audit(model, x, y, LINF, budget=budget, out=out, progress=False)
     assert (out / ".audit-checks.json").exists()
 
-    def counting(model_, xb, yb, threat, gen, **kw):
-        calls["n"] += 1
-        return real_aa(model_, xb, yb, threat, gen, **kw)
+    def counting(name, real):
+        def run(*args, **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+        return run
 
     monkeypatch.setattr(sanity, "run_longer", real_longer)
-    monkeypatch.setitem(ATTACKS, "autoattack-part", counting)
+    monkeypatch.setitem(ATTACKS, "fab-t", counting("fab-t", real_fab))
+    monkeypatch.setitem(ATTACKS, "pgd", counting("pgd", real_pgd))
     monkeypatch.setattr(sanity, "run_sweep", lambda *a, **k: pytest.fail("finished checks re-ran"))
     monkeypatch.setattr(sanity, "gradient_statistics", lambda *a, **k: pytest.fail("re-ran"))
     resumed = audit(model, x, y, LINF, budget=budget, out=out, progress=False)
-    assert calls["n"] == 0, "the finished cascade was not run again"
+    # The finished cascade is not run again; only the interrupted check runs (short and long PGD).
+    assert calls == {"fab-t": 0, "pgd": 2}
     monkeypatch.undo()
     fresh = audit(model, x, y, LINF, budget=budget, out=tmp_path / "fresh", progress=False)
     assert resumed.record.robust_flags == fresh.record.robust_flags
@@ -307,10 +325,10 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
 # ---- budgets and battery -----------------------------------------------------------------------
 def test_budgets_are_frozen_and_ordered():
     assert set(BUDGETS) == {"quick", "standard", "paper"}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         BUDGETS["quick"].pgd_steps = 1  # type: ignore[misc]
     paper = BUDGETS["paper"]
-    assert (paper.apgd_iters, paper.target_classes, paper.square_queries, paper.pgd_steps) == (100, 9, 5000, 100)
+    assert (paper.apgd_iters, paper.apgd_restarts, paper.square_queries, paper.pgd_steps) == (100, 1, 5000, 100)
     assert BUDGETS["quick"].pgd_steps < BUDGETS["standard"].pgd_steps <= paper.pgd_steps
     assert isinstance(with_budget("quick", sanity_n=10), AuditBudget)
 

@@ -127,3 +127,10 @@ def test_attack_leaving_threat_model_is_caught(trained_mlp, eval_data):
                      progress=False)
     finally:
         ATTACKS.pop("broken")
+
+
+def test_component_attacks_are_skipped_where_they_do_not_apply(trained_mlp, eval_data):
+    x, y = eval_data
+    record = evaluate(trained_mlp, x, y, [AttackSpec("recon-pgd", {"steps": 2})],
+                      ThreatModel("Linf", 0.1), progress=False)
+    assert record.attacks[0].settings["skipped"] and record.attacks[0].newly_fooled == 0

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 from . import __version__
 
@@ -201,6 +200,15 @@ def eval_cmd(classifier, shield, dataset, attacks, norm, eps, steps, step_size, 
 
 
 main.add_command(eval_cmd, name="attack")
+
+
+def _register_audit() -> None:
+    from .eval.audit_cli import audit_cmd
+
+    main.add_command(audit_cmd, name="audit")
+
+
+_register_audit()
 
 
 def _attack_params(name: str, steps: int, step_size: float, restarts: int) -> dict:

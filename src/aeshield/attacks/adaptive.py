@@ -6,6 +6,7 @@ They know that the model is ``Shielded(purifier, classifier)`` and use its parts
   pushes the shield's reconstruction away from the clean image it should restore.
 * ``latent_pgd``: PGD that pulls the shield's code ``E(x')`` toward the code of an image of
   another class (Sabour et al.'s feature adversaries, applied to the autoencoder's latent).
+* ``detector_pgd``: PGD that seeks inputs misclassified *and* not rejected by a detector.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gradient import pgd
+from .losses import margin
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -75,3 +77,44 @@ def latent_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **pgd_setting
         return -(code.flatten(1) - target_code).pow(2).sum(1), logits
 
     return pgd(model, x, y, objective=objective, early_stop=False, **pgd_settings)
+
+
+def _unwrap_detector(model: nn.Module):
+    """The detector of a Shielded model, also through an EOT wrapper."""
+    for m in (model, getattr(model, "model", None)):
+        detector = getattr(m, "detector", None)
+        if detector is not None:
+            return detector
+    return None
+
+
+def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: float = 10.0,
+                 loss: str = "ce", **pgd_settings) -> torch.Tensor:
+    """Detector-aware PGD: seek inputs that are misclassified *and* not rejected.
+
+    Maximizes ``CE(logits, y) - weight * relu(s(x) - t) / |t|`` where ``s`` is the detector's
+    differentiable score and ``t`` its threshold (Carlini and Wagner 2017, "Adversarial
+    examples are not easily detected"). An iterate counts as a success only if it is
+    misclassified and its score is at or below the threshold, so PGD keeps searching past
+    points that the detector would reject. Threat model: white-box, L-inf or L2.
+    """
+    detector = _unwrap_detector(model)
+    if detector is None:
+        raise TypeError("detector-pgd needs a Shielded model with a detector")
+    threshold = float(detector.threshold)
+    scale = abs(threshold) if torch.isfinite(torch.tensor(threshold)) and threshold != 0 else 1.0
+    loss_fn = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"),
+               "margin": margin}[loss]
+
+    def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
+        logits = net(x_adv)
+        score = detector.score(x_adv)
+        excess = torch.relu(score - threshold) / scale
+        per_example = loss_fn(logits, y_adv) - weight * excess
+        rejected = (score > threshold).detach()
+        # A rejected point is no success: show PGD a logit vector that classifies it correctly.
+        shown = torch.where(rejected[:, None], F.one_hot(y_adv, logits.shape[1]).to(logits.dtype),
+                            logits.detach())
+        return per_example, shown
+
+    return pgd(model, x, y, objective=objective, **pgd_settings)

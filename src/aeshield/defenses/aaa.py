@@ -16,6 +16,7 @@ white-box L-inf against the whole pipeline ``F(G(.))``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,10 +132,11 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
             metrics["adv_acc"] = (logits.argmax(1) == yb).float().mean()
             return loss, metrics
 
-        val_fn = None
+        val_fn: Callable[[], dict] | None = None
         if x_val is not None and y_val is not None:
-            def val_fn() -> dict:
+            def validate() -> dict:
                 return validate_aaa(autoencoder, classifiers, x_val, y_val, config)
+            val_fn = validate
 
         loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                           checkpoint_every=config.checkpoint_every,

@@ -6,6 +6,7 @@ minimizes their cross-entropy. Threat model of the result: white-box L-inf at ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         loss = F.cross_entropy(logits, yb)
         return loss, {"loss": loss.detach(), "adv_acc": (logits.argmax(1) == yb).float().mean()}
 
-    val_fn = None
+    val_fn: Callable[[], dict] | None = None
     if x_val is not None and y_val is not None:
-        def val_fn() -> dict:
+        def validate() -> dict:
             model.eval()
             val_step = max(config.step_size, 2.5 * config.eps / max(1, config.val_attack_steps))
             x_adv = pgd_train(model, x_val, y_val, threat=threat, step_size=val_step,
@@ -61,6 +62,7 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             return {"val_adv_loss": float(F.cross_entropy(logits_adv, y_val)),
                     "val_adv_acc": float((logits_adv.argmax(1) == y_val).float().mean()),
                     "val_clean_acc": float((logits.argmax(1) == y_val).float().mean())}
+        val_fn = validate
 
     loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                       checkpoint_every=config.checkpoint_every,

@@ -26,7 +26,7 @@ example counts as robust if every attack leaves it correctly classified or rejec
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,16 +38,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.gradient import pgd
+from ..attacks.adaptive import _unwrap_detector, detector_pgd  # noqa: F401 (re-exported)
 from ..defenses.base import Shielded
 from ..threat import Norm, ThreatModel
 from . import sanity
-from .harness import ATTACKS, AttackSpec, evaluate, register_attack
-from .records import (Accuracy, EvalRecord, config_hash, manifest, write_json_atomic,
-                      write_text_atomic)
+from .harness import AttackSpec, evaluate
+from .records import Accuracy, EvalRecord, config_hash, manifest, write_json_atomic, write_text_atomic
 from .sanity import CheckResult
 
 logger = logging.getLogger(__name__)
@@ -60,9 +58,10 @@ FORMAT = "aeshield-audit-v1"
 class AuditBudget:
     """How hard the audit attacks, and how much of the data its sanity checks use.
 
-    PGD uses ``step_size = step_factor * eps / steps``. AutoAttack parts use ``apgd_iters``
-    iterations (APGD-CE, APGD-T and FAB-T), ``apgd_restarts`` restarts of APGD-CE,
-    ``target_classes`` target classes for APGD-T and FAB-T, and ``square_queries`` queries.
+    PGD uses ``step_size = step_factor * eps / steps``. The AutoAttack parts (the harness's
+    ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``: standard-version settings, 9 target
+    classes) use ``apgd_iters`` iterations for APGD-CE, APGD-T and FAB-T, ``apgd_restarts``
+    restarts of APGD-CE and ``square_queries`` queries.
     ``sanity_n`` is the size of the subset the checks run on (``None``: all examples).
     """
 
@@ -72,7 +71,6 @@ class AuditBudget:
     step_factor: float = 2.5
     apgd_iters: int = 100
     apgd_restarts: int = 1
-    target_classes: int = 9
     square_queries: int = 5000
     cw_steps: int = 100
     eot_samples: int = 8
@@ -90,19 +88,19 @@ class AuditBudget:
 BUDGETS: dict[str, AuditBudget] = {
     # CPU minutes for a small MNIST pipeline on 1,000 images; checks on 200 examples.
     "quick": AuditBudget("quick", pgd_steps=20, pgd_restarts=2, apgd_iters=20, apgd_restarts=1,
-                         target_classes=3, square_queries=500, cw_steps=50, eot_samples=4,
+                         square_queries=500, cw_steps=50, eot_samples=4,
                          bpda_losses=("ce",), adaptive_steps=20, sanity_n=200,
                          eps_fractions=(0.25, 0.5, 1.0, 1.5), steps_sweep=(2, 5, 10, 20, 40)),
     # A serious evaluation on a GPU: checks on 500 examples.
     "standard": AuditBudget("standard", pgd_steps=50, pgd_restarts=5, apgd_iters=50, apgd_restarts=1,
-                            target_classes=9, square_queries=2000, cw_steps=200, eot_samples=8,
+                            square_queries=2000, cw_steps=200, eot_samples=8,
                             bpda_losses=("ce", "margin"), adaptive_steps=50, sanity_n=500,
                             eps_fractions=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
                             steps_sweep=(5, 10, 20, 50, 100)),
     # The standard AutoAttack budget (100 iterations, 9 targets, 5000 Square queries) and
     # 100-step PGD with 20 restarts; checks on every example.
     "paper": AuditBudget("paper", pgd_steps=100, pgd_restarts=20, apgd_iters=100, apgd_restarts=1,
-                         target_classes=9, square_queries=5000, cw_steps=1000, eot_samples=20,
+                         square_queries=5000, cw_steps=1000, eot_samples=20,
                          bpda_losses=("ce", "margin"), adaptive_steps=100, sanity_n=None,
                          eps_fractions=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
                          steps_sweep=(5, 10, 20, 50, 100, 200)),
@@ -119,127 +117,12 @@ def get_budget(budget: str | AuditBudget) -> AuditBudget:
 
 
 def step_size(eps: float, steps: int, factor: float = 2.5) -> float:
-    """PGD step size ``factor * eps / steps`` (Madry et al. use 2.5 eps / steps in the
-    spirit of covering the ball 2.5 times); rounded so that records stay readable."""
+    """PGD step size ``factor * eps / steps``: the common 2.5 eps / steps rule, so that the
+    steps together cross the ball 2.5 times; rounded so that records stay readable."""
     return float(f"{factor * eps / max(steps, 1):.6g}")
 
 
 # ---- attacks this module adds to the harness -----------------------------------------------
-def _unwrap_detector(model: nn.Module):
-    """The detector of a Shielded model, also through an EOT wrapper."""
-    for m in (model, getattr(model, "model", None)):
-        detector = getattr(m, "detector", None)
-        if detector is not None:
-            return detector
-    return None
-
-
-def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: float = 10.0,
-                 loss: str = "ce", **pgd_settings) -> torch.Tensor:
-    """Detector-aware PGD: seek inputs that are misclassified *and* not rejected.
-
-    Maximizes ``CE(logits, y) - weight * relu(s(x) - t) / |t|`` where ``s`` is the detector's
-    differentiable score and ``t`` its threshold (Carlini and Wagner 2017, "Adversarial
-    examples are not easily detected"). An iterate counts as a success only if it is
-    misclassified and its score is at or below the threshold, so PGD keeps searching past
-    points that the detector would reject. Threat model: white-box, L-inf or L2.
-    """
-    detector = _unwrap_detector(model)
-    if detector is None:
-        raise TypeError("detector-pgd needs a Shielded model with a detector")
-    threshold = float(detector.threshold)
-    scale = abs(threshold) if torch.isfinite(torch.tensor(threshold)) and threshold != 0 else 1.0
-    loss_fn = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"),
-               "margin": lambda z, t: _margin(z, t)}[loss]
-
-    def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
-        logits = net(x_adv)
-        score = detector.score(x_adv)
-        excess = torch.relu(score - threshold) / scale
-        per_example = loss_fn(logits, y_adv) - weight * excess
-        rejected = (score > threshold).detach()
-        # A rejected point is no success: show PGD a logit vector that classifies it correctly.
-        shown = torch.where(rejected[:, None], F.one_hot(y_adv, logits.shape[1]).to(logits.dtype),
-                            logits.detach())
-        return per_example, shown
-
-    return pgd(model, x, y, objective=objective, **pgd_settings)
-
-
-def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    from ..attacks.losses import margin
-
-    return margin(logits, y)
-
-
-def _run_detector_pgd(model, x, y, threat, gen, **kw):
-    return detector_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
-                        generator=gen, **kw)
-
-
-def _run_autoattack_part(model, x, y, threat, gen, *, part: str, iters: int | None = None,
-                         restarts: int | None = None, targets: int | None = None,
-                         queries: int | None = None, batch_size: int = 500):
-    """One part of the reference AutoAttack with every budget knob exposed (the harness's
-    ``apgd-ce``/``fab-t`` wrappers cannot shrink FAB's iterations or the target classes)."""
-    from ..attacks.autoattack import _import_autoattack
-
-    AutoAttack = _import_autoattack()
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    adversary = AutoAttack(model, attacks=[part], eps=float(threat.eps), norm=threat.norm.value,
-                           seed=seed, version="custom", device=x.device)
-    # Its randomness/dynamic-defense warnings are the audit's own checks; keep the log clean.
-    previous = adversary.logger.level
-    adversary.logger.setLevel(logging.ERROR)
-    if iters is not None:
-        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = iters
-    if restarts is not None:
-        adversary.apgd.n_restarts = restarts
-    if targets is not None:
-        with torch.no_grad():
-            n_classes = model(x[:1]).shape[1]
-        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = \
-            max(1, min(targets, n_classes - 1))
-    if queries is not None:
-        adversary.square.n_queries = queries
-    try:
-        x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
-    finally:
-        adversary.logger.setLevel(previous)
-    return threat.project(x_adv.to(x.device), x).detach()
-
-
-def _empty_safe(fn: Callable) -> Callable:
-    """``fn`` that returns an empty batch unchanged. ``evaluate`` calls each attack once with an
-    empty batch when no example is left robust, and ``EOT`` (and the reference AutoAttack)
-    cannot reshape an empty batch."""
-    if getattr(fn, "empty_safe", False):
-        return fn
-
-    @functools.wraps(fn)
-    def run(model, x, y, threat, gen, **kw):
-        if x.shape[0] == 0:
-            return x.clone()
-        return fn(model, x, y, threat, gen, **kw)
-
-    run.empty_safe = True  # type: ignore[attr-defined]
-    return run
-
-
-def register_audit_attacks() -> None:
-    """Add ``detector-pgd`` and ``autoattack-part`` to the harness's attack table, and make
-    the table's attacks that the audit uses safe on empty batches (same results otherwise)."""
-    for name, fn in (("detector-pgd", _run_detector_pgd), ("autoattack-part", _run_autoattack_part)):
-        if name not in ATTACKS:
-            register_attack(name, _empty_safe(fn))
-    for name in ("pgd", "cw-l2", "recon-pgd", "latent-pgd"):
-        if name in ATTACKS:
-            register_attack(name, _empty_safe(ATTACKS[name]))
-
-
-register_audit_attacks()
-
-
 # ---- the battery --------------------------------------------------------------------------
 BLACKBOX_LABELS = ("square", "transfer-classifier", "transfer-surrogate")
 
@@ -273,22 +156,21 @@ def build_battery(model: nn.Module, threat: ThreatModel, budget: AuditBudget | s
                 "restarts": restarts}
 
     def aa(part: str, **kw) -> AttackSpec:
-        return AttackSpec("autoattack-part", {"part": part, **kw}, wrap=eot,
-                          eot_samples=b.eot_samples, label=part + tag)
+        return AttackSpec(part, kw, wrap=eot, eot_samples=b.eot_samples, label=part + tag)
 
     specs = [
         AttackSpec("pgd", pgd_params("ce", b.pgd_steps, b.pgd_restarts), wrap=eot,
                    eot_samples=b.eot_samples, label="pgd-ce" + tag),
         AttackSpec("pgd", pgd_params("margin", b.pgd_steps, b.pgd_restarts), wrap=eot,
                    eot_samples=b.eot_samples, label="pgd-margin" + tag),
-        aa("apgd-ce", iters=b.apgd_iters, restarts=b.apgd_restarts),
-        aa("apgd-t", iters=b.apgd_iters, targets=b.target_classes),
-        aa("fab-t", iters=b.apgd_iters, targets=b.target_classes),
+        aa("apgd-ce", apgd_iters=b.apgd_iters, apgd_restarts=b.apgd_restarts),
+        aa("apgd-t", apgd_iters=b.apgd_iters),
+        aa("fab-t", fab_iters=b.apgd_iters),
     ]
     if threat.norm is Norm.L2:
         specs.append(AttackSpec("cw-l2", {"steps": b.cw_steps}, wrap=eot, eot_samples=b.eot_samples,
                                 label="cw-l2" + tag))
-    if shielded:
+    if shielded and not isinstance(model.purifier, nn.Identity):
         for loss in b.bpda_losses:
             specs.append(AttackSpec("pgd", pgd_params(loss, b.pgd_steps, b.pgd_restarts), wrap="bpda",
                                     label=f"bpda-pgd-{loss}"))
@@ -298,11 +180,10 @@ def build_battery(model: nn.Module, threat: ThreatModel, budget: AuditBudget | s
         specs.append(AttackSpec("recon-pgd", dict(adaptive), label="recon-pgd"))
         if callable(getattr(model.purifier, "encode", None)):
             specs.append(AttackSpec("latent-pgd", dict(adaptive), label="latent-pgd"))
-        if model.detector is not None:
-            specs.append(AttackSpec("detector-pgd", pgd_params("ce", b.adaptive_steps, b.pgd_restarts),
-                                    wrap=eot, eot_samples=b.eot_samples, label="detector-pgd" + tag))
-    specs.append(AttackSpec("autoattack-part", {"part": "square", "queries": b.square_queries},
-                            label="square"))
+    if shielded and model.detector is not None:
+        specs.append(AttackSpec("detector-pgd", pgd_params("ce", b.adaptive_steps, b.pgd_restarts),
+                                wrap=eot, eot_samples=b.eot_samples, label="detector-pgd" + tag))
+    specs.append(AttackSpec("square", {"square_queries": b.square_queries}, label="square"))
     if shielded:
         specs.append(AttackSpec("pgd", pgd_params("ce", b.pgd_steps, 1), wrap="classifier",
                                 label="transfer-classifier"))
@@ -566,6 +447,19 @@ def _tensor_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _quiet_autoattack():
+    """The reference AutoAttack warns about random or dynamic defenses on every call; the
+    audit's own checks report those, once."""
+    log = logging.getLogger("auto-attack")
+    previous = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
 class _CheckCache:
     """Finished checks stored in a JSON file, so that a restarted audit skips them."""
 
@@ -613,8 +507,23 @@ def audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: 
         an ``AuditReport``; ``report.robust`` is the worst case over all attacks and
         ``report.flags`` the sanity checks that flagged.
     """
+    was_training = model.training
+    try:
+        return _audit(model, images, labels, threat, budget=budget, surrogate=surrogate, seed=seed,
+                      out=out, progress=progress, batch_size=batch_size, checks=checks, plots=plots,
+                      checkpoint=checkpoint, defense=defense, classifier=classifier,
+                      dataset=dataset, data_source=data_source, data_hash=data_hash, config=config)
+    finally:
+        model.train(was_training)
+
+
+def _audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel, *,
+           budget: str | AuditBudget = "quick", surrogate: nn.Module | None = None, seed: int = 0,
+           out: str | Path | None = None, progress: bool = True, batch_size: int = 500,
+           checks: bool = True, plots: bool = True, checkpoint: str | Path | None = None,
+           defense: str = "", classifier: str = "", dataset: str = "", data_source: str = "",
+           data_hash: str = "", config: dict | None = None) -> AuditReport:
     b = get_budget(budget)
-    register_audit_attacks()
     start = time.perf_counter()
     model.eval()
     device = images.device
@@ -635,12 +544,13 @@ def audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: 
 
     battery = build_battery(model, threat, b, random=random, surrogate=surrogate)
     tensor_hash = _tensor_hash(images, labels)
-    record = evaluate(model, images, labels, battery, threat, batch_size=batch_size, seed=seed,
-                      defense=defense or "none", classifier=classifier, dataset=dataset,
-                      data_source=data_source, data_hash=data_hash or tensor_hash,
-                      surrogate=surrogate, checkpoint=cascade_ckpt, progress=progress)
+    with _quiet_autoattack():
+        record = evaluate(model, images, labels, battery, threat, batch_size=batch_size, seed=seed,
+                          defense=defense or "none", classifier=classifier, dataset=dataset,
+                          data_source=data_source, data_hash=data_hash or tensor_hash,
+                          surrogate=surrogate, checkpoint=cascade_ckpt, progress=progress)
     for a in record.attacks:
-        logger.info("%-24s newly fooled %4d  robust %s  %.1fs  peak RSS %.0f MB", a.name,
+        logger.debug("%-24s newly fooled %4d  robust %s  %.1fs  peak RSS %.0f MB", a.name,
                     a.newly_fooled, a.accuracy_after.format(), a.seconds, a.peak_memory_mb or 0)
 
     report = AuditReport(record=record, checks=[], battery=battery, budget=b, threat=threat,
@@ -702,7 +612,7 @@ def _run_checks(report: AuditReport, model: nn.Module, images: torch.Tensor, lab
         report.check_seconds[name] = secs
         logger.info("%s  (%.1fs)", result.line(), secs)
 
-    measured_random, change, declared = measured
+    _, change, declared = measured
 
     def randomness():
         return sanity.judge_randomness(random, max_logit_change=change, declared=declared,
@@ -768,6 +678,16 @@ def with_budget(budget: str | AuditBudget, **changes) -> AuditBudget:
     return replace(get_budget(budget), **changes)
 
 
-__all__ = ["AuditBudget", "AuditReport", "BUDGETS", "audit", "build_battery", "describe_model",
-           "detector_pgd", "get_budget", "reference_attack", "register_audit_attacks", "step_size",
-           "with_budget"]
+__all__ = [
+    "BUDGETS",
+    "AuditBudget",
+    "AuditReport",
+    "audit",
+    "build_battery",
+    "describe_model",
+    "detector_pgd",
+    "get_budget",
+    "reference_attack",
+    "step_size",
+    "with_budget",
+]

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import BPDA, EOT, autoattack, bim, cw_l2, fgsm, pgd
-from ..attacks.adaptive import latent_pgd, reconstruction_pgd
+from ..attacks.adaptive import detector_pgd, latent_pgd, reconstruction_pgd
 from ..defenses.base import REJECT, Shielded, predict
 from ..threat import Norm, ThreatModel
 from .records import AttackResult, Accuracy, EvalRecord, config_hash, write_json_atomic
@@ -67,11 +67,28 @@ def _run_latent(model, x, y, threat, gen, **kw):
                       generator=gen, **kw)
 
 
+def _run_detector(model, x, y, threat, gen, **kw):
+    return detector_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
+                        generator=gen, **kw)
+
+
 ATTACKS: dict[str, AttackFn] = {
-    "recon-pgd": _run_recon, "latent-pgd": _run_latent,
+    "recon-pgd": _run_recon, "latent-pgd": _run_latent, "detector-pgd": _run_detector,
     "fgsm": _run_fgsm, "bim": _run_bim, "pgd": _run_pgd, "cw-l2": _run_cw,
     "apgd-ce": _autoattack_part("apgd-ce"), "apgd-t": _autoattack_part("apgd-t"),
     "fab-t": _autoattack_part("fab-t"), "square": _autoattack_part("square"),
+}
+
+
+def _has_purifier(model: nn.Module) -> bool:
+    return isinstance(model, Shielded) and not isinstance(model.purifier, nn.Identity)
+
+
+# Attacks that only exist for some pipelines; elsewhere they are recorded as not applicable.
+APPLIES: dict[str, Callable[[nn.Module], bool]] = {
+    "recon-pgd": _has_purifier,
+    "latent-pgd": lambda m: _has_purifier(m) and hasattr(m.purifier, "encode"),
+    "detector-pgd": lambda m: getattr(m, "detector", None) is not None,
 }
 
 
@@ -123,7 +140,8 @@ def adapt_model(model: nn.Module, spec: AttackSpec, surrogate: nn.Module | None 
         if spec.wrap == "classifier":
             return model.classifier
         purifier = model.purifier
-        return Shielded(BPDA(purifier, getattr(purifier, "bpda_forward", None)), model.classifier)
+        return Shielded(BPDA(purifier, getattr(purifier, "bpda_forward", None)), model.classifier,
+                        model.detector)
     if spec.wrap == "surrogate":
         if surrogate is None:
             raise ValueError("wrap='surrogate' needs a surrogate model")
@@ -181,10 +199,17 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             continue
         if spec.name not in ATTACKS:
             raise KeyError(f"unknown attack {spec.name!r}; known: {sorted(ATTACKS)}")
+        applies = APPLIES.get(spec.name)
+        if applies is not None and not applies(model):
+            results.append(AttackResult(spec.title, {**spec.params, "wrap": spec.wrap,
+                                                     "skipped": "not applicable to this pipeline"},
+                                        attack_threat.to_dict(), 0, Accuracy.from_flags(robust), 0.0))
+            logger.info("%-40s skipped: not applicable to %s", spec.title, type(model).__name__)
+            continue
         attack_model = adapt_model(model, spec, surrogate)
         start, before = time.perf_counter(), int(robust.sum())
         todo = robust.nonzero().squeeze(1)
-        batches = todo.split(batch_size)
+        batches = todo.split(batch_size) if todo.numel() else ()
         for b, idx in enumerate(tqdm(batches, desc=spec.title[:40], disable=not progress, leave=False)):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + index * 10_007 + b)
             x, y = images[idx], labels[idx]

@@ -75,7 +75,7 @@ class CheckResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CheckResult":
+    def from_dict(cls, d: dict) -> CheckResult:
         return cls(d["name"], d["verdict"], d["explanation"], d.get("details", {}), d.get("n"))
 
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..data import cache_dir, load_dataset
