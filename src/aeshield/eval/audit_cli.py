@@ -144,7 +144,8 @@ def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, o
     rows = []
     for name, meta in shields:
         dataset = meta["dataset"]
-        against = meta.get("trained_against") or []
+        # Audit the shield behind the classifiers it was trained with and those it transfers to.
+        against = list(meta.get("trained_against") or []) + list(meta.get("transfer_classifiers") or [])
         if not against:
             rows.append((name, "-", "-", "-", "-", "-", "sidecar lists no trained_against classifier"))
             continue

@@ -171,6 +171,7 @@ class Runner:
         """Export the artifacts named in the config's ``ship`` section into the package's
         weight folder, as float16, with clean accuracy re-measured on the stored weights."""
         written = []
+        as_shipped: dict[str, nn.Module] = {}  # config key -> classifier re-loaded from its file
         for ship_name, what in (self.config.raw.get("ship") or {}).items():
             if "classifier" in what:
                 key = what["classifier"]
@@ -181,6 +182,7 @@ class Runner:
                                     dataset=self.config.dataset, half=True, kind="classifier",
                                     training="natural", spec_hash=spec_hash, source_target=self.config.name)
                 reloaded, _ = load_weights(path)
+                as_shipped[key] = reloaded
                 extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
                          "test_n": len(self.test)}
             else:
@@ -196,11 +198,14 @@ class Runner:
                 reloaded, _ = load_weights(path)
                 names = what.get("classifier_names", {})
                 extra = {"trained_against": [names.get(c, c) for c in spec.against],
-                         "clean_accuracy": {names.get(c, c): accuracy(Shielded(reloaded, self.classifier(c)),
-                                                                       self.test.images, self.test.labels)
-                                            for c in self.config.classifiers},
+                         "transfer_classifiers": [names.get(c, c) for c in self.config.classifiers
+                                                  if c not in spec.against],
+                         "clean_accuracy": {names.get(c, c): accuracy(
+                             Shielded(reloaded, as_shipped.get(c) or self.classifier(c)),
+                             self.test.images, self.test.labels) for c in self.config.classifiers},
                          "clean_accuracy_note": "measured with the stored float16 shield in front of "
-                                                "the listed classifiers as loaded by this run",
+                                                "the shipped float16 classifiers (or, for one not "
+                                                "shipped, the one this run trained)",
                          "test_n": len(self.test)}
             side = path.with_suffix(".json")
             write_json_atomic(side, {**json.loads(side.read_text()), **extra})
