@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..eval.records import package_versions, write_json_atomic
+from ..eval.records import _FILE_MODE, package_versions, write_json_atomic
 from .registry import MODELS, create_model
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     save_file(tensors, tmp, metadata={"format": FORMAT, "architecture": architecture,
                                       "dataset": dataset})
