@@ -29,16 +29,15 @@ def _umask_mode() -> int:
 _FILE_MODE = _umask_mode()
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON so that a crash never leaves a half-written file behind."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` so that a crash never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -48,19 +47,8 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
