@@ -16,7 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/aeshield data fetch mnist
-	$(BIN)/aeshield reproduce demo --profile quick --no-progress
+	$(BIN)/aeshield reproduce demo --profile quick --no-progress --out runs/results
 
 test: $(STAMP)
 	$(BIN)/aeshield data fetch mnist
