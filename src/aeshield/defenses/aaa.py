@@ -28,7 +28,7 @@ from torch import nn
 from ..attacks.gradient import pgd_train
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
-from .base import AutoencoderPurifier, Shielded
+from .base import Shielded
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,3 @@ def validate_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.
         out[f"val_adv_acc_{k}"] = float((logits.argmax(1) == y).float().mean())
     out["val_adv_loss"] = sum(adv_losses) / len(adv_losses)
     return out
-
-
-def shield_from_autoencoder(autoencoder: nn.Module) -> AutoencoderPurifier:
-    return AutoencoderPurifier(autoencoder)
