@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# AutoAttack fidelity, {environment_line(args.threads)}")
     print(f"# pyautoattack {pyautoattack.__version__} (reference) vs torchattacks {torchattacks.__version__}")
-    model = get_model(args.model, args.weights).eval()
-    for prm in model.parameters():
-        prm.requires_grad_(False)
+    model = get_model(args.model, args.weights)
     x, y = test_batch(args.model, args.n)
     clean = correct(model, x, y)
     print(f"# {args.n} test images, clean accuracy {clean.float().mean():.2%}; Linf eps {args.eps}; "

@@ -87,7 +87,12 @@ def quick_train(name: str, *, n_train: int = 10_000, epochs: int = 1, batch: int
 
 
 def get_model(name: str, weights: str | None = None, log: Callable[[str], None] = print) -> nn.Module:
-    """Shipped weights for ``name`` if any, else ``weights``, else a quick training run."""
+    """The model to attack, in eval mode with its parameters frozen (attacks need input
+    gradients only): ``weights``, else shipped weights for ``name``, else a quick training run."""
+    return _find_model(name, weights, log).eval().requires_grad_(False)
+
+
+def _find_model(name: str, weights: str | None, log: Callable[[str], None]) -> nn.Module:
     if weights:
         model, side = model_io.load_weights(weights, architecture=name)
         log(f"model: {name} with weights {weights} ({side.get('dataset')})")
@@ -156,9 +161,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# PGD throughput, {environment_line(args.threads)}")
     print(f"# torchattacks {torchattacks.__version__}")
-    base = get_model(args.model, args.weights).eval()
-    for prm in base.parameters():
-        prm.requires_grad_(False)
+    base = get_model(args.model, args.weights)
     model = CountingModel(base).eval()
     x, y = test_batch(args.model, args.batch)
     clean = correct(model, x, y).float().mean().item()
