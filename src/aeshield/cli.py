@@ -210,6 +210,19 @@ def _register_audit() -> None:
 
 _register_audit()
 
+# Modules that add their own commands: each defines ``register(main, train)``.
+PLUGINS: tuple[str, ...] = ()
+
+
+def _register_plugins() -> None:
+    import importlib
+
+    for name in PLUGINS:
+        importlib.import_module(name).register(main, train)
+
+
+_register_plugins()
+
 
 def _attack_params(name: str, steps: int, step_size: float, restarts: int) -> dict:
     if name in ("pgd", "recon-pgd", "latent-pgd"):

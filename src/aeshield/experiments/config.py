@@ -165,9 +165,7 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     at = d.pop("adversarial_training", None)
     shields = {}
     for k, v in (d.pop("shields", {}) or {}).items():
-        v = dict(v)
-        v["against"] = tuple(v["against"])
-        shields[k] = _build(ShieldSpec, v)
+        shields[k] = shield_spec(v)
     suites = tuple(SuiteSpec(s["name"], ThreatModel(**s["threat"]),
                              tuple(_attack(a) for a in s["attacks"])) for s in d.pop("suites", []))
     rows = tuple(_build(RowSpec, r) for r in d.pop("rows", []))
@@ -185,6 +183,16 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     return config
 
 
+def shield_spec(entry: dict) -> Any:
+    """The typed spec of one ``shields`` entry, chosen by its ``method``."""
+    from .methods import get_method
+
+    v = {k: tuple(x) if isinstance(x, list) else x for k, x in dict(entry).items()}
+    if "method" not in v:
+        raise ValueError(f"shield entry {entry} needs a `method`")
+    return _build(get_method(v["method"]).spec, v)
+
+
 def _check(config: ExperimentConfig) -> None:
     suite_names = {s.name for s in config.suites}
     for row in config.rows:
@@ -197,7 +205,7 @@ def _check(config: ExperimentConfig) -> None:
             if c not in config.classifiers:
                 raise ValueError(f"group {group.label!r} names unknown classifier {c!r}")
     for shield in config.shields.values():
-        for c in shield.against:
+        for c in getattr(shield, "against", ()) or ():
             if c not in config.classifiers:
                 raise ValueError(f"shield trained against unknown classifier {c!r}")
     for column in config.columns:

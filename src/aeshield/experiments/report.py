@@ -114,15 +114,13 @@ def render_tables(config: ExperimentConfig, entries: list[dict], out: Path) -> s
 
 
 def render_figures(runner: "Runner", out: Path) -> None:
+    from .methods import get_figure
+
     for figure in runner.config.figures:
-        kind = figure.get("kind")
-        if kind == "reconstructions":
-            _reconstructions(runner, figure, out)
-        else:
-            raise ValueError(f"unknown figure kind {kind!r}")
+        get_figure(figure.get("kind"))(runner, figure, out)
 
 
-def _reconstructions(runner: "Runner", figure: dict, out: Path) -> None:
+def reconstructions_figure(runner: "Runner", figure: dict, out: Path) -> None:
     """Table 3 of the AAA paper: inputs next to each shield's reconstructions."""
     import matplotlib
 

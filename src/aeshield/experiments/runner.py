@@ -17,7 +17,6 @@ from pathlib import Path
 from torch import nn
 
 from ..data import cache_dir, load_dataset
-from ..defenses.aaa import AAAConfig, train_aaa
 from ..defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
 from ..defenses.base import Shielded
 from ..eval.harness import evaluate
@@ -26,6 +25,7 @@ from ..models import create_model
 from ..models.io import load_weights, save_weights, shipped_dir
 from ..train.classifier import ClassifierConfig, accuracy, train_classifier
 from .config import ExperimentConfig, RowSpec, load_config
+from .methods import get_method
 from .report import render_figures, render_tables
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Runner:
         self.progress = progress
         self.device = device
         self._models: dict[str, nn.Module] = {}
+        self._paths: dict[str, Path] = {}
         self.sources: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
         self.train = load_dataset(config.dataset, "train")
@@ -101,7 +102,7 @@ class Runner:
             logger.info("adversarial training of %s", name)
             model = create_model(base.model).to(self.device)
             model.load_state_dict(self.classifier(name).state_dict())
-            train = self._train_subset(spec.train_limit)
+            train = self.train_subset(spec.train_limit)
             val = self.val.subset(spec.val_n, seed=1)
             cfg = AdversarialTrainingConfig(eps=spec.eps, step_size=spec.step_size,
                                             attack_steps=spec.attack_steps, epochs=spec.epochs,
@@ -123,44 +124,59 @@ class Runner:
         self._models[key_name] = model
         return model
 
+    def classifier_specs(self, names) -> dict[str, dict]:
+        return {c: asdict(self.config.classifiers[c]) for c in names}
+
+    def shield_artifact(self, name: str) -> tuple[Path, str]:
+        spec = self.config.shields[name]
+        method = get_method(spec.method)
+        return self._artifact(method.kind, {"spec": asdict(spec),
+                                            "against": self.classifier_specs(method.depends_on(spec))})
+
     def shield(self, name: str) -> nn.Module:
+        """The trained module of shield ``name`` (trained now if neither cached nor shipped)."""
         key_name = f"shield-{name}"
         if key_name in self._models:
             return self._models[key_name]
         spec = self.config.shields[name]
-        if spec.method != "aaa":
-            raise ValueError(f"unknown shield method {spec.method!r}")
-        against = {c: asdict(self.config.classifiers[c]) for c in spec.against}
-        path, key = self._artifact("shield", {"spec": asdict(spec), "against": against})
+        method = get_method(spec.method)
+        path, key = self.shield_artifact(name)
         found = self._find(path, key)
         if found is None:
             start = time.perf_counter()
-            logger.info("training AAA shield %s (%s loss, against %s)", name, spec.loss, list(spec.against))
-            classifiers = [self.classifier(c) for c in spec.against]
-            autoencoder = create_model(spec.autoencoder).to(self.device)
-            train = self._train_subset(spec.train_limit)
-            val = self.val.subset(spec.val_n, seed=1)
-            cfg = AAAConfig(loss=spec.loss, lam=spec.lam, eps=spec.eps, step_size=spec.step_size,
-                            attack_steps=spec.attack_steps, epochs=spec.epochs,
-                            batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed,
-                            warmup_steps=spec.warmup_steps)
-            result = train_aaa(autoencoder, classifiers, train.images, train.labels, cfg,
-                               x_val=val.images, y_val=val.labels,
-                               checkpoint=path.with_suffix(".ckpt"), progress=self.progress)
-            native_clean = {c: accuracy(Shielded(autoencoder, self.classifier(c)), self.test.images,
-                                        self.test.labels) for c in spec.against}
-            save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=self.config.dataset,
-                         kind="shield", method="aaa", trained_against=against, config=asdict(cfg),
-                         clean_accuracy=native_clean, spec_hash=key, history=result.history,
-                         visits=result.visits, data_hash=self.train.sha256)
+            logger.info("training %s shield %s", spec.method, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            method.train(self, spec, path)
+            _stamp(path, key)
             path.with_suffix(".ckpt").unlink(missing_ok=True)
             self.timings[f"train shield {name}"] = time.perf_counter() - start
             found = path
-        model, _ = load_weights(found, architecture=spec.autoencoder, dataset=self.config.dataset,
-                                device=self.device)
+        model = method.load(self, spec, found)
+        self._paths[key_name] = found
         self._note_source(key_name, found)
         self._models[key_name] = model
         return model
+
+    def cached_record(self, name: str, spec: dict, compute) -> dict:
+        """Measured numbers of an analysis: ``<out>/records/<name>.json``, recomputed only when
+        ``spec`` (everything the numbers depend on) changed. ``compute()`` returns a JSON-able dict."""
+        key = config_hash({"spec": spec, "data": self.test.sha256})
+        path = self.out / "records" / f"{name}.json"
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                if old.get("spec_hash") == key:
+                    logger.info("record %s is up to date", path.name)
+                    return old
+            except json.JSONDecodeError:
+                logger.warning("record %s is corrupt; recomputing", path)
+        start = time.perf_counter()
+        result = {**compute(), "spec": spec, "spec_hash": key, "target": self.config.name,
+                  "profile": self.config.profile, "dataset": self.config.dataset,
+                  "data_source": self.test.source}
+        write_json_atomic(path, result)
+        self.timings[f"analysis {name}"] = time.perf_counter() - start
+        return result
 
     def _note_source(self, name: str, path: Path) -> None:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -188,21 +204,30 @@ class Runner:
             else:
                 key = what["shield"]
                 spec = self.config.shields[key]
-                against = {c: asdict(self.config.classifiers[c]) for c in spec.against}
-                _, spec_hash = self._artifact("shield", {"spec": asdict(spec), "against": against})
-                path = save_weights(self.shield(key), shipped_dir() / ship_name,
-                                    architecture=spec.autoencoder, dataset=self.config.dataset,
-                                    half=True, kind="shield", method=spec.method, loss=spec.loss,
-                                    spec_hash=spec_hash, source_target=self.config.name,
-                                    shield_spec=asdict(spec))
-                reloaded, _ = load_weights(path)
+                method = get_method(spec.method)
+                _, spec_hash = self.shield_artifact(key)
+                module = self.shield(key)
+                stored = json.loads(self._paths[f"shield-{key}"].with_suffix(".json").read_text())
+                path = save_weights(module, shipped_dir() / ship_name,
+                                    architecture=stored["architecture"], dataset=self.config.dataset,
+                                    half=True, kind="shield", method=spec.method,
+                                    loss=getattr(spec, "loss", None), spec_hash=spec_hash,
+                                    source_target=self.config.name, shield_spec=asdict(spec))
+                reloaded = method.load(self, spec, path)
                 names = what.get("classifier_names", {})
-                extra = {"trained_against": [names.get(c, c) for c in spec.against],
+                against = method.depends_on(spec)
+
+                def pipeline(c: str) -> nn.Module:
+                    if spec.method == "aaa":
+                        return Shielded(reloaded, as_shipped.get(c) or self.classifier(c))
+                    return method.pipeline(self, spec, reloaded, c)
+
+                extra = {"trained_against": [names.get(c, c) for c in against],
                          "transfer_classifiers": [names.get(c, c) for c in self.config.classifiers
-                                                  if c not in spec.against],
+                                                  if c not in against],
                          "clean_accuracy": {names.get(c, c): accuracy(
-                             Shielded(reloaded, as_shipped.get(c) or self.classifier(c)),
-                             self.test.images, self.test.labels) for c in self.config.classifiers},
+                             pipeline(c), self.test.images, self.test.labels)
+                             for c in self.config.classifiers},
                          "clean_accuracy_note": "measured with the stored float16 shield in front of "
                                                 "the shipped float16 classifiers (or, for one not "
                                                 "shipped, the one this run trained)",
@@ -213,7 +238,7 @@ class Runner:
             logger.info("shipped %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
         return written
 
-    def _train_subset(self, limit: int | None):
+    def train_subset(self, limit: int | None):
         return self.train.subset(limit, seed=self.config.seed) if limit else self.train
 
     # ---- evaluation ------------------------------------------------------------------
@@ -223,7 +248,9 @@ class Runner:
         if row.kind == "adversarial-training":
             return self.adversarially_trained(classifier), "adversarial training"
         if row.kind == "shield":
-            return Shielded(self.shield(row.shield), self.classifier(classifier)), f"AAA {row.shield}"
+            spec = self.config.shields[row.shield]
+            pipeline = get_method(spec.method).pipeline(self, spec, self.shield(row.shield), classifier)
+            return pipeline, f"{spec.method} {row.shield}"
         raise ValueError(f"unknown row kind {row.kind!r}")
 
     def evaluate_all(self) -> list[dict]:
@@ -270,7 +297,9 @@ class Runner:
         if row.kind == "adversarial-training":
             return {"base": base, "at": asdict(self.config.adversarial_training)}
         if row.kind == "shield":
-            return {"base": base, "shield": asdict(self.config.shields[row.shield])}
+            spec = self.config.shields[row.shield]
+            return {"base": base, "shield": asdict(spec)} if spec.method == "aaa" else \
+                {"base": base, "shield": asdict(spec), "method": spec.method}
         return {"base": base}
 
     def run(self) -> Path:

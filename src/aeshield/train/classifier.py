@@ -57,9 +57,11 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction of ``x`` labelled ``y``; a pipeline's reject (-1) counts as an error."""
+    from ..defenses.base import predict
+
     model.eval()
-    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / max(1, len(y))
+    return int((predict(model, x, batch_size) == y.to(x.device)).sum()) / max(1, len(y))
 
 
 def train_classifier(config: ClassifierConfig, out: str | Path, *, progress: bool = True,

@@ -1,0 +1,83 @@
+"""Shield methods the runner knows: how to train one, and how to build its evaluated pipeline.
+
+A config's ``shields`` entry names a ``method``; the remaining keys fill that method's typed
+spec dataclass. Each method module exposes a ``METHOD = Method(...)`` object; the table below
+maps names to modules lazily, so that importing the runner does not import every defense.
+
+A method provides:
+
+- ``spec``: a frozen dataclass of its hyperparameters (unknown YAML keys are an error);
+- ``train(runner, spec, path)``: train and write ``path`` (safetensors + JSON sidecar), with a
+  resumable checkpoint at ``path.with_suffix(".ckpt")``;
+- ``load(runner, spec, path)``: the trained module (purifier, VAE, ...), on ``runner.device``;
+- ``pipeline(runner, spec, module, classifier_name)``: the whole thing the attacks see, e.g.
+  ``Shielded(purifier, classifier, detector)``; detectors calibrate here on ``runner.val``;
+- ``depends_on(spec)``: names of the config's classifiers it is trained against (their specs
+  enter the artifact hash, so retraining a classifier retrains the shield).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+
+def _shielded(runner: "Runner", spec: Any, module: nn.Module, classifier: str) -> nn.Module:
+    from ..defenses.base import Shielded
+
+    return Shielded(module, runner.classifier(classifier))
+
+
+def _against(spec: Any) -> tuple[str, ...]:
+    return tuple(getattr(spec, "against", ()) or ())
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    spec: type
+    train: Callable[["Runner", Any, Path], None]
+    load: Callable[["Runner", Any, Path], nn.Module]
+    pipeline: Callable[["Runner", Any, nn.Module, str], nn.Module] = _shielded
+    depends_on: Callable[[Any], tuple[str, ...]] = _against
+    artifact_kind: str | None = None  # file-name prefix and hash salt; default: the method name
+
+    @property
+    def kind(self) -> str:
+        return self.artifact_kind or self.name
+
+
+# name -> "module:attribute" of its Method; add a line to register a new defense.
+METHODS: dict[str, str] = {
+    "aaa": "aeshield.experiments.aaa_method:METHOD",
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown shield method {name!r}; known: {sorted(METHODS)}")
+    module, attr = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# Figure / analysis kinds for a config's ``figures`` list: fn(runner, figure_dict, out_dir).
+# Analyses that measure something write their numbers through ``Runner.cached_record`` first
+# and draw only from what they wrote.
+FIGURES: dict[str, str] = {
+    "reconstructions": "aeshield.experiments.report:reconstructions_figure",
+}
+
+
+def get_figure(kind: str) -> Callable[..., Any]:
+    if kind not in FIGURES:
+        raise ValueError(f"unknown figure kind {kind!r}; known: {sorted(FIGURES)}")
+    module, attr = FIGURES[kind].split(":")
+    return getattr(importlib.import_module(module), attr)
