@@ -73,6 +73,7 @@ def get_method(name: str) -> Method:
 # and draw only from what they wrote.
 FIGURES: dict[str, str] = {
     "reconstructions": "aeshield.experiments.report:reconstructions_figure",
+    "corruptions": "aeshield.experiments.corruption_analyses:corruptions_figure",
 }
 
 

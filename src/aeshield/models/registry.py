@@ -33,6 +33,8 @@ _SPECS = [
     ModelSpec("puvae-a-fmnist", lambda: cl.puvae_a(cl.FMNIST_STATS), "fashion-mnist",
               "classifier", "PuVAE paper classifier A"),
     ModelSpec("puvae-b", cl.puvae_b, "cifar10", "classifier", "PuVAE paper classifier B"),
+    ModelSpec("puvae-b-quick", lambda: cl.puvae_b(width=0.125), "cifar10", "classifier",
+              "PuVAE classifier B at 1/8 width (CIFAR-10 transfer classifier for CPU)"),
     ModelSpec("cifar-d", cl.cifar_d, "cifar10", "classifier", "WRN-28-10 (Madry CIFAR challenge)"),
     ModelSpec("cifar-d-quick", lambda: cl.cifar_d(depth=10, widen=1), "cifar10", "classifier",
               "reduced ResNet D for CPU"),
@@ -47,6 +49,8 @@ _SPECS = [
     ModelSpec("conv-ae-small", lambda: ae.ConvAutoencoder(width=16, code=8), "mnist",
               "autoencoder", "narrow conv AE"),
     ModelSpec("unet", ae.UNetAutoencoder, "cifar10", "autoencoder", "U-Net AE for 32x32 RGB"),
+    ModelSpec("unet-quick", lambda: ae.UNetAutoencoder(width=8), "cifar10", "autoencoder",
+              "U-Net AE at 1/4 width for CPU"),
 ]
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
