@@ -211,7 +211,7 @@ def _register_audit() -> None:
 _register_audit()
 
 # Modules that add their own commands: each defines ``register(main, train)``.
-PLUGINS: tuple[str, ...] = ()
+PLUGINS: tuple[str, ...] = ("aeshield.cli_purifiers", "aeshield.cli_s2s_dbp")
 
 
 def _register_plugins() -> None:

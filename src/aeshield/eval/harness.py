@@ -134,6 +134,8 @@ def adapt_model(model: nn.Module, spec: AttackSpec, surrogate: nn.Module | None 
         return model
     if spec.wrap == "eot":
         return EOT(model, spec.eot_samples)
+    if spec.wrap == "classifier" and not isinstance(model, Shielded):
+        return model  # an undefended classifier is its own bare classifier (oblivious = white-box)
     if spec.wrap in ("bpda", "classifier"):
         if not isinstance(model, Shielded):
             raise ValueError(f"wrap={spec.wrap!r} needs a Shielded pipeline, got {type(model).__name__}")

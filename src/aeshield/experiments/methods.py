@@ -58,6 +58,8 @@ class Method:
 # name -> "module:attribute" of its Method; add a line to register a new defense.
 METHODS: dict[str, str] = {
     "aaa": "aeshield.experiments.aaa_method:METHOD",
+    "puvae": "aeshield.defenses.puvae:METHOD",
+    "magnet": "aeshield.defenses.magnet:METHOD",
 }
 
 
@@ -73,6 +75,11 @@ def get_method(name: str) -> Method:
 # and draw only from what they wrote.
 FIGURES: dict[str, str] = {
     "reconstructions": "aeshield.experiments.report:reconstructions_figure",
+    "puvae-sweep": "aeshield.experiments.puvae_analyses:eps_sweep",
+    "puvae-figure6": "aeshield.experiments.puvae_analyses:figure6",
+    "puvae-detectors": "aeshield.experiments.puvae_analyses:detector_analysis",
+    "puvae-sampling": "aeshield.experiments.puvae_analyses:sampling_analysis",
+    "puvae-paper-table": "aeshield.experiments.puvae_analyses:paper_table",
     "corruptions": "aeshield.experiments.corruption_analyses:corruptions_figure",
 }
 

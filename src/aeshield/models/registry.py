@@ -10,6 +10,7 @@ from torch import nn
 
 from . import autoencoders as ae
 from . import classifiers as cl
+from . import vae
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ _SPECS = [
     ModelSpec("puvae-a-fmnist", lambda: cl.puvae_a(cl.FMNIST_STATS), "fashion-mnist",
               "classifier", "PuVAE paper classifier A"),
     ModelSpec("puvae-b", cl.puvae_b, "cifar10", "classifier", "PuVAE paper classifier B"),
+    ModelSpec("fmnist-b", lambda: cl.mnist_b(cl.FMNIST_STATS), "fashion-mnist", "classifier",
+              "MNIST-B's architecture for Fashion-MNIST (cheap PuVAE quick-profile classifier)"),
     ModelSpec("puvae-b-quick", lambda: cl.puvae_b(width=0.125), "cifar10", "classifier",
               "PuVAE classifier B at 1/8 width (CIFAR-10 transfer classifier for CPU)"),
     ModelSpec("cifar-d", cl.cifar_d, "cifar10", "classifier", "WRN-28-10 (Madry CIFAR challenge)"),
@@ -49,6 +52,13 @@ _SPECS = [
     ModelSpec("conv-ae-small", lambda: ae.ConvAutoencoder(width=16, code=8), "mnist",
               "autoencoder", "narrow conv AE"),
     ModelSpec("unet", ae.UNetAutoencoder, "cifar10", "autoencoder", "U-Net AE for 32x32 RGB"),
+    ModelSpec("cvae-mnist", vae.cvae_mnist, "mnist", "autoencoder", "PuVAE conditional VAE, z=32"),
+    ModelSpec("cvae-fmnist", vae.cvae_fmnist, "fashion-mnist", "autoencoder",
+              "PuVAE conditional VAE, z=128"),
+    ModelSpec("cvae-mnist-quick", vae.cvae_mnist_quick, "mnist", "autoencoder",
+              "PuVAE conditional VAE, z=32, narrow (CPU)"),
+    ModelSpec("cvae-fmnist-quick", vae.cvae_fmnist_quick, "fashion-mnist", "autoencoder",
+              "PuVAE conditional VAE, z=128, narrow (CPU)"),
     ModelSpec("unet-quick", lambda: ae.UNetAutoencoder(width=8), "cifar10", "autoencoder",
               "U-Net AE at 1/4 width for CPU"),
 ]

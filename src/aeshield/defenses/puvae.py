@@ -1,0 +1,280 @@
+"""PuVAE: purification by a class-conditional VAE, with an optional RMSE detector.
+
+Hwang, Jeong, Lee, Yoon and Lee (2019), "PuVAE: A Variational Autoencoder to Purify
+Adversarial Examples"; the detector follows Wester and Thisted (2020). A conditional VAE
+``q(z|x,y)``, ``p(x|z,y)`` is trained on clean data in front of a frozen classifier ``F`` with
+
+    L = recon(x, x_hat) + kl_weight * KL(q(z|x,y) || N(0, I)) + ce_weight * CE(F(x_hat), y)
+
+At inference the input is reconstructed once per class; the reconstruction with the smallest
+RMSE to the input goes to the classifier. The detector rejects an input whose smallest RMSE
+exceeds a threshold set at a stated false-positive rate on clean validation images.
+
+Attacking it. ``PuVAE.forward`` gathers the selected reconstruction, so autograd follows the
+chosen class's encoder and decoder and treats the arg-min as a fixed choice at each step
+(which is BPDA for the selection: the arg-min itself has no gradient). ``sample=True`` draws
+``z`` from ``q``; evaluate it with EOT. ``sample=False`` decodes the mean (deterministic mode).
+Threat model of an attack on ``Shielded(PuVAE, F, RMSEDetector)``: white-box, the whole
+pipeline, L-inf.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train.loop import LoopConfig, LoopResult, fit
+from .aaa import frozen
+from .base import Detector, Purifier, Shielded
+
+if TYPE_CHECKING:
+    from ..experiments.runner import Runner
+
+logger = logging.getLogger(__name__)
+
+
+class PuVAE(Purifier):
+    """Purifier: the class-conditional reconstruction with the smallest RMSE to the input.
+
+    The last purification is cached per input tensor, so that ``Shielded.predict`` and an
+    attack's objective take the label and the detector's score from the *same* draw of ``z``
+    (a stochastic PuVAE would otherwise classify one sample and reject on another).
+    """
+
+    def __init__(self, vae: nn.Module, sample: bool = False) -> None:
+        super().__init__()
+        self.vae = vae
+        self.sample = sample
+        self._cache: tuple | None = None
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.sample
+
+    def purify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(selected reconstruction, its RMSE, chosen class)`` for a batch ``x``."""
+        key = (x, x._version, torch.is_grad_enabled(), self.sample)
+        cached = self._cache
+        if cached is not None and cached[0][0] is x and cached[0][1:] == key[1:]:
+            return cached[1]
+        recons = self.vae.reconstruct_all(x, sample=self.sample)               # (N, K, C, H, W)
+        rmse = ((recons - x[:, None]).pow(2).flatten(2).mean(2) + 1e-12).sqrt()  # (N, K)
+        best, index = rmse.min(1)
+        selected = recons[torch.arange(x.shape[0], device=x.device), index]
+        out = (selected, best, index)
+        self._cache = (key, out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purify(x)[0]
+
+    def min_rmse(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purify(x)[1]
+
+    def reconstructions(self, x: torch.Tensor) -> torch.Tensor:
+        """All N class-conditional reconstructions, ``(N, K, C, H, W)``."""
+        return self.vae.reconstruct_all(x, sample=self.sample)
+
+
+class RMSEDetector(Detector):
+    """Rejects inputs whose best class-conditional reconstruction is farther than ``threshold``
+    (RMSE) from the input (Wester and Thisted 2020). The score is differentiable."""
+
+    def __init__(self, puvae: PuVAE) -> None:
+        super().__init__()
+        self.puvae = puvae
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.puvae.min_rmse(x)
+
+
+# ---- training ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PuVAETrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    ce_weight: float = 10.0
+    seed: int = 0
+    checkpoint_every: int = 100
+
+
+def puvae_loss(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               kl_weight: float, ce_weight: float) -> tuple[torch.Tensor, dict]:
+    """Per-image summed BCE reconstruction + weighted KL + weighted CE, averaged over the batch."""
+    recon, mu, logvar = vae(x, y, sample=True)
+    rec = F.binary_cross_entropy(recon, x, reduction="none").flatten(1).sum(1).mean()
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+    logits = classifier(recon)
+    ce = F.cross_entropy(logits, y)
+    total = rec + kl_weight * kl + ce_weight * ce
+    return total, {"recon": rec.detach(), "kl": kl.detach(), "ce": ce.detach(),
+                   "acc": (logits.argmax(1) == y).float().mean()}
+
+
+def train_puvae(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                config: PuVAETrainConfig, *, x_val: torch.Tensor | None = None,
+                y_val: torch.Tensor | None = None, checkpoint: str | Path | None = None,
+                progress: bool = True) -> LoopResult:
+    """Train ``vae`` (in place) on clean data against the frozen ``classifier``."""
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, _gen: torch.Generator):
+        return puvae_loss(vae, classifier, xb, yb, config.kl_weight, config.ce_weight)
+
+    def validate() -> dict:
+        vae.eval()
+        torch.manual_seed(config.seed)  # the validation loss samples z; keep it comparable
+        with torch.no_grad():
+            loss, metrics = puvae_loss(vae, classifier, x_val, y_val, config.kl_weight,
+                                       config.ce_weight)
+            purified = Shielded(PuVAE(vae), classifier).predict(x_val)
+        return {"val_loss": float(loss), "val_recon": float(metrics["recon"]),
+                "val_acc_puvae": float((purified == y_val).float().mean())}
+
+    loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                      checkpoint_every=config.checkpoint_every, val_metric="val_loss")
+    with frozen(classifier):
+        result = fit({"vae": vae}, optimizer, step, x, y, loop,
+                     val_fn=validate if x_val is not None else None, checkpoint=checkpoint,
+                     progress=progress)
+    vae.eval()
+    return result
+
+
+# ---- runner method ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PuVAESpec:
+    """A PuVAE shield in a config. ``detector``, ``fpr`` and ``sample`` only change how the
+    trained VAE is used, so rows that differ only in them share one training run."""
+
+    method: str
+    vae: str
+    against: tuple[str, ...]
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    ce_weight: float = 10.0
+    train_limit: int | None = None
+    val_n: int = 1000
+    detector: bool = True
+    fpr: float = 0.001
+    sample: bool = False
+    calibration_n: int | None = None  # clean validation images for the threshold (None: all)
+
+
+_USE_FIELDS = ("detector", "fpr", "sample", "calibration_n")
+
+
+def training_key(spec: PuVAESpec, runner: "Runner") -> str:
+    from ..eval.records import config_hash
+
+    train_fields = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in _USE_FIELDS}
+    return config_hash({"puvae": train_fields, "against": runner.classifier_specs(spec.against),
+                        "data": runner.train.sha256})
+
+
+def _same_training(meta: dict, key: str, spec: PuVAESpec, runner: "Runner") -> bool:
+    """A stored VAE is this spec's training run: same training key, or (a shipped file, whose
+    sidecar keeps the shield spec instead) same target, dataset and training fields."""
+    if meta.get("training_key") == key:
+        return True
+    stored = meta.get("shield_spec")
+    if not stored or meta.get("source_target") != runner.config.name or \
+            meta.get("dataset") != runner.config.dataset:
+        return False
+    mine = {k: v for k, v in asdict(spec).items() if k not in _USE_FIELDS}
+    theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
+              if k not in _USE_FIELDS}
+    return mine == theirs
+
+
+def _train(runner: "Runner", spec: PuVAESpec, path: Path) -> None:
+    import json
+    import shutil
+
+    from ..models import create_model
+    from ..models.io import save_weights, shipped_dir
+
+    if len(spec.against) != 1:
+        raise ValueError(f"PuVAE trains against exactly one classifier, got {spec.against}")
+    key = training_key(spec, runner)
+    # Another row of the same config (or a shipped file) may hold this very training run.
+    for folder in (runner.artifacts, shipped_dir()):
+        for side in sorted(folder.glob("*.json")) if folder.exists() else ():
+            try:
+                meta = json.loads(side.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if meta.get("method") == "puvae" and _same_training(meta, key, spec, runner) and \
+                    side.with_suffix(".safetensors").exists() and side.with_suffix(".safetensors") != path:
+                shutil.copyfile(side.with_suffix(".safetensors"), path)
+                shutil.copyfile(side, path.with_suffix(".json"))
+                logger.info("PuVAE %s: reusing the VAE trained for %s", path.name, side.name)
+                return
+    classifier = runner.classifier(spec.against[0])
+    vae = create_model(spec.vae).to(runner.device)
+    train_set = runner.train_subset(spec.train_limit)
+    val = runner.val.subset(spec.val_n, seed=1)
+    cfg = PuVAETrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
+                           kl_weight=spec.kl_weight, ce_weight=spec.ce_weight, seed=runner.config.seed)
+    result = train_puvae(vae, classifier, train_set.images, train_set.labels, cfg, x_val=val.images,
+                         y_val=val.labels, checkpoint=path.with_suffix(".ckpt"), progress=runner.progress)
+    save_weights(vae, path, architecture=spec.vae, dataset=runner.config.dataset, kind="shield",
+                 method="puvae", training_key=key, config=asdict(cfg),
+                 trained_against=runner.classifier_specs(spec.against), history=result.history,
+                 train_n=len(train_set), data_hash=runner.train.sha256)
+
+
+def _load(runner: "Runner", spec: PuVAESpec, path: Path) -> nn.Module:
+    from ..models.io import load_weights
+
+    vae, _ = load_weights(path, architecture=spec.vae, dataset=runner.config.dataset,
+                          device=runner.device)
+    return vae
+
+
+def build_pipeline(vae: nn.Module, classifier: nn.Module, *, detector: bool, sample: bool,
+                   fpr: float, calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
+    """``Shielded(PuVAE, classifier[, RMSEDetector calibrated to fpr on calibration])``."""
+    puvae = PuVAE(vae, sample=sample)
+    model = Shielded(puvae, classifier)
+    if detector:
+        if calibration is None:
+            raise ValueError("a PuVAE detector needs clean calibration images")
+        model.detector = RMSEDetector(puvae)
+        torch.manual_seed(seed)  # the sampled mode's scores are random: fix the draw
+        model.detector.calibrate(calibration, fpr)
+    return model.eval()
+
+
+def _pipeline(runner: "Runner", spec: PuVAESpec, module: nn.Module, classifier: str) -> nn.Module:
+    cache = runner.__dict__.setdefault("_purifier_pipelines", {})
+    key = ("puvae", id(module), classifier, spec.detector, spec.sample, spec.fpr, spec.calibration_n)
+    if key not in cache:
+        calib = runner.val.subset(spec.calibration_n, seed=2) if spec.calibration_n else runner.val
+        cache[key] = build_pipeline(module, runner.classifier(classifier), detector=spec.detector,
+                                    sample=spec.sample, fpr=spec.fpr, calibration=calib.images,
+                                    seed=runner.config.seed)
+    return cache[key]
+
+
+def _method():
+    from ..experiments.methods import Method
+
+    return Method(name="puvae", spec=PuVAESpec, train=_train, load=_load, pipeline=_pipeline)
+
+
+def __getattr__(name: str):
+    # METHOD is built on first use so that importing the defense does not import the runner.
+    if name == "METHOD":
+        return _method()
+    raise AttributeError(name)

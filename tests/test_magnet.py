@@ -1,0 +1,85 @@
+"""MagNet: detectors calibrate to their rate, the combined detector rejects when any member
+does, the pipeline answers -1 and detector-aware PGD targets the combined score."""
+
+from __future__ import annotations
+
+import torch
+
+from aeshield.attacks.adaptive import detector_pgd
+from aeshield.defenses.base import REJECT
+from aeshield.defenses.magnet import (JSDDetector, MagNetTrainConfig, MultiDetector,
+                                      ReconstructionErrorDetector, jensen_shannon, magnet,
+                                      train_magnet_autoencoder)
+from aeshield.models.autoencoders import ConvAutoencoder
+from aeshield.threat import ThreatModel
+
+from conftest import tiny_mlp
+
+
+def _ae() -> ConvAutoencoder:
+    torch.manual_seed(0)
+    return ConvAutoencoder(width=4, code=2).eval()
+
+
+def test_jensen_shannon_properties():
+    p = torch.softmax(torch.randn(5, 10), 1)
+    q = torch.softmax(torch.randn(5, 10), 1)
+    assert torch.allclose(jensen_shannon(p, p), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(jensen_shannon(p, q), jensen_shannon(q, p), atol=1e-6)
+    assert (jensen_shannon(p, q) <= torch.log(torch.tensor(2.0)) + 1e-6).all()
+
+
+def test_each_detector_respects_its_calibration_set():
+    torch.manual_seed(0)
+    calib = torch.rand(1000, 1, 28, 28)
+    model = magnet(_ae(), tiny_mlp(), detectors=("l1", "l2", "jsd10", "jsd40"), fpr=0.02,
+                   calibration=calib)
+    with torch.no_grad():
+        for d in model.detector.members:
+            rate = d.rejects(calib).float().mean().item()
+            assert abs(rate - 0.02) <= 0.002, d.name
+        combined = model.detector.rejects(calib)
+        any_member = torch.stack([d.rejects(calib) for d in model.detector.members]).any(0)
+    assert torch.equal(combined, any_member)
+    assert combined.float().mean() >= 0.02
+
+
+def test_combined_score_is_positive_exactly_when_rejected(batch):
+    x, _ = batch
+    ae = _ae()
+    detector = MultiDetector([ReconstructionErrorDetector(ae, 1), JSDDetector(ae, tiny_mlp(), 10)])
+    detector.calibrate(x, 0.25)
+    with torch.no_grad():
+        score = detector.score(x)
+        assert torch.equal(score > 0, detector.rejects(x))
+
+
+def test_pipeline_rejects_with_minus_one_and_attack_is_detector_aware(batch):
+    x, y = batch
+    model = magnet(_ae(), tiny_mlp(), detectors=("l2",), fpr=0.0, calibration=x)
+    assert (model.predict(x) != REJECT).all()
+    model.detector.members[0].threshold.fill_(-1.0)
+    assert (model.predict(x) == REJECT).all()
+    x_adv = detector_pgd(model, x, y, eps=0.1, steps=2, step_size=0.05)
+    assert ThreatModel("Linf", 0.1).contains(x_adv, x).all()
+
+
+def test_reformer_only_without_detectors(batch):
+    x, _ = batch
+    model = magnet(_ae(), tiny_mlp(), detectors=(), calibration=None)
+    assert model.detector is None
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.classifier(model.purifier(x)))
+
+
+def test_autoencoder_training_reduces_reconstruction_error(mnist_small):
+    train, _ = mnist_small
+    ae = ConvAutoencoder(width=4, code=2)
+    x = train.images[:256]
+    with torch.no_grad():
+        ae.eval()
+        before = (ae(x) - x).pow(2).mean()
+    train_magnet_autoencoder(ae, x, MagNetTrainConfig(epochs=3, batch_size=64, lr=3e-3), progress=False)
+    with torch.no_grad():
+        after = (ae(x) - x).pow(2).mean()
+    assert after < before
