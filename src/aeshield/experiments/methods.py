@@ -60,6 +60,8 @@ METHODS: dict[str, str] = {
     "aaa": "aeshield.experiments.aaa_method:METHOD",
     "puvae": "aeshield.defenses.puvae:METHOD",
     "magnet": "aeshield.defenses.magnet:METHOD",
+    "s2snet": "aeshield.experiments.s2s_dbp_methods:S2SNET",
+    "dbp": "aeshield.experiments.s2s_dbp_methods:DBP",
 }
 
 
@@ -80,6 +82,12 @@ FIGURES: dict[str, str] = {
     "puvae-detectors": "aeshield.experiments.puvae_analyses:detector_analysis",
     "puvae-sampling": "aeshield.experiments.puvae_analyses:sampling_analysis",
     "puvae-paper-table": "aeshield.experiments.puvae_analyses:paper_table",
+    "s2s-curves": "aeshield.experiments.s2s_dbp_analyses:strength_curves",
+    "s2s-noise": "aeshield.experiments.s2s_dbp_analyses:noise_sweep",
+    "s2s-gradients": "aeshield.experiments.s2s_dbp_analyses:gradient_similarity",
+    "dbp-smoothness": "aeshield.experiments.s2s_dbp_analyses:smoothness",
+    "dbp-auddc": "aeshield.experiments.s2s_dbp_analyses:auddc_analysis",
+    "gmm-latent": "aeshield.experiments.s2s_dbp_analyses:gmm_analysis",
     "corruptions": "aeshield.experiments.corruption_analyses:corruptions_figure",
 }
 
