@@ -132,3 +132,21 @@ def test_corruption_accuracy_cells_and_means(tmp_path):
     assert d["mean_common_cells"] == 2 and d["mean_extra_cells"] == 2
     assert d["mean_common"]["n"] == 12 and not d["mean_common_is_full_75"]
     assert C.CorruptionResult.from_dict(d).cells == result.cells
+
+
+@pytest.mark.parametrize("target,source", [("corruption-mnist", "aaa-ensemble-mnist"),
+                                           ("corruption-fmnist", "aaa-fmnist"),
+                                           ("corruption-cifar10", "aaa-cifar10")])
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_corruption_targets_reuse_their_sources_artifacts(target, source, profile):
+    from aeshield.experiments.config import load_config
+
+    corr, src = load_config(target, profile), load_config(source, profile)
+    assert corr.dataset == src.dataset
+    for name, spec in corr.classifiers.items():
+        assert src.classifiers[name] == spec
+    assert corr.adversarial_training == src.adversarial_training
+    for name, spec in corr.shields.items():
+        assert src.shields[name] == spec
+    (figure,) = [f for f in corr.figures if f["kind"] == "corruptions"]
+    assert figure.get("file")
