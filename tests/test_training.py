@@ -114,3 +114,20 @@ def test_augmentation_is_seeded_and_shape_preserving():
     b = augment_batch(x, torch.Generator().manual_seed(0))
     c = augment_batch(x, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_adversarial_training_eps_ramp_follows_the_optimizer_step_count():
+    from aeshield.defenses.adversarial_training import ramp
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    assert ramp(optimizer, 0) == 1.0
+    seen = []
+    for _ in range(6):
+        seen.append(ramp(optimizer, 4))
+        weight.sum().backward()
+        optimizer.step()
+    assert seen == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    restored = torch.optim.Adam([weight], lr=0.1)
+    restored.load_state_dict(optimizer.state_dict())  # what a resumed run sees
+    assert ramp(restored, 10) == 0.7

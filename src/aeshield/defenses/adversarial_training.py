@@ -31,6 +31,23 @@ class AdversarialTrainingConfig:
     plateau_patience: int = 5
     checkpoint_every: int = 50
     val_attack_steps: int = 10
+    # Grow eps linearly from 0 over this many steps (0: off). On short budgets, PGD training at
+    # full eps from the start can collapse to the uniform prediction (loss stuck at log 10);
+    # measured on the quick MNIST profile for classifiers B and C.
+    eps_ramp_steps: int = 0
+
+
+def ramp(optimizer: torch.optim.Optimizer, ramp_steps: int) -> float:
+    """Fraction of the full eps for the next step: (steps taken + 1) / ramp_steps, at most 1.
+
+    The count is read from the optimizer's state, which checkpoints restore, so a resumed run
+    continues the same schedule.
+    """
+    if ramp_steps <= 0:
+        return 1.0
+    states = [s for s in optimizer.state.values() if "step" in s]
+    taken = int(states[0]["step"]) if states else 0
+    return min(1.0, (taken + 1) / ramp_steps)
 
 
 def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -43,8 +60,10 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
         model.eval()  # craft without touching BatchNorm statistics or dropout masks
-        x_adv = pgd_train(model, xb, yb, threat=threat, step_size=config.step_size,
-                          steps=config.attack_steps, generator=gen)
+        scale = ramp(optimizer, config.eps_ramp_steps)
+        x_adv = pgd_train(model, xb, yb, threat=ThreatModel("Linf", config.eps * scale),
+                          step_size=config.step_size * scale, steps=config.attack_steps,
+                          generator=gen)
         model.train()
         logits = model(x_adv)
         loss = F.cross_entropy(logits, yb)

@@ -40,6 +40,7 @@ class AdvTrainSpec:
     lr: float = 1e-3
     train_limit: int | None = None
     val_n: int = 500
+    eps_ramp_steps: int = 0
 
 
 @dataclass(frozen=True)

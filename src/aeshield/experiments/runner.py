@@ -106,7 +106,8 @@ class Runner:
             val = self.val.subset(spec.val_n, seed=1)
             cfg = AdversarialTrainingConfig(eps=spec.eps, step_size=spec.step_size,
                                             attack_steps=spec.attack_steps, epochs=spec.epochs,
-                                            batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed)
+                                            batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed,
+                                            eps_ramp_steps=spec.eps_ramp_steps)
             result = adversarial_training(model, train.images, train.labels, cfg, x_val=val.images,
                                           y_val=val.labels, checkpoint=path.with_suffix(".ckpt"),
                                           progress=self.progress)
