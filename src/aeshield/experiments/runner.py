@@ -202,6 +202,20 @@ class Runner:
                 as_shipped[key] = reloaded
                 extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
                          "test_n": len(self.test)}
+            elif "adversarially_trained" in what:
+                key = what["adversarially_trained"]
+                base = self.config.classifiers[key]
+                model = self.adversarially_trained(key)
+                _, spec_hash = self._artifact("adv-trained", {
+                    "base": asdict(base), "at": asdict(self.config.adversarial_training)})
+                path = save_weights(model, shipped_dir() / ship_name, architecture=base.model,
+                                    dataset=self.config.dataset, half=True, kind="classifier",
+                                    training="pgd-adversarial-training", spec_hash=spec_hash,
+                                    source_target=self.config.name,
+                                    adversarial_training=asdict(self.config.adversarial_training))
+                reloaded, _ = load_weights(path)
+                extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
+                         "test_n": len(self.test)}
             else:
                 key = what["shield"]
                 spec = self.config.shields[key]
