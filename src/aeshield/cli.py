@@ -262,12 +262,14 @@ def report_cmd(records, fmt) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--ship", is_flag=True,
               help="Maintainers: also export the config's `ship` artifacts (float16) into the package.")
-def reproduce_cmd(target, profile, out, retrain, no_progress, ship) -> None:
+@click.option("--device", default="cpu", show_default=True,
+              help="Torch device for data, training and attacks, e.g. cuda (the paper profile needs one).")
+def reproduce_cmd(target, profile, out, retrain, no_progress, ship, device) -> None:
     """Regenerate a paper's table and figures: TARGET is a config name (see `aeshield targets`)."""
     from .experiments import reproduce
 
     path = reproduce(target, profile, out, use_shipped=not retrain, progress=not no_progress,
-                     ship=ship)
+                     ship=ship, device=device)
     click.echo(f"\nresults in {path}")
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from torch import nn
@@ -45,9 +45,8 @@ class Runner:
         self._paths: dict[str, Path] = {}
         self.sources: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
-        self.train = load_dataset(config.dataset, "train")
-        self.val = load_dataset(config.dataset, "val")
-        self.test = load_dataset(config.dataset, "test")
+        self.train, self.val, self.test = (
+            _on_device(load_dataset(config.dataset, split), device) for split in ("train", "val", "test"))
 
     # ---- artifacts -------------------------------------------------------------------
     def _artifact(self, kind: str, spec: dict) -> tuple[Path, str]:
@@ -332,6 +331,12 @@ class Runner:
         return self.out
 
 
+def _on_device(data, device: str):
+    if str(device) == "cpu":
+        return data
+    return replace(data, images=data.images.to(device), labels=data.labels.to(device))
+
+
 def _stamp(path: Path, key: str) -> None:
     side = path.with_suffix(".json")
     data = json.loads(side.read_text())
@@ -344,9 +349,10 @@ def _slug(text: str) -> str:
 
 
 def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/results",
-              use_shipped: bool = True, progress: bool = True, ship: bool = False) -> Path:
+              use_shipped: bool = True, progress: bool = True, ship: bool = False,
+              device: str = "cpu") -> Path:
     config = load_config(target, profile)
-    runner = Runner(config, out_root, use_shipped=use_shipped, progress=progress)
+    runner = Runner(config, out_root, use_shipped=use_shipped, progress=progress, device=device)
     out = runner.run()
     if ship:
         runner.ship()
