@@ -210,7 +210,8 @@ def _tensor_cache_paths(res: FetchResult, split: str, root: str | Path | None) -
     return d / f"{stem}-images.npy", d / f"{stem}-labels.npy"
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """Write ``arr`` as .npy via a unique temporary file, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -267,8 +268,8 @@ def load_cifar10_arrays(
     order = stable_permutation(len(labels), IMAGE_FOLDER_ORDER_SEED)
     images, labels = np.ascontiguousarray(images[order]), labels[order]
     try:
-        _save_npy(lab_path, labels)
-        _save_npy(img_path, images)
+        save_npy_atomic(lab_path, labels)
+        save_npy_atomic(img_path, images)
         logger.info("cifar10 %s: wrote tensor cache %s", split, img_path)
     except OSError as e:
         logger.warning("could not write tensor cache %s: %s", img_path, e)

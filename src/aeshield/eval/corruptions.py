@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.cifar import save_npy_atomic
 from ..defenses.base import predict
 from .records import Accuracy
 
@@ -149,18 +148,6 @@ def content_key(images: np.ndarray, name: str, severity: int, seed: int) -> str:
     return h.hexdigest()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class CorruptionCache:
     """Corrupted image sets on disk, generated once per (pixels, corruption, severity, seed).
@@ -203,7 +190,7 @@ class CorruptionCache:
         self.seconds_generating += time.perf_counter() - start
         self.generated += 1
         try:
-            _save_npy(path, result)
+            save_npy_atomic(path, result)
         except OSError as e:
             logger.warning("could not write corruption cache %s: %s", path, e)
         return result
