@@ -13,7 +13,8 @@ random projections: ``E_v ||v^T J||^2 = ||J||_F^2`` for ``v ~ N(0, I)``.
 
 A smooth autoencoder resists the attacks on autoencoders themselves
 (:mod:`aeshield.attacks.autoencoder`): small input changes cannot move the reconstruction far.
-DRAW, the paper's second (recurrent) model, is not implemented (see docs/NOTES.md).
+The same training takes the paper's second model, DRAW (:class:`aeshield.defenses.draw.DRAW`):
+any module with ``elbo_terms(x, generator) -> (logits, kl)`` and a deterministic ``forward``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train.loop import LoopConfig, LoopResult, fit
+from .draw import DRAW
+
+__all__ = ["DRAW", "VAE", "DBPConfig", "PENALTIES", "jacobian_frobenius", "jacobian_penalty",
+           "recon_grad_penalty", "reconstruction_error", "train_vae", "vae_loss"]
 
 PENALTIES = ("recon-grad", "jacobian")
 
@@ -62,6 +67,14 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode_logits(z))
+
+    def elbo_terms(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sampled pass: decoder logits and the per-image KL to ``N(0, I)``."""
+        mu, logvar = self.posterior(x)
+        eps = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
+        z = mu + eps * (0.5 * logvar).exp()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        return self.decode_logits(z), kl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -136,14 +149,11 @@ class DBPConfig:
     seed: int = 0
 
 
-def vae_loss(vae: VAE, x: torch.Tensor, config: DBPConfig, generator: torch.Generator
+def vae_loss(vae: nn.Module, x: torch.Tensor, config: DBPConfig, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict]:
-    mu, logvar = vae.posterior(x)
-    eps = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
-    z = mu + eps * (0.5 * logvar).exp()
-    logits = vae.decode_logits(z)
+    """Negative ELBO (Bernoulli likelihood) plus ``lambda2 * penalty`` for a VAE or DRAW."""
+    logits, kl = vae.elbo_terms(x, generator)
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
     loss = recon + config.beta * kl
     metrics = {"recon_bce": recon.mean().detach(), "kl": kl.mean().detach()}
     if config.lambda2 > 0:
@@ -158,9 +168,9 @@ def vae_loss(vae: VAE, x: torch.Tensor, config: DBPConfig, generator: torch.Gene
     return loss.mean(), metrics
 
 
-def train_vae(vae: VAE, x: torch.Tensor, config: DBPConfig, *, x_val: torch.Tensor | None = None,
+def train_vae(vae: nn.Module, x: torch.Tensor, config: DBPConfig, *, x_val: torch.Tensor | None = None,
               checkpoint: str | Path | None = None, progress: bool = True) -> LoopResult:
-    """Train ``vae`` on images ``x`` with the VAE loss plus, if ``lambda2 > 0``, the DBP penalty."""
+    """Train ``vae`` (a :class:`VAE` or :class:`DRAW`) on images ``x`` with the VAE loss plus, if ``lambda2 > 0``, the DBP penalty."""
     if config.penalty not in PENALTIES:
         raise ValueError(f"unknown DBP penalty {config.penalty!r}; use one of {PENALTIES}")
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)

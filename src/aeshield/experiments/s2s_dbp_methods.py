@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..defenses.base import AutoencoderPurifier, Shielded
-from ..defenses.dbp import VAE, DBPConfig, reconstruction_error, train_vae
+from ..defenses.dbp import DRAW, VAE, DBPConfig, reconstruction_error, train_vae
 from ..defenses.s2snet import S2SNet, StageConfig, train_stage1, train_stage2
 from ..eval.records import config_hash
 from ..models import create_model
@@ -107,13 +107,25 @@ S2SNET = Method(name="s2snet", spec=S2SNetSpec, train=train_s2snet, load=load_s2
                 depends_on=_s2snet_depends)
 
 
+ARCHITECTURES = ("vae", "draw", "draw-attn")
+
+
 @dataclass(frozen=True)
 class DBPSpec:
-    """A VAE; ``lambda2 > 0`` adds the DBP penalty (``penalty``: recon-grad | jacobian)."""
+    """A VAE or DRAW; ``lambda2 > 0`` adds the DBP penalty (``penalty``: recon-grad | jacobian).
+
+    ``architecture``: ``vae`` (fully connected; ``hidden`` units, ``latent`` codes), ``draw`` or
+    ``draw-attn`` (``glimpses`` steps, LSTMs of ``hidden`` units, ``latent`` codes per step,
+    ``read_n`` / ``write_n`` attention grids for ``draw-attn``).
+    """
 
     method: str
+    architecture: str = "vae"
     latent: int = 16
     hidden: int = 512
+    glimpses: int = 64
+    read_n: int = 2
+    write_n: int = 5
     lambda2: float = 0.0
     penalty: str = "recon-grad"
     projections: int = 1
@@ -125,8 +137,13 @@ class DBPSpec:
     val_n: int = 500
 
 
-def _vae(spec: DBPSpec) -> VAE:
-    return VAE(latent=spec.latent, hidden=spec.hidden)
+def _vae(spec: DBPSpec) -> nn.Module:
+    if spec.architecture == "vae":
+        return VAE(latent=spec.latent, hidden=spec.hidden)
+    if spec.architecture in ("draw", "draw-attn"):
+        return DRAW(glimpses=spec.glimpses, hidden=spec.hidden, latent=spec.latent,
+                    attention=spec.architecture == "draw-attn", read_n=spec.read_n, write_n=spec.write_n)
+    raise ValueError(f"dbp architecture must be one of {ARCHITECTURES}, got {spec.architecture!r}")
 
 
 def train_dbp(runner: "Runner", spec: DBPSpec, path: Path) -> None:
@@ -141,13 +158,13 @@ def train_dbp(runner: "Runner", spec: DBPSpec, path: Path) -> None:
                        checkpoint=path.with_suffix(".ckpt"), progress=runner.progress)
     with torch.no_grad():
         error = torch.cat([reconstruction_error(vae(b), b) for b in runner.test.images.split(1000)])
-    save_weights(vae, path, architecture="vae", dataset=runner.config.dataset, kind="autoencoder",
+    save_weights(vae, path, architecture=spec.architecture, dataset=runner.config.dataset, kind="autoencoder",
                  method="dbp", shield_spec=asdict(spec), config=asdict(cfg), history=result.history,
                  test_reconstruction_error=float(error.mean()), data_hash=runner.train.sha256)
 
 
 def load_dbp(runner: "Runner", spec: DBPSpec, path: Path) -> nn.Module:
-    model, _ = load_weights(path, architecture="vae", dataset=runner.config.dataset,
+    model, _ = load_weights(path, architecture=spec.architecture, dataset=runner.config.dataset,
                             model=_vae(spec), device=runner.device)
     return model
 

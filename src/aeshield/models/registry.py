@@ -11,6 +11,7 @@ from torch import nn
 from . import autoencoders as ae
 from . import classifiers as cl
 from . import vae
+from ..defenses import draw
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ _SPECS = [
               "PuVAE conditional VAE, z=128, narrow (CPU)"),
     ModelSpec("unet-quick", lambda: ae.UNetAutoencoder(width=8), "cifar10", "autoencoder",
               "U-Net AE at 1/4 width for CPU"),
+    ModelSpec("draw", draw.draw_mnist, "mnist", "autoencoder",
+              "DRAW, recurrent VAE without attention: 64 glimpses, LSTM 256, z=100 (DBP paper)"),
+    ModelSpec("draw-attn", draw.draw_attn_mnist, "mnist", "autoencoder",
+              "DRAW with Gaussian-filterbank attention, read 2x2, write 5x5 (DBP paper)"),
 ]
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
