@@ -8,7 +8,7 @@ A target (``aeshield reproduce NAME``) is one YAML file in ``aeshield/configs``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,10 @@ class SuiteSpec:
     name: str
     threat: ThreatModel
     attacks: tuple[AttackSpec, ...]
+    shields: tuple[str, ...] = ()  # evaluate only the rows of these shields (empty: every row)
+
+    def applies_to(self, row: "RowSpec") -> bool:
+        return not self.shields or (row.kind == "shield" and row.shield in self.shields)
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,8 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     shields = {}
     for k, v in (d.pop("shields", {}) or {}).items():
         shields[k] = shield_spec(v)
-    suites = tuple(SuiteSpec(s["name"], ThreatModel(**s["threat"]),
-                             tuple(_attack(a) for a in s["attacks"])) for s in d.pop("suites", []))
+    suites = tuple(SuiteSpec(s["name"], ThreatModel(**s["threat"]), tuple(_attack(a) for a in s["attacks"]),
+                             tuple(s.get("shields", ()) or ())) for s in d.pop("suites", []))
     rows = tuple(_build(RowSpec, r) for r in d.pop("rows", []))
     groups = tuple(GroupSpec(g["label"], tuple(g["classifiers"])) for g in d.pop("groups", []))
     columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})
@@ -182,6 +186,16 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
         **d)
     _check(config)
     return config
+
+
+def spec_dict(spec: Any) -> dict:
+    """``asdict(spec)`` for hashing: a field whose metadata says ``hash_if_default: False`` is
+    left out while it holds its default, so adding such a field keeps existing hashes."""
+    out = asdict(spec)
+    for f in fields(spec):
+        if f.metadata.get("hash_if_default", True) is False and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 def shield_spec(entry: dict) -> Any:
@@ -209,6 +223,10 @@ def _check(config: ExperimentConfig) -> None:
         for c in getattr(shield, "against", ()) or ():
             if c not in config.classifiers:
                 raise ValueError(f"shield trained against unknown classifier {c!r}")
+    for suite in config.suites:
+        unknown = set(suite.shields) - set(config.shields)
+        if unknown:
+            raise ValueError(f"suite {suite.name!r} names unknown shields {sorted(unknown)}")
     for column in config.columns:
         missing = set(column.suites) - suite_names
         if missing:

@@ -14,6 +14,9 @@ A method provides:
   ``Shielded(purifier, classifier, detector)``; detectors calibrate here on ``runner.val``;
 - ``depends_on(spec)``: names of the config's classifiers it is trained against (their specs
   enter the artifact hash, so retraining a classifier retrains the shield).
+- ``surrogate(runner, spec, module, classifier_name)`` (optional): the gray-box attacker's
+  model, which the config's ``wrap: surrogate`` attacks craft on (e.g. MagNet with one fixed
+  autoencoder out of its diverse set).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Method:
     pipeline: Callable[["Runner", Any, nn.Module, str], nn.Module] = _shielded
     depends_on: Callable[[Any], tuple[str, ...]] = _against
     artifact_kind: str | None = None  # file-name prefix and hash salt; default: the method name
+    # (runner, spec, module, classifier_name) -> the model `wrap: surrogate` attacks craft on
+    surrogate: Callable[["Runner", Any, nn.Module, str], nn.Module] | None = None
 
     @property
     def kind(self) -> str:

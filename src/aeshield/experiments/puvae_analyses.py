@@ -25,6 +25,7 @@ import torch
 from ..eval.harness import AttackSpec, evaluate
 from ..eval.records import Accuracy, EvalRecord, write_text_atomic
 from ..threat import ThreatModel
+from .config import spec_dict
 from .methods import get_method
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def _pipeline(runner: "Runner", shield: str, classifier: str):
 
 
 def _model_key(runner: "Runner", shield: str, classifier: str) -> dict:
-    return {"shield": asdict(runner.config.shields[shield]), "artifact": runner.shield_artifact(shield)[1],
+    return {"shield": spec_dict(runner.config.shields[shield]), "artifact": runner.shield_artifact(shield)[1],
             "classifier": asdict(runner.config.classifiers[classifier])}
 
 

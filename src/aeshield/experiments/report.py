@@ -23,6 +23,13 @@ def _cell(config: ExperimentConfig, entries: list[dict], row: str, classifiers: 
           column: ColumnSpec) -> Accuracy | None:
     by_key = {(e["row"], e["classifier"], e["suite"]): e["record"] for e in entries}
     suites = column.suites or tuple(s.name for s in config.suites[:1])
+    # Suites restricted to some shields do not exist for the other rows: leave them out.
+    row_spec = next((r for r in config.rows if r.label == row), None)
+    by_name = {s.name: s for s in config.suites}
+    if row_spec is not None:
+        suites = tuple(s for s in suites if s not in by_name or by_name[s].applies_to(row_spec))
+        if not suites:
+            return None
     flags = []
     for c in classifiers:
         records = [by_key.get((row, c, s)) for s in suites]
@@ -67,8 +74,9 @@ def _threat_lines(config: ExperimentConfig) -> list[str]:
     lines = []
     for suite in config.suites:
         attacks = "; ".join(a.title for a in suite.attacks)
+        only = f", only for shield(s) {', '.join(suite.shields)}" if suite.shields else ""
         lines.append(f"- suite `{suite.name}`: threat model {suite.threat.describe()} "
-                     f"(white-box, whole pipeline), cascade: {attacks}")
+                     f"(white-box, whole pipeline){only}, cascade: {attacks}")
     return lines
 
 

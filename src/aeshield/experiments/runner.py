@@ -24,7 +24,7 @@ from ..eval.records import EvalRecord, config_hash, manifest, write_json_atomic
 from ..models import create_model
 from ..models.io import load_weights, save_weights, shipped_dir
 from ..train.classifier import ClassifierConfig, accuracy, train_classifier
-from .config import ExperimentConfig, RowSpec, load_config
+from .config import ExperimentConfig, RowSpec, load_config, spec_dict
 from .methods import get_method
 from .report import render_figures, render_tables
 
@@ -130,7 +130,7 @@ class Runner:
     def shield_artifact(self, name: str) -> tuple[Path, str]:
         spec = self.config.shields[name]
         method = get_method(spec.method)
-        return self._artifact(method.kind, {"spec": asdict(spec),
+        return self._artifact(method.kind, {"spec": spec_dict(spec),
                                             "against": self.classifier_specs(method.depends_on(spec))})
 
     def shield(self, name: str) -> nn.Module:
@@ -275,8 +275,19 @@ class Runner:
                 for classifier in group.classifiers:
                     model, defense = self.pipeline(row, classifier)
                     for suite in self.config.suites:
-                        entries.append(self._evaluate_one(row, classifier, suite, model, defense, test))
+                        if suite.applies_to(row):
+                            entries.append(self._evaluate_one(row, classifier, suite, model, defense, test))
         return entries
+
+    def surrogate(self, row: RowSpec, classifier: str) -> nn.Module | None:
+        """The model a row's ``wrap: surrogate`` attacks craft on, from its method (or None)."""
+        if row.kind != "shield":
+            return None
+        spec = self.config.shields[row.shield]
+        method = get_method(spec.method)
+        if method.surrogate is None:
+            return None
+        return method.surrogate(self, spec, self.shield(row.shield), classifier)
 
     def _evaluate_one(self, row, classifier, suite, model, defense, test) -> dict:
         spec = {"row": asdict(row), "classifier": classifier, "suite": suite.name,
@@ -291,11 +302,12 @@ class Runner:
                 logger.info("record %s is up to date", path.name)
                 return {"row": row.label, "classifier": classifier, "suite": suite.name, "record": old}
         start = time.perf_counter()
+        surrogate = self.surrogate(row, classifier) if any(a.wrap == "surrogate" for a in suite.attacks) else None
         record = evaluate(model, test.images, test.labels, suite.attacks, suite.threat,
                           batch_size=self.config.batch_size, seed=self.config.seed,
                           defense=defense, classifier=f"{classifier} ({self.config.classifiers[classifier].model})",
                           dataset=self.config.dataset, data_source=test.source,
-                          data_hash=test.sha256, progress=self.progress,
+                          data_hash=test.sha256, progress=self.progress, surrogate=surrogate,
                           checkpoint=path.with_suffix(".partial.json"))
         record.extra.update({"spec_hash": key, "row": row.label, "suite": suite.name,
                              "target": self.config.name, "profile": self.config.profile})
@@ -312,8 +324,8 @@ class Runner:
             return {"base": base, "at": asdict(self.config.adversarial_training)}
         if row.kind == "shield":
             spec = self.config.shields[row.shield]
-            return {"base": base, "shield": asdict(spec)} if spec.method == "aaa" else \
-                {"base": base, "shield": asdict(spec), "method": spec.method}
+            return {"base": base, "shield": spec_dict(spec)} if spec.method == "aaa" else \
+                {"base": base, "shield": spec_dict(spec), "method": spec.method}
         return {"base": base}
 
     def run(self) -> Path:
