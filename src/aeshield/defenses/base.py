@@ -60,6 +60,10 @@ class AutoencoderPurifier(Purifier):
         super().__init__()
         self.autoencoder = autoencoder
 
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.autoencoder, "stochastic", False))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder(x)
 

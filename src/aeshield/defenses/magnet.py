@@ -8,8 +8,12 @@ of standard deviation ``noise``, clipped to [0, 1]). Detectors flag an input who
 * probability divergence ``JSD(softmax(F(x)/T), softmax(F(AE(x))/T))`` (e.g. T = 10, 40)
 
 exceeds a threshold set at a stated false-positive rate on clean validation images; the
-*reformer* feeds ``AE(x)`` to the classifier. *Diversity* (one of several autoencoders at random
-per query) is not implemented here.
+*reformer* feeds ``AE(x)`` to the classifier. *Diversity*: ``DiverseAutoencoder`` holds K
+autoencoders and sends each example through one drawn at random, the same one for the reformer
+and every detector of a query; they are trained jointly with a term that rewards disagreement
+(``diversity_loss``). A pipeline built on it is random, so it is attacked with EOT (adaptive,
+white-box) or through one fixed member (``gray_box_surrogate``: the paper's gray-box attacker,
+who knows the defense but not which autoencoder answers).
 
 ``MultiDetector`` combines detectors: it rejects when any of them does, and its differentiable
 score ``max_i (s_i(x) - t_i) / |t_i|`` is positive exactly then, so detector-aware attacks
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,92 @@ if TYPE_CHECKING:
     from ..experiments.runner import Runner
 
 logger = logging.getLogger(__name__)
+
+
+class DiverseAutoencoder(nn.Module):
+    """K autoencoders; each example of a batch goes through one member drawn uniformly at random.
+
+    The draw is cached per input tensor (as in ``PuVAE``): the reformer and every detector that
+    see the same tensor in one ``Shielded`` call use the same member, and a new tensor gets a
+    new draw. ``member=k`` fixes member ``k`` for every example (deterministic mode, for tests,
+    debugging and the gray-box surrogate); ``generator`` makes the random draws reproducible.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], *, member: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.members = members if isinstance(members, nn.ModuleList) else nn.ModuleList(members)
+        if len(self.members) == 0:
+            raise ValueError("DiverseAutoencoder needs at least one autoencoder")
+        if member is not None and not 0 <= member < len(self.members):
+            raise ValueError(f"member must be in [0, {len(self.members)}), got {member}")
+        self.member = member
+        self.generator = generator
+        self._cache: tuple | None = None
+
+    @property
+    def stochastic(self) -> bool:
+        return self.member is None and len(self.members) > 1
+
+    def draw(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """Member index per example: uniform over the K members, or the fixed ``member``."""
+        if self.member is not None:
+            return torch.full((n,), self.member, dtype=torch.long, device=device)
+        if self.generator is not None:
+            return torch.randint(len(self.members), (n,), generator=self.generator).to(device)
+        return torch.randint(len(self.members), (n,), device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x._version, torch.is_grad_enabled(), self.member)
+        cached = self._cache
+        if cached is not None and cached[0] is x and cached[1] == key:
+            return cached[3]
+        index = self.draw(x.shape[0], x.device)
+        out = self.reconstruct(x, index)
+        self._cache = (x, key, index, out)
+        return out
+
+    def last_draw(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The member indices drawn for ``x`` by the last call on this very tensor (else None)."""
+        cached = self._cache
+        return cached[2] if cached is not None and cached[0] is x else None
+
+    def reconstruct(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``AE_index[i](x[i])`` for every example ``i``.
+
+        Examples are grouped by member, so each member runs once on its share of the batch:
+        the cost of one autoencoder pass, not K passes over everything and a gather.
+        """
+        if len(self.members) == 1:
+            return self.members[0](x)
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=len(self.members)).tolist()
+        parts = [ae(chunk) for ae, chunk in zip(self.members, x[order].split(counts)) if chunk.shape[0]]
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def reconstruct_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's reconstruction, ``(K, N, C, H, W)``."""
+        return torch.stack([ae(x) for ae in self.members])
+
+    def fixed(self, member: int) -> "DiverseAutoencoder":
+        """A deterministic view that always uses ``member`` (shares the weights)."""
+        return DiverseAutoencoder(self.members, member=member)
+
+
+def diversity_loss(reconstructions: torch.Tensor, x: torch.Tensor, eta: float) -> tuple[torch.Tensor, dict]:
+    """Meng and Chen's joint loss for K autoencoders, per pixel:
+    ``sum_i MSE(r_i, x) - eta * sum_i MSE(r_i, mean_j r_j)`` for ``reconstructions`` ``(K, N, ...)``.
+
+    Since ``sum_i |r_i - x|^2 = sum_i |r_i - r_mean|^2 + K |r_mean - x|^2``, the loss is
+    ``(1 - eta) * spread + K * error of the mean``: ``eta`` in [0, 1) lets members disagree
+    while each still reconstructs; ``eta = 0`` trains K independent autoencoders.
+    """
+    if not 0 <= eta < 1:
+        raise ValueError(f"eta must be in [0, 1) (at 1 only the members' mean is trained), got {eta}")
+    error = (reconstructions - x[None]).pow(2).flatten(2).mean(2).mean(1)           # (K,)
+    spread = (reconstructions - reconstructions.mean(0, keepdim=True)).pow(2).flatten(2).mean(2).mean(1)
+    loss = error.sum() - eta * spread.sum()
+    return loss, {"mse": error.mean().detach(), "spread": spread.mean().detach()}
 
 
 class ReconstructionErrorDetector(Detector):
@@ -117,14 +207,17 @@ def magnet_detectors(autoencoder: nn.Module, classifier: nn.Module, names: Seque
 
 
 def magnet(autoencoder: nn.Module, classifier: nn.Module, *, detectors: Sequence[str] = ("l1", "l2", "jsd10", "jsd40"),
-           fpr: float = 0.001, calibration: torch.Tensor | None = None, reformer: bool = True) -> Shielded:
+           fpr: float = 0.001, calibration: torch.Tensor | None = None, reformer: bool = True,
+           seed: int = 0) -> Shielded:
     """The MagNet pipeline: reformer ``AE`` (or none), ``classifier``, detectors calibrated
-    at ``fpr`` each on the clean ``calibration`` images."""
+    at ``fpr`` each on the clean ``calibration`` images. A ``DiverseAutoencoder`` makes it
+    random; its thresholds are then calibrated on random members (drawn with ``seed``)."""
     detector = None
     if detectors:
         if calibration is None:
             raise ValueError("MagNet's detectors need clean calibration images")
         detector = MultiDetector(magnet_detectors(autoencoder, classifier, detectors))
+        torch.manual_seed(seed)  # a diverse autoencoder draws members: fix the calibration draw
         detector.calibrate(calibration, fpr)
     purifier = AutoencoderPurifier(autoencoder) if reformer else None
     return Shielded(purifier, classifier, detector).eval()
@@ -138,6 +231,7 @@ class MagNetTrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
+    eta: float = 0.1  # diversity weight; only used with several autoencoders
 
 
 def train_magnet_autoencoder(autoencoder: nn.Module, x: torch.Tensor, config: MagNetTrainConfig, *,
@@ -165,6 +259,37 @@ def train_magnet_autoencoder(autoencoder: nn.Module, x: torch.Tensor, config: Ma
     return result
 
 
+def train_diverse_autoencoders(autoencoders: nn.ModuleList, x: torch.Tensor, config: MagNetTrainConfig, *,
+                               x_val: torch.Tensor | None = None, checkpoint: str | Path | None = None,
+                               progress: bool = True) -> LoopResult:
+    """Train K autoencoders jointly (in place) with ``diversity_loss`` at ``config.eta``.
+
+    Every member sees the same noisy batch (the noise is drawn once per step), so the spread
+    term compares their answers to the same input; different initializations (the members
+    are built one after another from one seed) make them differ even at ``eta = 0``.
+    """
+    optimizer = torch.optim.Adam(autoencoders.parameters(), lr=config.lr)
+
+    def step(xb: torch.Tensor, _y: torch.Tensor, gen: torch.Generator):
+        noise = torch.randn(xb.shape, generator=gen).to(xb.device) * config.noise
+        noisy = (xb + noise).clamp(0, 1)
+        return diversity_loss(torch.stack([ae(noisy) for ae in autoencoders]), xb, config.eta)
+
+    def validate() -> dict:
+        autoencoders.eval()
+        with torch.no_grad():
+            loss, metrics = diversity_loss(torch.stack([ae(x_val) for ae in autoencoders]), x_val, config.eta)
+        return {"val_loss": float(loss), "val_mse": float(metrics["mse"]), "val_spread": float(metrics["spread"])}
+
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                      val_metric="val_loss")
+    result = fit({"autoencoders": autoencoders}, optimizer, step, x, labels, loop,
+                 val_fn=validate if x_val is not None else None, checkpoint=checkpoint, progress=progress)
+    autoencoders.eval()
+    return result
+
+
 # ---- runner method ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MagNetSpec:
@@ -181,20 +306,37 @@ class MagNetSpec:
     detectors: tuple[str, ...] = ("l1", "l2", "jsd10", "jsd40")
     fpr: float = 0.001
     reformer: bool = True
+    # Diversity: K autoencoders, one at random per example. Left out of the artifact hash at
+    # their defaults, so single-autoencoder specs (and their shipped weights) keep their hash.
+    diversity: int = field(default=1, metadata={"hash_if_default": False})
+    eta: float = field(default=0.1, metadata={"hash_if_default": False})
+    surrogate_member: int = field(default=0, metadata={"hash_if_default": False})
 
 
 def _train(runner: "Runner", spec: MagNetSpec, path: Path) -> None:
     from ..models import create_model
     from ..models.io import save_weights
 
-    autoencoder = create_model(spec.autoencoder).to(runner.device)
+    if spec.diversity < 1:
+        raise ValueError(f"MagNet diversity must be >= 1 autoencoders, got {spec.diversity}")
+    torch.manual_seed(runner.config.seed)  # the members' initializations
+    autoencoders = nn.ModuleList(create_model(spec.autoencoder) for _ in range(spec.diversity)).to(runner.device)
     train_set = runner.train_subset(spec.train_limit)
     cfg = MagNetTrainConfig(noise=spec.noise, epochs=spec.epochs, batch_size=spec.batch_size,
-                            lr=spec.lr, seed=runner.config.seed)
-    result = train_magnet_autoencoder(autoencoder, train_set.images, cfg,
-                                      x_val=runner.val.subset(spec.val_n, seed=1).images,
-                                      checkpoint=path.with_suffix(".ckpt"), progress=runner.progress)
-    save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
+                            lr=spec.lr, seed=runner.config.seed, eta=spec.eta)
+    x_val = runner.val.subset(spec.val_n, seed=1).images
+    ckpt = path.with_suffix(".ckpt")
+    if spec.diversity == 1:
+        (autoencoder,) = autoencoders
+        result = train_magnet_autoencoder(autoencoder, train_set.images, cfg, x_val=x_val, checkpoint=ckpt,
+                                          progress=runner.progress)
+        save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
+                     kind="shield", method="magnet", config=asdict(cfg), history=result.history,
+                     train_n=len(train_set), data_hash=runner.train.sha256)
+        return
+    result = train_diverse_autoencoders(autoencoders, train_set.images, cfg, x_val=x_val, checkpoint=ckpt,
+                                        progress=runner.progress)
+    save_weights(autoencoders, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
                  kind="shield", method="magnet", config=asdict(cfg), history=result.history,
                  train_n=len(train_set), data_hash=runner.train.sha256)
 
@@ -202,17 +344,43 @@ def _train(runner: "Runner", spec: MagNetSpec, path: Path) -> None:
 def _load(runner: "Runner", spec: MagNetSpec, path: Path) -> nn.Module:
     from ..models.io import load_weights
 
-    model, _ = load_weights(path, architecture=spec.autoencoder, dataset=runner.config.dataset,
-                            device=runner.device)
+    model, side = load_weights(path, architecture=spec.autoencoder, dataset=runner.config.dataset,
+                               device=runner.device)
+    if side.get("members", 1) != spec.diversity:
+        raise ValueError(f"{path} holds {side.get('members', 1)} autoencoder(s), the spec asks for "
+                         f"diversity {spec.diversity}")
     return model
+
+
+def _autoencoder(spec: MagNetSpec, module: nn.Module, member: int | None = None) -> nn.Module:
+    """The loaded module as MagNet's autoencoder: a ``DiverseAutoencoder`` for several."""
+    if isinstance(module, nn.ModuleList):
+        return DiverseAutoencoder(module, member=member)
+    return module
 
 
 def _pipeline(runner: "Runner", spec: MagNetSpec, module: nn.Module, classifier: str) -> nn.Module:
     cache = runner.__dict__.setdefault("_purifier_pipelines", {})
     key = ("magnet", id(module), classifier, spec.detectors, spec.fpr, spec.reformer)
     if key not in cache:
-        cache[key] = magnet(module, runner.classifier(classifier), detectors=spec.detectors,
-                            fpr=spec.fpr, calibration=runner.val.images, reformer=spec.reformer)
+        cache[key] = magnet(_autoencoder(spec, module), runner.classifier(classifier),
+                            detectors=spec.detectors, fpr=spec.fpr, calibration=runner.val.images,
+                            reformer=spec.reformer, seed=runner.config.seed)
+    return cache[key]
+
+
+def gray_box_surrogate(runner: "Runner", spec: MagNetSpec, module: nn.Module, classifier: str) -> nn.Module:
+    """The gray-box attacker's model (Meng and Chen): the same pipeline with one fixed member,
+    ``spec.surrogate_member``, its detectors calibrated on that member alone."""
+    if not isinstance(module, nn.ModuleList):
+        return _pipeline(runner, spec, module, classifier)
+    cache = runner.__dict__.setdefault("_purifier_pipelines", {})
+    key = ("magnet-surrogate", id(module), classifier, spec.detectors, spec.fpr, spec.reformer,
+           spec.surrogate_member)
+    if key not in cache:
+        cache[key] = magnet(_autoencoder(spec, module, spec.surrogate_member), runner.classifier(classifier),
+                            detectors=spec.detectors, fpr=spec.fpr, calibration=runner.val.images,
+                            reformer=spec.reformer, seed=runner.config.seed)
     return cache[key]
 
 
@@ -221,7 +389,7 @@ def _method():
 
     # The autoencoder never sees the classifier, so no classifier enters its artifact hash.
     return Method(name="magnet", spec=MagNetSpec, train=_train, load=_load, pipeline=_pipeline,
-                  depends_on=lambda spec: ())
+                  depends_on=lambda spec: (), surrogate=gray_box_surrogate)
 
 
 def __getattr__(name: str):

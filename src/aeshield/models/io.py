@@ -40,8 +40,11 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
 
     ``half`` stores floating-point tensors as float16 (half the size, for shipped weights);
     they load back into float32 models unchanged otherwise, so record any accuracy on the
-    model as re-loaded, not as trained.
+    model as re-loaded, not as trained. An ``nn.ModuleList`` of models of one ``architecture``
+    (e.g. MagNet's diverse autoencoders) is recorded with ``members``, so it loads back as one.
     """
+    if isinstance(model, nn.ModuleList):
+        metadata.setdefault("members", len(model))
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -106,7 +109,9 @@ def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
     if model is None:
         if side["architecture"] not in MODELS:
             raise CheckpointError(f"{path} names unknown architecture {side['architecture']!r}")
-        model = create_model(side["architecture"])
+        members = side.get("members")
+        model = nn.ModuleList(create_model(side["architecture"]) for _ in range(members)) \
+            if members is not None else create_model(side["architecture"])
     try:
         state = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged files
