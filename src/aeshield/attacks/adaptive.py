@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .eot import EOT
 from .gradient import pgd
 from .losses import margin
 
@@ -97,6 +98,11 @@ def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: 
     examples are not easily detected"). An iterate counts as a success only if it is
     misclassified and its score is at or below the threshold, so PGD keeps searching past
     points that the detector would reject. Threat model: white-box, L-inf or L2.
+
+    On an ``EOT`` wrapper the whole objective is averaged over its draws, the detector term
+    included: each draw's logits and score come from the same random pipeline (one repeated
+    batch, whose draws random purifiers cache per tensor), and an iterate counts as a success
+    only if the mean log-probabilities misclassify it and no draw rejects it.
     """
     detector = _unwrap_detector(model)
     if detector is None:
@@ -106,7 +112,22 @@ def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: 
     loss_fn = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"),
                "margin": margin}[loss]
 
+    def eot_objective(net: EOT, x_adv: torch.Tensor, y_adv: torch.Tensor):
+        draws, n = net.samples, x_adv.shape[0]
+        batch = x_adv.repeat(draws, *([1] * (x_adv.dim() - 1)))
+        logits = net.model(batch)
+        score = detector.score(batch)
+        excess = torch.relu(score - threshold) / scale
+        per_example = (loss_fn(logits, y_adv.repeat(draws)) - weight * excess).view(draws, n).mean(0)
+        rejected = (score > threshold).view(draws, n).any(0).detach()
+        mean_logp = torch.log_softmax(logits, 1).view(draws, n, -1).mean(0).detach()
+        shown = torch.where(rejected[:, None], F.one_hot(y_adv, mean_logp.shape[1]).to(mean_logp.dtype),
+                            mean_logp)
+        return per_example, shown
+
     def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
+        if isinstance(net, EOT):
+            return eot_objective(net, x_adv, y_adv)
         logits = net(x_adv)
         score = detector.score(x_adv)
         excess = torch.relu(score - threshold) / scale
