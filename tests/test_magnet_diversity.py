@@ -176,3 +176,13 @@ def test_single_autoencoder_spec_keeps_its_hash_fields():
     single = MagNetSpec(method="magnet")
     assert "diversity" not in spec_dict(single) and "eta" not in spec_dict(single)
     assert spec_dict(MagNetSpec(method="magnet", diversity=4))["diversity"] == 4
+
+
+def test_suites_restricted_to_a_shield_skip_other_rows():
+    from aeshield.experiments.config import RowSpec, SuiteSpec
+
+    suite = SuiteSpec("div", ThreatModel("Linf", 0.3), (), shields=("magnet-div",))
+    assert suite.applies_to(RowSpec("MagNet (diversity)", "shield", "magnet-div"))
+    assert not suite.applies_to(RowSpec("MagNet", "shield", "magnet"))
+    assert not suite.applies_to(RowSpec("no defense"))
+    assert SuiteSpec("all", ThreatModel("Linf", 0.3), ()).applies_to(RowSpec("no defense"))
