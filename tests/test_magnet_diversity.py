@@ -186,3 +186,15 @@ def test_suites_restricted_to_a_shield_skip_other_rows():
     assert not suite.applies_to(RowSpec("MagNet", "shield", "magnet"))
     assert not suite.applies_to(RowSpec("no defense"))
     assert SuiteSpec("all", ThreatModel("Linf", 0.3), ()).applies_to(RowSpec("no defense"))
+
+
+def test_load_shield_wraps_several_members(tmp_path):
+    import aeshield
+    from aeshield.models import create_model
+
+    members = nn.ModuleList(create_model("conv-ae-small") for _ in range(2)).eval()
+    path = save_weights(members, tmp_path / "div", architecture="conv-ae-small", dataset="mnist", kind="shield")
+    shield = aeshield.load_shield(str(path))
+    assert shield.stochastic
+    with torch.no_grad():
+        assert shield(torch.rand(3, 1, 28, 28)).shape == (3, 1, 28, 28)

@@ -34,4 +34,8 @@ def load_shield(name_or_path: str, device: str = "cpu") -> AutoencoderPurifier:
     model, side = load_weights(name_or_path, device=device)
     if side.get("kind") != "shield":
         raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a shield")
+    if side.get("members") is not None:  # MagNet diversity: one member at random per example
+        from .defenses.magnet import DiverseAutoencoder
+
+        model = DiverseAutoencoder(model)
     return AutoencoderPurifier(model).eval()
