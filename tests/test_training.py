@@ -131,3 +131,34 @@ def test_adversarial_training_eps_ramp_follows_the_optimizer_step_count():
     restored = torch.optim.Adam([weight], lr=0.1)
     restored.load_state_dict(optimizer.state_dict())  # what a resumed run sees
     assert ramp(restored, 10) == 0.7
+
+
+def test_cosine_lr_anneals_to_zero_and_resumes_from_the_step_count():
+    import math
+
+    from aeshield.defenses.adversarial_training import cosine_lr
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    seen = []
+    for _ in range(5):
+        seen.append(cosine_lr(optimizer, 0.1, 4))
+        weight.sum().backward()
+        optimizer.step()
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in (0, 1, 2, 3, 4)]
+    assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(seen, expected))
+    assert seen[0] == 0.1 and seen[-1] < 1e-12 and optimizer.param_groups[0]["lr"] == seen[-1]
+    restored = torch.optim.Adam([weight], lr=0.1)
+    restored.load_state_dict(optimizer.state_dict())
+    assert math.isclose(cosine_lr(restored, 0.1, 10), 0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+
+
+def test_aaa_with_cosine_lr_anneals_the_learning_rate():
+    x, y = _data()
+    config = AAAConfig(**{**TINY_AAA, "cosine_lr": True})
+    torch.manual_seed(0)
+    classifiers = [tiny_mlp(16)]
+    g = ConvAutoencoder()
+    result = train_aaa(g, classifiers, x, y, config, progress=False)
+    assert result.loop.steps > 1
+    assert result.history[-1]["lr"] < config.lr

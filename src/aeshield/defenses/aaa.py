@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.gradient import pgd_train
+from .adversarial_training import cosine_lr, total_updates
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .base import Shielded
@@ -58,6 +59,9 @@ class AAAConfig:
     # "eval": craft x_adv with G's BatchNorm running statistics (they do not move during the
     # attack); "train": craft with batch statistics, exactly the function that is then updated.
     craft_mode: str = "eval"
+    # Half-cosine lr annealing to 0 over the run (replaces the plateau schedule, which never
+    # fires on a few-epoch CPU budget).
+    cosine_lr: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_VARIANTS:
@@ -118,7 +122,11 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
         if config.warmup_steps and not (checkpoint and Path(checkpoint).exists()):
             _warmup(autoencoder, optimizer, x, config)
 
+        total = total_updates(x.shape[0], config.batch_size, config.epochs)
+
         def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+            if config.cosine_lr:
+                cosine_lr(optimizer, config.lr, total)
             k = int(torch.randint(len(classifiers), (1,), generator=gen))
             visits[k] += 1
             classifier = classifiers[k]

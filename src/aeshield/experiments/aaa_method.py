@@ -27,7 +27,8 @@ def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
     val = runner.val.subset(spec.val_n, seed=1)
     cfg = AAAConfig(loss=spec.loss, lam=spec.lam, eps=spec.eps, step_size=spec.step_size,
                     attack_steps=spec.attack_steps, epochs=spec.epochs, batch_size=spec.batch_size,
-                    lr=spec.lr, seed=runner.config.seed, warmup_steps=spec.warmup_steps)
+                    lr=spec.lr, seed=runner.config.seed, warmup_steps=spec.warmup_steps,
+                    cosine_lr=spec.cosine_lr)
     result = train_aaa(autoencoder, classifiers, train_set.images, train_set.labels, cfg,
                        x_val=val.images, y_val=val.labels, checkpoint=path.with_suffix(".ckpt"),
                        progress=runner.progress)

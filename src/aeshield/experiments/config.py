@@ -41,6 +41,7 @@ class AdvTrainSpec:
     train_limit: int | None = None
     val_n: int = 500
     eps_ramp_steps: int = 0
+    cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ShieldSpec:
     warmup_steps: int = 100
     train_limit: int | None = None
     val_n: int = 500
+    cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class Runner:
             return self._models[key_name]
         spec = self.config.adversarial_training
         base = self.config.classifiers[name]
-        path, key = self._artifact("adv-trained", {"base": asdict(base), "at": asdict(spec)})
+        path, key = self._artifact("adv-trained", {"base": asdict(base), "at": spec_dict(spec)})
         found = self._find(path, key)
         if found is None:
             start = time.perf_counter()
@@ -106,7 +106,8 @@ class Runner:
             cfg = AdversarialTrainingConfig(eps=spec.eps, step_size=spec.step_size,
                                             attack_steps=spec.attack_steps, epochs=spec.epochs,
                                             batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed,
-                                            eps_ramp_steps=spec.eps_ramp_steps)
+                                            eps_ramp_steps=spec.eps_ramp_steps,
+                                            cosine_lr=spec.cosine_lr)
             result = adversarial_training(model, train.images, train.labels, cfg, x_val=val.images,
                                           y_val=val.labels, checkpoint=path.with_suffix(".ckpt"),
                                           progress=self.progress)
