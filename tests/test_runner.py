@@ -75,3 +75,13 @@ def test_config_rejects_unknown_keys_and_names(tmp_path):
     path.write_text(yaml.safe_dump({**TINY, "profiles": {"quick": {}}}))
     with pytest.raises(ValueError, match="no profile 'paper'"):
         load_config(path, "paper")
+
+
+def test_config_rejects_training_eps_that_no_linf_suite_attacks_with():
+    bad = json.loads(json.dumps(TINY))
+    bad["suites"][0]["threat"]["eps"] = 0.2  # shield and AT keep the 0.3 they train at
+    with pytest.raises(ValueError, match="trains at L-inf eps 0.3"):
+        from_dict(bad, "quick")
+    bad["shields"]["s"]["eps"] = 0.2
+    bad["adversarial_training"]["eps"] = 0.2
+    assert from_dict(bad, "quick").shields["s"].eps == 0.2

@@ -225,6 +225,7 @@ def _check(config: ExperimentConfig) -> None:
         for c in getattr(shield, "against", ()) or ():
             if c not in config.classifiers:
                 raise ValueError(f"shield trained against unknown classifier {c!r}")
+    _check_training_eps(config)
     for suite in config.suites:
         unknown = set(suite.shields) - set(config.shields)
         if unknown:
@@ -233,3 +234,23 @@ def _check(config: ExperimentConfig) -> None:
         missing = set(column.suites) - suite_names
         if missing:
             raise ValueError(f"column {column.label!r} names unknown suites {sorted(missing)}")
+
+
+def _check_training_eps(config: ExperimentConfig) -> None:
+    """An adversarially trained artifact must be trained at the eps its table attacks with.
+
+    The spec dataclasses default to MNIST's 0.3; a config for another dataset that forgets to
+    set ``eps`` would silently train against a larger ball than it evaluates (this happened:
+    the first Fashion-MNIST shields were trained at 0.3 and evaluated at 0.2).
+    """
+    linf = {round(s.threat.eps, 6) for s in config.suites if s.threat.norm.lower() == "linf"}
+    if not linf:
+        return
+    trained = [(f"shield {name!r}", spec.eps) for name, spec in config.shields.items()
+               if getattr(spec, "method", None) == "aaa"]
+    if config.adversarial_training is not None:
+        trained.append(("adversarial_training", config.adversarial_training.eps))
+    for what, eps in trained:
+        if round(eps, 6) not in linf:
+            raise ValueError(f"{what} trains at L-inf eps {eps:g} but the L-inf suites attack at "
+                             f"{sorted(linf)}; set `eps:` in its config entry to the evaluated eps")
