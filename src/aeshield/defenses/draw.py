@@ -53,8 +53,7 @@ class _Attention(nn.Module):
         gx, gy, log_var, log_delta, log_gamma = self.params(h).unbind(1)
         gx = (self.width + 1) / 2 * (gx + 1)
         gy = (self.height + 1) / 2 * (gy + 1)
-        delta = (max(self.height, self.width) - 1) / (self.n - 1) * log_delta.exp() if self.n > 1 \
-            else log_delta.exp()
+        delta = (max(self.height, self.width) - 1) / max(self.n - 1, 1) * log_delta.exp()
         var = log_var.exp()
         # gx, gy above are 1-based pixel coordinates as in the paper; the grid is 0-based.
         fy = filterbank(gy - 1, delta, var, self.n, self.height)
