@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,12 +120,13 @@ class DBPSpec:
     """
 
     method: str
-    architecture: str = "vae"
+    # DRAW's settings stay out of the spec hash at their defaults, so VAE artifacts keep theirs.
+    architecture: str = field(default="vae", metadata={"hash_if_default": False})
     latent: int = 16
     hidden: int = 512
-    glimpses: int = 64
-    read_n: int = 2
-    write_n: int = 5
+    glimpses: int = field(default=64, metadata={"hash_if_default": False})
+    read_n: int = field(default=2, metadata={"hash_if_default": False})
+    write_n: int = field(default=5, metadata={"hash_if_default": False})
     lambda2: float = 0.0
     penalty: str = "recon-grad"
     projections: int = 1
