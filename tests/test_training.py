@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -153,12 +155,13 @@ def test_cosine_lr_anneals_to_zero_and_resumes_from_the_step_count():
     assert math.isclose(cosine_lr(restored, 0.1, 10), 0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
 
 
-def test_aaa_with_cosine_lr_anneals_the_learning_rate():
+def test_aaa_cosine_lr_starts_after_the_warmup():
     x, y = _data()
-    config = AAAConfig(**{**TINY_AAA, "cosine_lr": True})
+    config = AAAConfig(**{**TINY_AAA, "cosine_lr": True, "epochs": 4, "warmup_steps": 20})
     torch.manual_seed(0)
-    classifiers = [tiny_mlp(16)]
-    g = ConvAutoencoder()
-    result = train_aaa(g, classifiers, x, y, config, progress=False)
-    assert result.loop.steps > 1
-    assert result.history[-1]["lr"] < config.lr
+    result = train_aaa(ConvAutoencoder(), [tiny_mlp(16)], x, y, config, progress=False)
+    lrs = [h["lr"] for h in result.history]
+    # 4 epochs of 3 updates: the lr of the last update of each epoch, on the cosine that starts
+    # after the 20 warm-up updates (a schedule counting those would sit at 0 throughout).
+    expected = [config.lr * 0.5 * (1 + math.cos(math.pi * t / 12)) for t in (2, 5, 8, 11)]
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(lrs, expected)), lrs

@@ -126,7 +126,9 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
 
         def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
             if config.cosine_lr:
-                cosine_lr(optimizer, config.lr, total)
+                # The warm-up's updates are in the optimizer's count (also after a resume,
+                # which restores that count), so the schedule starts after them.
+                cosine_lr(optimizer, config.lr, total, offset=config.warmup_steps)
             k = int(torch.randint(len(classifiers), (1,), generator=gen))
             visits[k] += 1
             classifier = classifiers[k]

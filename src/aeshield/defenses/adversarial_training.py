@@ -48,9 +48,12 @@ def steps_taken(optimizer: torch.optim.Optimizer) -> int:
     return int(states[0]["step"]) if states else 0
 
 
-def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int) -> float:
-    """Set (and return) the lr of the next update: ``base_lr * (1 + cos(pi * t / total)) / 2``."""
-    t = min(steps_taken(optimizer), total_steps)
+def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int,
+              offset: int = 0) -> float:
+    """Set (and return) the lr of the next update: ``base_lr * (1 + cos(pi * t / total)) / 2``,
+    where ``t`` counts the optimizer's updates after the first ``offset`` (e.g. a warm-up that
+    used the same optimizer)."""
+    t = min(max(steps_taken(optimizer) - offset, 0), total_steps)
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * t / max(1, total_steps)))
     for group in optimizer.param_groups:
         group["lr"] = lr
