@@ -73,6 +73,22 @@ def test_predict_and_detector_score_use_the_same_draw():
     assert model.stochastic
 
 
+def test_random_detector_is_calibrated_on_every_members_scores_pooled():
+    # member k answers the constant k/10, so one member's errors sit far above the others':
+    # the rate a query meets, averaged over its uniform draw, is the pooled exceedance rate
+    ae = _members(4)
+    calib = torch.rand(2000, 1, 28, 28) * 0.5
+    model = magnet(ae, tiny_mlp(), detectors=("l2",), fpr=0.05, calibration=calib)
+    detector = model.detector.members[0]
+    assert detector.autoencoder is ae and ae.stochastic
+    with torch.no_grad():
+        per_member = torch.stack([(calib - k / 10).pow(2).flatten(1).mean(1) for k in range(4)])
+        expected_rate = (per_member > detector.threshold).float().mean().item()
+        drawn_rate = detector.rejects(calib).float().mean().item()
+    assert abs(expected_rate - 0.05) <= 0.001
+    assert abs(drawn_rate - 0.05) <= 0.015  # one random draw per image: binomial noise only
+
+
 def test_deterministic_mode_is_deterministic():
     members = _aes(3)
     fixed = DiverseAutoencoder(members, member=1)

@@ -93,12 +93,17 @@ class Detector(nn.Module):
     def rejects(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x) > self.threshold
 
+    def calibration_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean scores whose upper quantile is the threshold; a random detector may return
+        several scores per image (one per outcome of its randomness) to calibrate on."""
+        return self.score(x)
+
     @torch.no_grad()
     def calibrate(self, clean: torch.Tensor, false_positive_rate: float, batch_size: int = 500) -> float:
         """Set the threshold so that ``false_positive_rate`` of ``clean`` inputs are rejected."""
         if not 0 <= false_positive_rate < 1:
             raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate}")
-        scores = torch.cat([self.score(b) for b in clean.split(batch_size)])
+        scores = torch.cat([self.calibration_scores(b) for b in clean.split(batch_size)])
         threshold = torch.quantile(scores.float(), 1 - false_positive_rate)
         self.threshold.fill_(threshold.item())
         return float(threshold)

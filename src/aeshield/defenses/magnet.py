@@ -127,7 +127,33 @@ def diversity_loss(reconstructions: torch.Tensor, x: torch.Tensor, eta: float) -
     return loss, {"mse": error.mean().detach(), "spread": spread.mean().detach()}
 
 
-class ReconstructionErrorDetector(Detector):
+class _AutoencoderDetector(Detector):
+    """A detector that scores through ``self.autoencoder``.
+
+    With a random ``DiverseAutoencoder`` a clean query is scored by a uniformly drawn member,
+    independent of the image, so its false-positive rate at threshold ``t`` is the mean over
+    members of ``P(s_k(x) > t)``: the exceedance rate of all members' scores pooled. Calibrating
+    on one random draw per image instead estimates a 0.1% tail from a fifth as many scores,
+    and on MNIST put the held-out rate of JSD T=40 at 3x the calibrated one.
+    """
+
+    autoencoder: nn.Module
+
+    def calibration_scores(self, x: torch.Tensor) -> torch.Tensor:
+        diverse = self.autoencoder
+        if not (isinstance(diverse, DiverseAutoencoder) and diverse.stochastic):
+            return self.score(x)
+        pooled = []
+        try:
+            for k in range(len(diverse.members)):
+                self.autoencoder = diverse.fixed(k)
+                pooled.append(self.score(x))
+        finally:
+            self.autoencoder = diverse
+        return torch.cat(pooled)
+
+
+class ReconstructionErrorDetector(_AutoencoderDetector):
     """Score ``mean |x - AE(x)|^p`` per image (MagNet detectors I and II)."""
 
     def __init__(self, autoencoder: nn.Module, p: int = 2) -> None:
@@ -149,7 +175,7 @@ def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-class JSDDetector(Detector):
+class JSDDetector(_AutoencoderDetector):
     """Score ``JSD(softmax(F(x)/T), softmax(F(AE(x))/T))`` (MagNet's probability divergence)."""
 
     def __init__(self, autoencoder: nn.Module, classifier: nn.Module, temperature: float = 10.0) -> None:
@@ -211,13 +237,14 @@ def magnet(autoencoder: nn.Module, classifier: nn.Module, *, detectors: Sequence
            seed: int = 0) -> Shielded:
     """The MagNet pipeline: reformer ``AE`` (or none), ``classifier``, detectors calibrated
     at ``fpr`` each on the clean ``calibration`` images. A ``DiverseAutoencoder`` makes it
-    random; its thresholds are then calibrated on random members (drawn with ``seed``)."""
+    random; each threshold is then calibrated on every member's clean scores pooled, which
+    is the rate a query meets whichever member it draws."""
     detector = None
     if detectors:
         if calibration is None:
             raise ValueError("MagNet's detectors need clean calibration images")
         detector = MultiDetector(magnet_detectors(autoencoder, classifier, detectors))
-        torch.manual_seed(seed)  # a diverse autoencoder draws members: fix the calibration draw
+        torch.manual_seed(seed)  # any randomness left in a detector's scores is reproducible
         detector.calibrate(calibration, fpr)
     purifier = AutoencoderPurifier(autoencoder) if reformer else None
     return Shielded(purifier, classifier, detector).eval()
