@@ -265,7 +265,6 @@ def train_magnet_autoencoder(autoencoder: nn.Module, x: torch.Tensor, config: Ma
                              x_val: torch.Tensor | None = None, checkpoint: str | Path | None = None,
                              progress: bool = True) -> LoopResult:
     """Mean squared error from noisy clean images to the clean images (no classifier involved)."""
-    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
 
     def step(xb: torch.Tensor, _y: torch.Tensor, gen: torch.Generator):
         noise = torch.randn(xb.shape, generator=gen).to(xb.device) * config.noise
@@ -277,13 +276,8 @@ def train_magnet_autoencoder(autoencoder: nn.Module, x: torch.Tensor, config: Ma
         with torch.no_grad():
             return {"val_loss": float((autoencoder(x_val) - x_val).pow(2).mean())}
 
-    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                      val_metric="val_loss")
-    result = fit({"autoencoder": autoencoder}, optimizer, step, x, labels, loop,
-                 val_fn=validate if x_val is not None else None, checkpoint=checkpoint, progress=progress)
-    autoencoder.eval()
-    return result
+    return _fit_unlabelled("autoencoder", autoencoder, step, validate, x, config,
+                           x_val=x_val, checkpoint=checkpoint, progress=progress)
 
 
 def train_diverse_autoencoders(autoencoders: nn.ModuleList, x: torch.Tensor, config: MagNetTrainConfig, *,
@@ -295,7 +289,6 @@ def train_diverse_autoencoders(autoencoders: nn.ModuleList, x: torch.Tensor, con
     term compares their answers to the same input; different initializations (the members
     are built one after another from one seed) make them differ even at ``eta = 0``.
     """
-    optimizer = torch.optim.Adam(autoencoders.parameters(), lr=config.lr)
 
     def step(xb: torch.Tensor, _y: torch.Tensor, gen: torch.Generator):
         noise = torch.randn(xb.shape, generator=gen).to(xb.device) * config.noise
@@ -308,12 +301,21 @@ def train_diverse_autoencoders(autoencoders: nn.ModuleList, x: torch.Tensor, con
             loss, metrics = diversity_loss(torch.stack([ae(x_val) for ae in autoencoders]), x_val, config.eta)
         return {"val_loss": float(loss), "val_mse": float(metrics["mse"]), "val_spread": float(metrics["spread"])}
 
+    return _fit_unlabelled("autoencoders", autoencoders, step, validate, x, config,
+                           x_val=x_val, checkpoint=checkpoint, progress=progress)
+
+
+def _fit_unlabelled(name: str, module: nn.Module, step, validate, x: torch.Tensor, config: MagNetTrainConfig, *,
+                    x_val: torch.Tensor | None, checkpoint: str | Path | None, progress: bool) -> LoopResult:
+    """Adam on ``module`` through ``fit`` with ``config``'s budget; MagNet never needs labels.
+    ``name`` keys the module in the checkpoint, so keep it stable for resume."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                       val_metric="val_loss")
-    result = fit({"autoencoders": autoencoders}, optimizer, step, x, labels, loop,
+    result = fit({name: module}, optimizer, step, x, labels, loop,
                  val_fn=validate if x_val is not None else None, checkpoint=checkpoint, progress=progress)
-    autoencoders.eval()
+    module.eval()
     return result
 
 
