@@ -384,6 +384,22 @@ def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
     (report_dir,) = [p for p in (tmp_path / "audits").iterdir() if p.is_dir()]
     assert (report_dir / "audit.md").exists()
 
+    # a finished audit of the same weight files and settings is reused, row for row ...
+    again = runner.invoke(audit_cmd, ["--all-shipped", "--out", str(tmp_path / "audits"), "--n", "30",
+                                      "--no-progress", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "up to date" in again.output and "robust accuracy" not in again.output
+    assert (tmp_path / "audits" / "index.md").read_text() == index
+    # ... but not once the shield's weights change
+    torch.manual_seed(1)
+    save_weights(create_model("conv-ae-small"), weights / "tiny-shield.safetensors",
+                 architecture="conv-ae-small", dataset="mnist", kind="shield", method="test",
+                 trained_against=[str(weights / "clf.safetensors")], config={"eps": 0.2})
+    retrained = runner.invoke(audit_cmd, ["--all-shipped", "--out", str(tmp_path / "audits"), "--n", "30",
+                                          "--no-progress", "--device", "cpu"])
+    assert retrained.exit_code == 0, retrained.output
+    assert "up to date" not in retrained.output and "robust accuracy" in retrained.output
+
     missing = runner.invoke(audit_cmd, ["--dataset", "mnist"])
     assert missing.exit_code != 0 and "--classifier" in missing.output
 

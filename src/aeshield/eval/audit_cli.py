@@ -48,6 +48,20 @@ def _echo_report(report) -> None:
                f"attacks, Wilson 95%); {len(flags)} flag(s); {report.seconds:.0f} s in all")
 
 
+def weights_digest(name_or_path: str) -> str:
+    """SHA-256 of the weight file a name resolves to: what an audit's numbers depend on."""
+    import hashlib
+
+    from ..models.io import resolve_weights
+
+    return hashlib.sha256(resolve_weights(name_or_path).read_bytes()).hexdigest()
+
+
+def _weights_used(classifier: str, shield: str | None, surrogate: str | None) -> dict:
+    return {role: weights_digest(name) for role, name in
+            (("classifier", classifier), ("shield", shield), ("surrogate", surrogate)) if name}
+
+
 def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str, norm: str,
              eps: float, budget: str, n: int, seed: int, batch_size: int, device: str,
              out: Path | None, progress: bool):
@@ -67,8 +81,26 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
     return audit(model, test.images, test.labels, threat, budget=budget, surrogate=sur, seed=seed,
                  out=out, progress=progress, batch_size=batch_size, defense=shield or "none",
                  classifier=classifier, dataset=dataset, data_source=test.source,
-                 data_hash=test.sha256, config={"command": sys.argv,
-                                                 "surrogate_name": surrogate})
+                 data_hash=test.sha256, config={"command": sys.argv, "surrogate_name": surrogate,
+                                                 "weights_sha256": _weights_used(classifier, shield, surrogate)})
+
+
+def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str | None, norm: str,
+                    eps: float, budget: str, n: int, seed: int) -> dict | None:
+    """The summary of a finished audit at ``path`` if it measured exactly this (same weight
+    files, threat, budget, subset and seed), so ``--all-shipped`` need not run it again."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        summary, manifest = saved["summary"], saved["manifest"]["config"]
+        threat = summary["threat"]
+        same = (summary["budget"] == budget and summary["n"] == n and summary["seed"] == seed
+                and threat["norm"] == norm and abs(threat["eps"] - eps) < 1e-9
+                and manifest.get("weights_sha256") == _weights_used(classifier, shield, surrogate))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return summary if same else None
 
 
 @click.command("audit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,7 +163,7 @@ def audit_cmd(classifier, shield, surrogate, dataset, norm, eps, budget, n, seed
 def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, out: Path,
                  progress: bool) -> None:
     from ..models.io import shipped_dir
-    from .records import write_text_atomic
+    from .records import Accuracy, write_text_atomic
 
     shields = []
     if shipped_dir().exists():
@@ -154,6 +186,18 @@ def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, o
             float(trained_eps) if trained_eps is not None and norm == "Linf" else DEFAULT_EPS[(dataset, norm)])
         for clf in against:
             sub = f"{_slug(name)}__{_slug(str(clf))}"
+            try:
+                done = _finished_audit(out / sub / "audit.json", classifier=str(clf), shield=name,
+                                       surrogate=surrogate, norm=norm, eps=radius, budget=budget, n=n,
+                                       seed=seed)
+            except FileNotFoundError:
+                done = None
+            if done is not None:
+                click.echo(f"{name} + {clf}: audit in {out / sub} is up to date (same weights and settings)")
+                clean, robust = (Accuracy(done[k]["correct"], done[k]["n"]) for k in ("clean", "robust"))
+                rows.append((name, str(clf), dataset, f"{norm} {radius:g}", clean.format(),
+                             f"[{robust.format()}]({sub}/audit.md)", ", ".join(done["flags"]) or "none"))
+                continue
             try:
                 report = _run_one(classifier=str(clf), shield=name, surrogate=surrogate, dataset=dataset,
                                   norm=norm, eps=radius, budget=budget, n=n, seed=seed,
