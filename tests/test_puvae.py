@@ -3,6 +3,7 @@ the scoring of rejects (tiny untrained models; properties that hold for any weig
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +42,19 @@ def test_reconstruct_all_matches_per_class_decoding(batch):
         y = torch.full((3,), k)
         single, _, _ = vae(x[:3], y, sample=False)
         assert torch.allclose(recons[:, k], single, atol=1e-6)
+
+
+def test_cifar_vae_purifies_rgb_images_per_class():
+    # The CIFAR-10 PuVAE (z = 1024) on 3x32x32 inputs: one reconstruction per class, in range,
+    # and the purifier's pick is the one with the smallest RMSE.
+    torch.manual_seed(0)
+    vae = ConditionalVAE(in_channels=3, size=32, z_dim=1024, width=4, hidden=16).eval()
+    x = torch.rand(3, 3, 32, 32)
+    recons = vae.reconstruct_all(x)
+    assert recons.shape == (3, 10, 3, 32, 32) and recons.min() >= 0 and recons.max() <= 1
+    selected, best, index = PuVAE(vae).purify(x)
+    rmse = (recons - x[:, None]).pow(2).flatten(2).mean(2).sqrt()
+    assert selected.shape == x.shape and torch.equal(index, rmse.argmin(1))
 
 
 def test_selection_is_min_rmse_and_gradient_follows_selected_class(batch):
@@ -157,3 +171,32 @@ def test_training_lowers_the_loss(mnist_small):
         after = F.mse_loss(vae(x, y, sample=False)[0], x)
     assert after < before
     assert all(not p.requires_grad or p.grad is None for p in classifier.parameters())
+
+
+def test_kl_warmup_grows_the_kl_weight_linearly_then_holds_it(monkeypatch):
+    import aeshield.defenses.puvae as puvae_module
+
+    seen = []
+    real = puvae_module.puvae_loss
+
+    def spy(vae, classifier, x, y, kl_weight, ce_weight):
+        seen.append(kl_weight)
+        return real(vae, classifier, x, y, kl_weight, ce_weight)
+
+    monkeypatch.setattr(puvae_module, "puvae_loss", spy)
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 1, 28, 28), torch.arange(12) % 10
+    config = PuVAETrainConfig(epochs=1, batch_size=2, kl_weight=2.0, kl_warmup_steps=4)
+    train_puvae(ConditionalVAE(z_dim=4, width=4, hidden=16), tiny_mlp().eval(), x, y, config,
+                progress=False)
+    assert seen == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0])
+
+
+def test_kl_warmup_at_its_default_keeps_the_training_key():
+    from aeshield.defenses.puvae import PuVAESpec
+    from aeshield.experiments.config import spec_dict
+
+    spec = PuVAESpec(method="puvae", vae="cvae-mnist", against=("F",))
+    assert "kl_warmup_steps" not in spec_dict(spec)  # shipped PuVAE files keep their keys
+    assert spec_dict(PuVAESpec(method="puvae", vae="cvae-mnist", against=("F",),
+                               kl_warmup_steps=10))["kl_warmup_steps"] == 10

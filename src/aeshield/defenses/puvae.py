@@ -21,7 +21,7 @@ pipeline, L-inf.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from ..train.loop import LoopConfig, LoopResult, fit
 from .aaa import frozen
+from .adversarial_training import ramp
 from .base import Detector, Purifier, Shielded
 
 if TYPE_CHECKING:
@@ -104,6 +105,10 @@ class PuVAETrainConfig:
     ce_weight: float = 10.0
     seed: int = 0
     checkpoint_every: int = 100
+    # KL weight grown linearly from 0 over this many updates (Bowman et al. 2016): on CIFAR-10
+    # the full KL weight from the first step collapsed the posterior (KL -> 0.01 nats, every
+    # reconstruction a class prototype whatever the input).
+    kl_warmup_steps: int = 0
 
 
 def puvae_loss(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -127,7 +132,8 @@ def train_puvae(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
 
     def step(xb: torch.Tensor, yb: torch.Tensor, _gen: torch.Generator):
-        return puvae_loss(vae, classifier, xb, yb, config.kl_weight, config.ce_weight)
+        kl_weight = config.kl_weight * ramp(optimizer, config.kl_warmup_steps)
+        return puvae_loss(vae, classifier, xb, yb, kl_weight, config.ce_weight)
 
     def validate() -> dict:
         vae.eval()
@@ -169,6 +175,7 @@ class PuVAESpec:
     fpr: float = 0.001
     sample: bool = False
     calibration_n: int | None = None  # clean validation images for the threshold (None: all)
+    kl_warmup_steps: int = field(default=0, metadata={"hash_if_default": False})
 
 
 _USE_FIELDS = ("detector", "fpr", "sample", "calibration_n")
@@ -176,8 +183,9 @@ _USE_FIELDS = ("detector", "fpr", "sample", "calibration_n")
 
 def training_key(spec: PuVAESpec, runner: "Runner") -> str:
     from ..eval.records import config_hash
+    from ..experiments.config import spec_dict
 
-    train_fields = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in _USE_FIELDS}
+    train_fields = {k: v for k, v in spec_dict(spec).items() if k not in _USE_FIELDS}
     return config_hash({"puvae": train_fields, "against": runner.classifier_specs(spec.against),
                         "data": runner.train.sha256})
 
@@ -191,7 +199,9 @@ def _same_training(meta: dict, key: str, spec: PuVAESpec, runner: "Runner") -> b
     if not stored or meta.get("source_target") != runner.config.name or \
             meta.get("dataset") != runner.config.dataset:
         return False
-    mine = {k: v for k, v in asdict(spec).items() if k not in _USE_FIELDS}
+    from ..experiments.config import spec_dict
+
+    mine = {k: v for k, v in spec_dict(spec).items() if k not in _USE_FIELDS}
     theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
               if k not in _USE_FIELDS}
     return mine == theirs
@@ -225,7 +235,8 @@ def _train(runner: "Runner", spec: PuVAESpec, path: Path) -> None:
     train_set = runner.train_subset(spec.train_limit)
     val = runner.val.subset(spec.val_n, seed=1)
     cfg = PuVAETrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                           kl_weight=spec.kl_weight, ce_weight=spec.ce_weight, seed=runner.config.seed)
+                           kl_weight=spec.kl_weight, ce_weight=spec.ce_weight, seed=runner.config.seed,
+                           kl_warmup_steps=spec.kl_warmup_steps)
     result = train_puvae(vae, classifier, train_set.images, train_set.labels, cfg, x_val=val.images,
                          y_val=val.labels, checkpoint=path.with_suffix(".ckpt"), progress=runner.progress)
     save_weights(vae, path, architecture=spec.vae, dataset=runner.config.dataset, kind="shield",

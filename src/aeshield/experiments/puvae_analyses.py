@@ -70,6 +70,12 @@ def _flags_acc(flags: str) -> Accuracy:
     return Accuracy(flags.count("1"), len(flags))
 
 
+def _data_label(runner: "Runner") -> str:
+    """The dataset as every output must name it: measurements on the JPEG stand-in say so."""
+    source = runner.test.source
+    return source if "stand-in" in source else runner.config.dataset
+
+
 def _save_png(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -164,7 +170,7 @@ def _render_sweep(runner: "Runner", figure: dict, record: dict, out: Path) -> No
     clean = record["clean"]
     lines = [f"# eps sweep: {figure.get('title', figure['shield'])}", "",
              f"Pipeline: shield `{figure['shield']}` + classifier `{figure['classifier']}`; "
-             f"{runner.config.dataset}, n = {record['n']} test images (seeded subset), L-inf, "
+             f"{_data_label(runner)}, n = {record['n']} test images (seeded subset), L-inf, "
              f"{len(eps)} eps values in [{eps[0]}, {eps[-1]}]. Clean accuracy "
              f"{_fmt(clean)} (a reject counts as an error; clean reject rate "
              f"{100 * (clean.get('clean_reject_rate') or 0):.1f}%). Cells: accuracy % [Wilson 95%]; an "
@@ -216,7 +222,7 @@ def _render_sweep(runner: "Runner", figure: dict, record: dict, out: Path) -> No
     ax.axhline(100 * clean["accuracy"], color="grey", linestyle=":", label="clean (no attack)")
     ax.set_xlabel("L-inf eps")
     ax.set_ylabel("accuracy % (true label or reject)")
-    ax.set_title(f"{runner.config.dataset}: {figure.get('title', figure['shield'])}, n={record['n']} "
+    ax.set_title(f"{_data_label(runner)}: {figure.get('title', figure['shield'])}, n={record['n']} "
                  "(star = worst eps)", fontsize=8)
     ax.set_ylim(0, 101)
     ax.legend(fontsize=7)
@@ -295,7 +301,7 @@ def detector_analysis(runner: "Runner", figure: dict, out: Path) -> dict:
 
     record = runner.cached_record(figure.get("record", "detectors"), spec, compute)
     lines = ["# Detectors: held-out false-positive rates and PuVAE's RMSE gap", "",
-             f"{runner.config.dataset}; every threshold was set on the clean validation split "
+             f"{_data_label(runner)}; every threshold was set on the clean validation split "
              f"({len(runner.val)} images, disjoint from training and test) at the stated rate, then "
              f"measured on the full test set (n = {len(runner.test)}). Acceptance: the measured rate "
              "lies within a factor of 2 of the calibrated one. MagNet calibrates each detector at the "
@@ -344,7 +350,7 @@ def sampling_analysis(runner: "Runner", figure: dict, out: Path) -> dict:
 
     record = runner.cached_record(figure.get("record", "sampling"), spec, compute)
     lines = [f"# PuVAE's sampling: EOT over z ~ q(z|x,y) vs. the deterministic mode (z = mean)", "",
-             f"{runner.config.dataset}, classifier `{classifier}`, n = {n} test images (seeded subset), "
+             f"{_data_label(runner)}, classifier `{classifier}`, n = {n} test images (seeded subset), "
              f"L-inf eps {eps}. Each pipeline's detector is calibrated in its own mode. Cells: "
              "accuracy % [Wilson 95%] after each attack of the cascade (cumulative worst case).", ""]
     if figure.get("note"):
@@ -420,7 +426,7 @@ def figure6(runner: "Runner", figure: dict, out: Path) -> dict:
             ax.set_xticks([])
             ax.set_yticks([])
     t = record["threshold"]
-    fig.suptitle(f"{runner.config.dataset}: true label {record['true_label']}; {record['attack']} at eps "
+    fig.suptitle(f"{_data_label(runner)}: true label {record['true_label']}; {record['attack']} at eps "
                  f"{record['eps']}; titles: class, RMSE; red = selected (min RMSE)"
                  + (f"; reject if min RMSE > {t:.3f}" if t is not None else ""), fontsize=7)
     fig.tight_layout()
@@ -451,7 +457,7 @@ def paper_table(runner: "Runner", figure: dict, out: Path) -> None:
         if d == insert_after:
             header.append(worst_label)
     lines = [f"# {figure.get('title', runner.config.title)}", "",
-             f"The seed paper's layout: rows are attacks, columns are defenses. {runner.config.dataset}, "
+             f"The seed paper's layout: rows are attacks, columns are defenses. {_data_label(runner)}, "
              f"n = {runner.config.n} test images (seeded subset) for every column except "
              f"\"{worst_label}\", which comes from the eps sweep "
              f"(n = {sweep['n'] if sweep else '-'}, its own seeded subset; the eps with the lowest "
