@@ -55,6 +55,14 @@ def _attack(d: dict, eps: float) -> AttackSpec:
     return AttackSpec(params=params, **d)
 
 
+def _describe(d: dict) -> str:
+    """An attack of the sweep as text, its step size written as a multiple of eps when it is one."""
+    params = dict(d.get("params") or {})
+    factor = params.pop("step_size_factor", None)
+    title = AttackSpec(params=params, **{k: v for k, v in d.items() if k != "params"}).title
+    return title + (f" step_size={factor}*eps" if factor is not None else "")
+
+
 def _eps_grid(value) -> list[float]:
     if isinstance(value, dict):
         start, stop, num = float(value["start"]), float(value["stop"]), int(value["num"])
@@ -180,8 +188,7 @@ def _render_sweep(runner: "Runner", figure: dict, record: dict, out: Path) -> No
     lines += ["Attacks (each row of the sweep is its own cascade; later attacks only see what "
               "survived the earlier ones):", ""]
     for label, cascade in figure["attacks"].items():
-        lines.append(f"- **{label}**: " + "; ".join(_attack(a, 0.3).title.replace("0.075", "0.25*eps")
-                                                   for a in cascade))
+        lines.append(f"- **{label}**: " + "; ".join(_describe(a) for a in cascade))
     lines += ["", "## Worst case per attack", "",
               "| attack | worst-case eps | accuracy there | per example, worst over all eps |",
               "|---|---|---|---|"]
