@@ -85,3 +85,24 @@ def test_config_rejects_training_eps_that_no_linf_suite_attacks_with():
     bad["shields"]["s"]["eps"] = 0.2
     bad["adversarial_training"]["eps"] = 0.2
     assert from_dict(bad, "quick").shields["s"].eps == 0.2
+
+
+def test_a_record_measured_on_other_weights_is_re_evaluated(tiny_runner, tmp_path):
+    tiny_runner().run()
+    # Same spec, other weights (as when a classifier is retrained under another torch build):
+    # the natural and shield rows use C and must be measured again; the AT row need not.
+    from aeshield.models.io import load_weights, save_weights
+
+    path = next((tmp_path / "artifacts").glob("classifier-*.safetensors"))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model, _ = load_weights(path)
+    with __import__("torch").no_grad():
+        next(model.parameters()).mul_(0.5)
+    save_weights(model, path, **{k: v for k, v in meta.items()
+                                 if k not in ("format", "storage_dtype", "versions")})
+    again = tiny_runner()
+    again.run()
+    evaluated = {k for k in again.timings if k.startswith("eval")}
+    assert evaluated == {"eval natural / C / linf", "eval shield / C / linf"}
+    record = EvalRecord.load(tmp_path / "out" / "tiny" / "quick" / "records" / "natural__C__linf.json")
+    assert record.extra["weights"] == {"C": again.sources["C"]["sha256_16"]}

@@ -296,12 +296,17 @@ class Runner:
                 "n": self.config.n, "seed": self.config.seed,
                 "model": self._model_key(row, classifier)}
         key = config_hash(spec)
+        weights = self._weights_of(row, classifier)
         path = self.out / "records" / f"{_slug(row.label)}__{classifier}__{suite.name}.json"
         if path.exists():
             old = EvalRecord.load(path)
-            if old.extra.get("spec_hash") == key:
+            if old.extra.get("spec_hash") == key and old.extra.get("weights") == weights:
                 logger.info("record %s is up to date", path.name)
                 return {"row": row.label, "classifier": classifier, "suite": suite.name, "record": old}
+            if old.extra.get("spec_hash") == key:
+                # Same spec, other weights: a classifier retrained elsewhere (another torch
+                # build) or the shipped float16 file instead of the cached float32 one.
+                logger.info("record %s was measured on other weights; re-evaluating", path.name)
         start = time.perf_counter()
         surrogate = self.surrogate(row, classifier) if any(a.wrap == "surrogate" for a in suite.attacks) else None
         record = evaluate(model, test.images, test.labels, suite.attacks, suite.threat,
@@ -310,14 +315,21 @@ class Runner:
                           dataset=self.config.dataset, data_source=test.source,
                           data_hash=test.sha256, progress=self.progress, surrogate=surrogate,
                           checkpoint=path.with_suffix(".partial.json"))
-        record.extra.update({"spec_hash": key, "row": row.label, "suite": suite.name,
-                             "target": self.config.name, "profile": self.config.profile})
+        record.extra.update({"spec_hash": key, "weights": weights, "row": row.label,
+                             "suite": suite.name, "target": self.config.name,
+                             "profile": self.config.profile})
         record.save(path)
         path.with_suffix(".partial.json").unlink(missing_ok=True)
         self.timings[f"eval {row.label} / {classifier} / {suite.name}"] = time.perf_counter() - start
         logger.info("%s | %s | %s: clean %s, robust %s", row.label, classifier, suite.name,
                     record.clean.format(), record.robust.format())
         return {"row": row.label, "classifier": classifier, "suite": suite.name, "record": record}
+
+    def _weights_of(self, row: RowSpec, classifier: str) -> dict[str, str]:
+        """SHA-256 prefixes of the weight files behind a row's pipeline (loaded by then)."""
+        names = {"natural": [classifier], "adversarial-training": [f"AT-{classifier}"],
+                 "shield": [f"shield-{row.shield}", classifier]}[row.kind]
+        return {n: self.sources[n]["sha256_16"] for n in names if n in self.sources}
 
     def _model_key(self, row: RowSpec, classifier: str) -> dict:
         base = asdict(self.config.classifiers[classifier])
