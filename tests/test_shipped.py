@@ -8,6 +8,7 @@ import torch
 
 import aeshield
 from aeshield.data import load_dataset
+from aeshield.experiments import Runner, list_targets, load_config
 from aeshield.models.io import shipped_dir
 
 SIDECARS = sorted(shipped_dir().glob("*.json")) if shipped_dir().exists() else []
@@ -74,3 +75,26 @@ def _check_method_pipeline(side, meta, test):
         measured = accuracy(pipeline, test.images, test.labels)
         assert abs(measured - meta["clean_accuracy"][key]) < 2e-3, key
     assert checked
+
+
+SHIPPING_TARGETS = [t for t in list_targets()
+                    if load_config(t, "quick").raw.get("ship")
+                    and load_config(t, "quick").dataset in ("mnist", "fashion-mnist")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", SHIPPING_TARGETS)
+def test_every_shipped_artifact_is_found_under_the_key_its_target_looks_up(target, tmp_path):
+    # A shipped file is only worth shipping if a clean checkout's run finds it instead of
+    # training it again: its sidecar's spec_hash must be the key the runner looks up.
+    runner = Runner(load_config(target, "quick"), tmp_path / "out", artifacts=tmp_path / "empty",
+                    progress=False)
+    for ship_name, what in runner.config.raw["ship"].items():
+        if "classifier" in what:
+            path, key = runner.classifier_artifact(what["classifier"])
+        elif "adversarially_trained" in what:
+            path, key = runner.adversarially_trained_artifact(what["adversarially_trained"])
+        else:
+            path, key = runner.shield_artifact(what["shield"])
+        found = runner._find(path, key)
+        assert found is not None and found.parent == shipped_dir(), f"{target}: {ship_name} not found"

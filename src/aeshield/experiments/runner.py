@@ -69,7 +69,7 @@ class Runner:
         if name in self._models:
             return self._models[name]
         spec = self.config.classifiers[name]
-        path, key = self._artifact("classifier", asdict(spec))
+        path, key = self.classifier_artifact(name)
         found = self._find(path, key)
         if found is None:
             start = time.perf_counter()
@@ -94,7 +94,7 @@ class Runner:
             return self._models[key_name]
         spec = self.config.adversarial_training
         base = self.config.classifiers[name]
-        path, key = self._artifact("adv-trained", {"base": asdict(base), "at": spec_dict(spec)})
+        path, key = self.adversarially_trained_artifact(name)
         found = self._find(path, key)
         if found is None:
             start = time.perf_counter()
@@ -124,6 +124,13 @@ class Runner:
         self._note_source(key_name, found)
         self._models[key_name] = model
         return model
+
+    def classifier_artifact(self, name: str) -> tuple[Path, str]:
+        return self._artifact("classifier", asdict(self.config.classifiers[name]))
+
+    def adversarially_trained_artifact(self, name: str) -> tuple[Path, str]:
+        return self._artifact("adv-trained", {"base": asdict(self.config.classifiers[name]),
+                                              "at": spec_dict(self.config.adversarial_training)})
 
     def classifier_specs(self, names) -> dict[str, dict]:
         return {c: asdict(self.config.classifiers[c]) for c in names}
@@ -194,7 +201,7 @@ class Runner:
                 key = what["classifier"]
                 spec = self.config.classifiers[key]
                 model = self.classifier(key)
-                _, spec_hash = self._artifact("classifier", asdict(spec))
+                _, spec_hash = self.classifier_artifact(key)
                 path = save_weights(model, shipped_dir() / ship_name, architecture=spec.model,
                                     dataset=self.config.dataset, half=True, kind="classifier",
                                     training="natural", spec_hash=spec_hash, source_target=self.config.name)
@@ -206,8 +213,9 @@ class Runner:
                 key = what["adversarially_trained"]
                 base = self.config.classifiers[key]
                 model = self.adversarially_trained(key)
-                _, spec_hash = self._artifact("adv-trained", {
-                    "base": asdict(base), "at": asdict(self.config.adversarial_training)})
+                # The key the lookup uses (spec_dict): asdict here once shipped AT files under
+                # hashes no run could find, so every run retrained them.
+                _, spec_hash = self.adversarially_trained_artifact(key)
                 path = save_weights(model, shipped_dir() / ship_name, architecture=base.model,
                                     dataset=self.config.dataset, half=True, kind="classifier",
                                     training="pgd-adversarial-training", spec_hash=spec_hash,
