@@ -81,8 +81,10 @@ def measure(runner: "Runner", figure: dict) -> dict[tuple[str, str], CorruptionR
     results = {}
     for row in rows:
         for classifier in classifiers:
+            runner.pipeline(row, classifier)  # loads the weights, so their hashes are known
             spec = {"row": asdict(row), "classifier": classifier,
-                    "model": runner._model_key(row, classifier), "corruptions": corruptions,
+                    "model": runner._model_key(row, classifier),
+                    "weights": runner._weights_of(row, classifier), "corruptions": corruptions,
                     "severities": severities, "n": n, "subset_seed": runner.config.seed,
                     "corruption_seed": seed, "library": f"imagecorruptions-imaug {library_version()}"}
 
