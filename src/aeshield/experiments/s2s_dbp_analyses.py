@@ -76,12 +76,17 @@ def _fmt_mean(m: dict, digits: int = 3) -> str:
     return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (sd {m['std']:.{digits}f})"
 
 
-def _shield_key(runner: "Runner", name: str) -> str:
-    return runner.shield_artifact(name)[1]
+def _shield_key(runner: "Runner", name: str) -> dict:
+    """The shield's spec hash and its weight file's hash (loads it; a record measured on other
+    weights is then recomputed, as the runner's evaluation records are)."""
+    runner.shield(name)
+    return {"spec": runner.shield_artifact(name)[1],
+            "weights": runner.sources[f"shield-{name}"]["sha256_16"]}
 
 
 def _classifier_key(runner: "Runner", name: str) -> dict:
-    return runner.classifier_specs([name])
+    runner.classifier(name)
+    return {**runner.classifier_specs([name]), "weights": runner.sources[name]["sha256_16"]}
 
 
 def _correct_subset(runner: "Runner", classifier: nn.Module, n: int, seed: int):
