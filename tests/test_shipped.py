@@ -78,8 +78,7 @@ def _check_method_pipeline(side, meta, test):
 
 
 SHIPPING_TARGETS = [t for t in list_targets()
-                    if load_config(t, "quick").raw.get("ship")
-                    and load_config(t, "quick").dataset in ("mnist", "fashion-mnist")]
+                    if (c := load_config(t, "quick")).raw.get("ship") and c.dataset in ("mnist", "fashion-mnist")]
 
 
 @pytest.mark.slow

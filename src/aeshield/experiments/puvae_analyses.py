@@ -43,12 +43,10 @@ def _pipeline(runner: "Runner", shield: str, classifier: str):
 def _model_key(runner: "Runner", shield: str, classifier: str) -> dict:
     """What an analysis record depends on: the specs and the weight files themselves (so a
     record measured on other weights, e.g. a classifier retrained elsewhere, is recomputed)."""
-    from .config import RowSpec
-
     runner.shield(shield), runner.classifier(classifier)  # load, so their files are hashed
     return {"shield": spec_dict(runner.config.shields[shield]), "artifact": runner.shield_artifact(shield)[1],
             "classifier": asdict(runner.config.classifiers[classifier]),
-            "weights": runner._weights_of(RowSpec(label=shield, kind="shield", shield=shield), classifier)}
+            "weights": runner.weight_hashes([f"shield-{shield}", classifier])}
 
 
 def _attack(d: dict, eps: float) -> AttackSpec:

@@ -333,11 +333,15 @@ class Runner:
                     record.clean.format(), record.robust.format())
         return {"row": row.label, "classifier": classifier, "suite": suite.name, "record": record}
 
+    def weight_hashes(self, names) -> dict[str, str]:
+        """SHA-256 prefixes of loaded weight files, by model key ("A", "AT-A", "shield-s")."""
+        return {n: self.sources[n]["sha256_16"] for n in names if n in self.sources}
+
     def _weights_of(self, row: RowSpec, classifier: str) -> dict[str, str]:
         """SHA-256 prefixes of the weight files behind a row's pipeline (loaded by then)."""
         names = {"natural": [classifier], "adversarial-training": [f"AT-{classifier}"],
                  "shield": [f"shield-{row.shield}", classifier]}[row.kind]
-        return {n: self.sources[n]["sha256_16"] for n in names if n in self.sources}
+        return self.weight_hashes(names)
 
     def _model_key(self, row: RowSpec, classifier: str) -> dict:
         base = asdict(self.config.classifiers[classifier])
