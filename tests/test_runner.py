@@ -106,3 +106,39 @@ def test_a_record_measured_on_other_weights_is_re_evaluated(tiny_runner, tmp_pat
     assert evaluated == {"eval natural / C / linf", "eval shield / C / linf"}
     record = EvalRecord.load(tmp_path / "out" / "tiny" / "quick" / "records" / "natural__C__linf.json")
     assert record.extra["weights"] == {"C": again.sources["C"]["sha256_16"]}
+
+
+def test_parallel_run_trains_each_artifact_once_and_writes_the_records_a_sequential_run_reuses(
+        tmp_path):
+    config = from_dict(json.loads(json.dumps(TINY)), "quick")
+
+    def runner(out):
+        return Runner(config, tmp_path / out, artifacts=tmp_path / "artifacts", use_shipped=False,
+                      progress=False)
+
+    parallel = runner("par")
+    parallel.run(jobs=2)
+    trained = sorted(k for k in parallel.timings if k.startswith(("train", "adversarial")))
+    assert trained == ["adversarial training C", "train classifier C", "train shield s"]
+    assert len([k for k in parallel.timings if k.startswith("eval")]) == 3
+    # The workers' records are the ones the one-process runner looks for: nothing to redo.
+    again = runner("par")
+    again.run()
+    assert not any(k.startswith(("train", "adversarial", "eval")) for k in again.timings)
+    # And they hold what a one-process evaluation of the same weights measures.
+    sequential = runner("seq")
+    sequential.run()
+    cells = [json.loads((tmp_path / out / "tiny" / "quick" / "table.json").read_text())["cells"]
+             for out in ("par", "seq")]
+    assert cells[0] == cells[1]
+
+
+def test_parallel_plan_waits_for_the_artifacts_each_task_needs(tiny_runner):
+    from aeshield.experiments.parallel import plan
+
+    tasks = {t.key: t for t in plan(tiny_runner())}
+    assert tasks["adversarial-training:C"].deps == ("classifier:C",)
+    assert tasks["shield:s"].deps == ("classifier:C",)
+    assert tasks["cell:0/C/linf"].deps == ("classifier:C",)
+    assert tasks["cell:1/C/linf"].deps == ("adversarial-training:C",)
+    assert set(tasks["cell:2/C/linf"].deps) == {"shield:s", "classifier:C"}

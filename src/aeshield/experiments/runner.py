@@ -26,6 +26,7 @@ from ..models.io import load_weights, save_weights, shipped_dir
 from ..train.classifier import ClassifierConfig, accuracy, train_classifier
 from .config import ExperimentConfig, RowSpec, load_config, spec_dict
 from .methods import get_method
+from .parallel import run_parallel
 from .report import render_figures, render_tables
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class Runner:
                  artifacts: str | Path | None = None, use_shipped: bool = True,
                  progress: bool = True, device: str = "cpu") -> None:
         self.config = config
-        self.out = Path(out_root) / config.name / config.profile
+        self.out_root = Path(out_root)
+        self.out = self.out_root / config.name / config.profile
         self.artifacts = Path(artifacts) if artifacts else cache_dir() / "artifacts"
         self.use_shipped = use_shipped
         self.progress = progress
@@ -45,6 +47,8 @@ class Runner:
         self._paths: dict[str, Path] = {}
         self.sources: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
+        self._test_subset = None
+        self._pipelines: dict[tuple, tuple[nn.Module, str]] = {}
         self.train, self.val, self.test = (
             _on_device(load_dataset(config.dataset, split), device) for split in ("train", "val", "test"))
 
@@ -277,16 +281,29 @@ class Runner:
         raise ValueError(f"unknown row kind {row.kind!r}")
 
     def evaluate_all(self) -> list[dict]:
-        test = self.test.subset(self.config.n, seed=self.config.seed)
         entries = []
         for row in self.config.rows:
             for group in self.config.groups:
                 for classifier in group.classifiers:
-                    model, defense = self.pipeline(row, classifier)
                     for suite in self.config.suites:
                         if suite.applies_to(row):
-                            entries.append(self._evaluate_one(row, classifier, suite, model, defense, test))
+                            entries.append(self.evaluate_cell(row, classifier, suite))
         return entries
+
+    def evaluate_cell(self, row: RowSpec, classifier: str, suite) -> dict:
+        """One (row, classifier, suite) record: reused if its spec and weights match, else measured."""
+        if (row, classifier) not in self._pipelines:  # a detector calibrates once, not per suite
+            self._pipelines[(row, classifier)] = self.pipeline(row, classifier)
+        model, defense = self._pipelines[(row, classifier)]
+        return self._evaluate_one(row, classifier, suite, model, defense, self.test_subset())
+
+    def test_subset(self):
+        if self._test_subset is None:
+            self._test_subset = self.test.subset(self.config.n, seed=self.config.seed)
+        return self._test_subset
+
+    def record_path(self, row_label: str, classifier: str, suite: str) -> Path:
+        return self.out / "records" / f"{_slug(row_label)}__{classifier}__{suite}.json"
 
     def surrogate(self, row: RowSpec, classifier: str) -> nn.Module | None:
         """The model a row's ``wrap: surrogate`` attacks craft on, from its method (or None)."""
@@ -305,7 +322,7 @@ class Runner:
                 "model": self._model_key(row, classifier)}
         key = config_hash(spec)
         weights = self._weights_of(row, classifier)
-        path = self.out / "records" / f"{_slug(row.label)}__{classifier}__{suite.name}.json"
+        path = self.record_path(row.label, classifier, suite.name)
         if path.exists():
             old = EvalRecord.load(path)
             if old.extra.get("spec_hash") == key and old.extra.get("weights") == weights:
@@ -353,8 +370,12 @@ class Runner:
                 {"base": base, "shield": spec_dict(spec), "method": spec.method}
         return {"base": base}
 
-    def run(self) -> Path:
+    def run(self, jobs: int = 1) -> Path:
+        """Train what is missing, evaluate every cell, render. ``jobs`` > 1 fills the cache and
+        the records in that many worker processes first; the table is the same either way."""
         start = time.perf_counter()
+        if jobs > 1:
+            self.timings.update(run_parallel(self, jobs))
         entries = self.evaluate_all()
         tables = render_tables(self.config, entries, self.out)
         render_figures(self, self.out)
@@ -387,10 +408,12 @@ def _slug(text: str) -> str:
 
 def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/results",
               use_shipped: bool = True, progress: bool = True, ship: bool = False,
-              device: str = "cpu") -> Path:
+              device: str = "cpu", jobs: int = 1) -> Path:
+    """Run a target. ``jobs`` > 1 uses worker processes (spawned: a calling script needs the
+    ``if __name__ == "__main__":`` guard); the CLI defaults to one per core."""
     config = load_config(target, profile)
     runner = Runner(config, out_root, use_shipped=use_shipped, progress=progress, device=device)
-    out = runner.run()
+    out = runner.run(jobs=jobs)
     if ship:
         runner.ship()
     return out
