@@ -142,3 +142,19 @@ def test_parallel_plan_waits_for_the_artifacts_each_task_needs(tiny_runner):
     assert tasks["cell:0/C/linf"].deps == ("classifier:C",)
     assert tasks["cell:1/C/linf"].deps == ("adversarial-training:C",)
     assert set(tasks["cell:2/C/linf"].deps) == {"shield:s", "classifier:C"}
+
+
+def test_a_row_measured_on_fewer_images_is_labelled_and_keeps_the_other_rows_keys(tmp_path):
+    from aeshield.experiments.config import RowSpec, spec_dict
+
+    assert spec_dict(RowSpec("x", "natural")) == {"label": "x", "kind": "natural", "shield": None}
+    data = json.loads(json.dumps(TINY))
+    data["rows"][2]["n"] = 20
+    config = from_dict(data, "quick")
+    out = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
+                 progress=False).run()
+    records = {p.name: EvalRecord.load(p) for p in (out / "records").glob("*.json")}
+    assert records["shield__C__linf.json"].n == 20 and records["natural__C__linf.json"].n == 40
+    cells = json.loads((out / "table.json").read_text())["cells"]
+    assert {c["n"] for c in cells if c["row"] == "shield"} == {20}
+    assert "shield: n = 20" in (out / "table.md").read_text()

@@ -79,6 +79,9 @@ class RowSpec:
     label: str
     kind: str = "natural"  # natural | adversarial-training | shield
     shield: str | None = None
+    # Test images for this row's cells when it differs from the target's ``n`` (a quick
+    # profile's ablation rows); always the first n of the same seeded subset.
+    n: int | None = field(default=None, metadata={"hash_if_default": False})
 
 
 @dataclass(frozen=True)

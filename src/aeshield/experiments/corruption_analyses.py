@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ from ..eval.corruptions import (
     library_version,
 )
 from ..eval.records import write_text_atomic
+from .config import spec_dict
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -82,7 +82,7 @@ def measure(runner: "Runner", figure: dict) -> dict[tuple[str, str], CorruptionR
     for row in rows:
         for classifier in classifiers:
             runner.pipeline(row, classifier)  # loads the weights, so their hashes are known
-            spec = {"row": asdict(row), "classifier": classifier,
+            spec = {"row": spec_dict(row), "classifier": classifier,
                     "model": runner._model_key(row, classifier),
                     "weights": runner._weights_of(row, classifier), "corruptions": corruptions,
                     "severities": severities, "n": n, "subset_seed": runner.config.seed,

@@ -80,13 +80,19 @@ def _threat_lines(config: ExperimentConfig) -> list[str]:
     return lines
 
 
+def _row_sizes(config: ExperimentConfig) -> str:
+    """Rows measured on fewer images than the target's n, named (their intervals are wider)."""
+    smaller = [f"{r.label}: n = {r.n}" for r in config.rows if r.n and r.n != config.n]
+    return f" except {'; '.join(smaller)} (the first n of the same subset)" if smaller else ""
+
+
 def render_tables(config: ExperimentConfig, entries: list[dict], out: Path) -> str:
     cells = table_cells(config, entries)
     source = entries[0]["record"].data_source if entries else ""
     header = [f"# {config.title}", "",
               f"Target `{config.name}`, profile `{config.profile}`. Dataset: {config.dataset} "
               f"({source}). n = {config.n} test images per classifier (seeded subset, seed "
-              f"{config.seed}); groups of several classifiers pool their examples. Cells: accuracy % "
+              f"{config.seed}){_row_sizes(config)}; groups of several classifiers pool their examples. Cells: accuracy % "
               "[Wilson 95% interval]. An example counts as robust only if it survives every restart "
               "and every attack of the cascade.", ""] + _threat_lines(config)
     if config.notes:

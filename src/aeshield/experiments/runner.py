@@ -47,7 +47,7 @@ class Runner:
         self._paths: dict[str, Path] = {}
         self.sources: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
-        self._test_subset = None
+        self._test_subsets: dict[int, object] = {}
         self._pipelines: dict[tuple, tuple[nn.Module, str]] = {}
         self.train, self.val, self.test = (
             _on_device(load_dataset(config.dataset, split), device) for split in ("train", "val", "test"))
@@ -295,12 +295,14 @@ class Runner:
         if (row, classifier) not in self._pipelines:  # a detector calibrates once, not per suite
             self._pipelines[(row, classifier)] = self.pipeline(row, classifier)
         model, defense = self._pipelines[(row, classifier)]
-        return self._evaluate_one(row, classifier, suite, model, defense, self.test_subset())
+        return self._evaluate_one(row, classifier, suite, model, defense, self.test_subset(row.n))
 
-    def test_subset(self):
-        if self._test_subset is None:
-            self._test_subset = self.test.subset(self.config.n, seed=self.config.seed)
-        return self._test_subset
+    def test_subset(self, n: int | None = None):
+        """The first ``n`` (default: the target's n) of the seeded test permutation."""
+        n = n or self.config.n
+        if n not in self._test_subsets:
+            self._test_subsets[n] = self.test.subset(n, seed=self.config.seed)
+        return self._test_subsets[n]
 
     def record_path(self, row_label: str, classifier: str, suite: str) -> Path:
         return self.out / "records" / f"{_slug(row_label)}__{classifier}__{suite}.json"
@@ -316,9 +318,9 @@ class Runner:
         return method.surrogate(self, spec, self.shield(row.shield), classifier)
 
     def _evaluate_one(self, row, classifier, suite, model, defense, test) -> dict:
-        spec = {"row": asdict(row), "classifier": classifier, "suite": suite.name,
+        spec = {"row": spec_dict(row), "classifier": classifier, "suite": suite.name,
                 "attacks": [a.to_dict() for a in suite.attacks], "threat": suite.threat.to_dict(),
-                "n": self.config.n, "seed": self.config.seed,
+                "n": row.n or self.config.n, "seed": self.config.seed,
                 "model": self._model_key(row, classifier)}
         key = config_hash(spec)
         weights = self._weights_of(row, classifier)
