@@ -55,6 +55,32 @@ def test_save_load_identical_logits(tmp_path):
     assert side["clean_accuracy"] == 0.5 and side["architecture"] == "mnist-b"
 
 
+def test_the_same_weights_saved_twice_are_the_same_bytes_and_dotted_names_keep_their_name(tmp_path):
+    # Records are keyed by the SHA-256 of weight files: a re-save of unchanged weights must
+    # not change it (safetensors writes its metadata in hash order, which varies by process).
+    model = create_model("conv-ae-small")
+    blobs = set()
+    for i in range(6):
+        path = save_weights(model, tmp_path / f"s{i}", architecture="conv-ae-small", dataset="mnist")
+        blobs.add(path.read_bytes())
+    assert len(blobs) == 1
+    # Re-saving unchanged weights over a file leaves the file alone.
+    target = tmp_path / "s0.safetensors"
+    before = target.stat().st_mtime_ns
+    save_weights(model, target, architecture="conv-ae-small", dataset="mnist")
+    assert target.stat().st_mtime_ns == before
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_weights(model, target, architecture="conv-ae-small", dataset="mnist")
+    assert target.read_bytes() not in blobs
+    a = save_weights(model, tmp_path / "lam0.15", architecture="conv-ae-small", dataset="mnist")
+    b = save_weights(model, tmp_path / "lam0.4", architecture="conv-ae-small", dataset="mnist")
+    assert a.name == "lam0.15.safetensors" and b.name == "lam0.4.safetensors" and a != b
+    loaded, _ = load_weights(a)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model.eval()(x), loaded(x))
+
+
 def test_load_refuses_wrong_architecture_dataset_and_damage(tmp_path):
     path = save_weights(create_model("mnist-c"), tmp_path / "c", architecture="mnist-c",
                         dataset="mnist")

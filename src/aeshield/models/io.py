@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,6 +35,42 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def weights_path(path: str | Path) -> Path:
+    """``path`` ending in .safetensors: the suffix is added, not substituted, so that a name
+    such as ``aaa-fmnist-lam0.15`` keeps its ``.15`` (substituting once wrote two shipped
+    shields to one file)."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def _canonicalize_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place and at the same length.
+
+    safetensors writes its metadata map in hash order, which changes from process to
+    process, so the same weights saved twice gave files with different SHA-256, and every
+    evaluation record keyed by that hash looked stale after a re-ship."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) > size:  # never expected (same tokens); keep the file as written
+            return
+        f.seek(8)
+        f.write(canonical + b" " * (size - len(canonical)))
+
+
+def _same_contents(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same header metadata and the same tensors."""
+    try:
+        with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+            if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
+                return False
+            return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k))
+                       and fa.get_tensor(k).dtype == fb.get_tensor(k).dtype for k in fa.keys())
+    except Exception:  # a damaged old file is simply replaced
+        return False
+
+
 def save_weights(model: nn.Module, path: str | Path, *, architecture: str, dataset: str,
                  half: bool = False, **metadata: Any) -> Path:
     """Write ``path`` (.safetensors) and its JSON sidecar, both atomically.
@@ -45,7 +82,7 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
     """
     if isinstance(model, nn.ModuleList):
         metadata.setdefault("members", len(model))
-    path = Path(path).with_suffix(".safetensors")
+    path = weights_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
@@ -54,7 +91,11 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
     os.close(fd)
     save_file(tensors, tmp, metadata={"format": FORMAT, "architecture": architecture,
                                       "dataset": dataset})
-    os.replace(tmp, path)
+    _canonicalize_header(tmp)
+    if path.exists() and _same_contents(path, tmp):
+        os.unlink(tmp)  # keep the old bytes: records keyed by the file's hash stay valid
+    else:
+        os.replace(tmp, path)
     side = {"format": FORMAT, "architecture": architecture, "dataset": dataset,
             "storage_dtype": "float16" if half else "float32", "versions": package_versions(),
             **metadata}
