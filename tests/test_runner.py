@@ -158,3 +158,10 @@ def test_a_row_measured_on_fewer_images_is_labelled_and_keeps_the_other_rows_key
     cells = json.loads((out / "table.json").read_text())["cells"]
     assert {c["n"] for c in cells if c["row"] == "shield"} == {20}
     assert "shield: n = 20" in (out / "table.md").read_text()
+
+
+def test_parallel_plan_puts_shielded_cells_first_when_nothing_was_measured_yet(tiny_runner):
+    from aeshield.experiments.parallel import plan
+
+    cells = sorted((t for t in plan(tiny_runner()) if t.kind == "cell"), key=lambda t: -t.cost)
+    assert [t.name.split("/")[0] for t in cells] == ["2", "1", "0"]  # shield, AT, natural
