@@ -54,25 +54,21 @@ def default_jobs(device: str = "cpu") -> int:
 def plan(runner: "Runner") -> list[Task]:
     """Every task the target still needs, with the artifacts each one waits for."""
     config = runner.config
-    tasks: list[Task] = []
-    missing_classifiers = []
-    for name in config.classifiers:
-        if runner._find(*runner.classifier_artifact(name)) is None:
-            tasks.append(Task("classifier", name))
-            missing_classifiers.append(f"classifier:{name}")
-    classifier_dep = {n: (f"classifier:{n}",) if f"classifier:{n}" in missing_classifiers else ()
-                      for n in config.classifiers}
+    tasks = [Task("classifier", name) for name in config.classifiers
+             if runner._find(*runner.classifier_artifact(name)) is None]
+    missing_classifiers = tuple(t.key for t in tasks)
     at_needed = {c for row in config.rows if row.kind == "adversarial-training"
                  for group in config.groups for c in group.classifiers}
     for name in sorted(at_needed):
         if runner._find(*runner.adversarially_trained_artifact(name)) is None:
-            tasks.append(Task("adversarial-training", name, classifier_dep[name]))
+            tasks.append(Task("adversarial-training", name,
+                              tuple(d for d in (f"classifier:{name}",) if d in missing_classifiers)))
     shields_needed = {row.shield for row in config.rows if row.kind == "shield"}
     for name in sorted(shields_needed):
         if runner._find(*runner.shield_artifact(name)) is None:
             # A method may consult any classifier of the config while it trains (AAA's
             # ensemble, a detector's calibration), so wait for all of them.
-            tasks.append(Task("shield", name, tuple(missing_classifiers)))
+            tasks.append(Task("shield", name, missing_classifiers))
     pending = {t.key for t in tasks}
     for r, row in enumerate(config.rows):
         for group in config.groups:
@@ -81,7 +77,7 @@ def plan(runner: "Runner") -> list[Task]:
                     if not suite.applies_to(row):
                         continue
                     if row.kind == "natural":
-                        deps = classifier_dep[classifier]
+                        deps = (f"classifier:{classifier}",)
                     elif row.kind == "adversarial-training":
                         deps = (f"adversarial-training:{classifier}",)
                     else:

@@ -270,6 +270,13 @@ class Runner:
 
     # ---- evaluation ------------------------------------------------------------------
     def pipeline(self, row: RowSpec, classifier: str) -> tuple[nn.Module, str]:
+        """The evaluated model of a row behind ``classifier`` and its defense label, built once
+        per runner (a detector calibrates once, not per suite or per analysis)."""
+        if (row, classifier) not in self._pipelines:
+            self._pipelines[(row, classifier)] = self._build_pipeline(row, classifier)
+        return self._pipelines[(row, classifier)]
+
+    def _build_pipeline(self, row: RowSpec, classifier: str) -> tuple[nn.Module, str]:
         if row.kind == "natural":
             return self.classifier(classifier), "none"
         if row.kind == "adversarial-training":
@@ -292,9 +299,7 @@ class Runner:
 
     def evaluate_cell(self, row: RowSpec, classifier: str, suite) -> dict:
         """One (row, classifier, suite) record: reused if its spec and weights match, else measured."""
-        if (row, classifier) not in self._pipelines:  # a detector calibrates once, not per suite
-            self._pipelines[(row, classifier)] = self.pipeline(row, classifier)
-        model, defense = self._pipelines[(row, classifier)]
+        model, defense = self.pipeline(row, classifier)
         return self._evaluate_one(row, classifier, suite, model, defense, self.test_subset(row.n))
 
     def test_subset(self, n: int | None = None):

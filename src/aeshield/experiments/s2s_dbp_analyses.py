@@ -81,12 +81,12 @@ def _shield_key(runner: "Runner", name: str) -> dict:
     weights is then recomputed, as the runner's evaluation records are)."""
     runner.shield(name)
     return {"spec": runner.shield_artifact(name)[1],
-            "weights": runner.sources[f"shield-{name}"]["sha256_16"]}
+            "weights": runner.weight_hashes([f"shield-{name}"])[f"shield-{name}"]}
 
 
 def _classifier_key(runner: "Runner", name: str) -> dict:
     runner.classifier(name)
-    return {**runner.classifier_specs([name]), "weights": runner.sources[name]["sha256_16"]}
+    return {**runner.classifier_specs([name]), "weights": runner.weight_hashes([name])[name]}
 
 
 def _correct_subset(runner: "Runner", classifier: nn.Module, n: int, seed: int):

@@ -65,8 +65,11 @@ def _same_contents(a: Path, b: Path) -> bool:
         with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
             if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
                 return False
-            return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k))
-                       and fa.get_tensor(k).dtype == fb.get_tensor(k).dtype for k in fa.keys())
+            for k in fa.keys():
+                ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+                if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+                    return False
+            return True
     except Exception:  # a damaged old file is simply replaced
         return False
 
