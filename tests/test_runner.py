@@ -144,6 +144,23 @@ def test_parallel_plan_waits_for_the_artifacts_each_task_needs(tiny_runner):
     assert set(tasks["cell:2/C/linf"].deps) == {"shield:s", "classifier:C"}
 
 
+def test_parallel_plan_lets_a_shield_wait_only_for_the_classifiers_it_is_trained_against(tmp_path):
+    from aeshield.experiments.parallel import plan
+
+    data = json.loads(json.dumps(TINY))
+    data["classifiers"]["T"] = {"model": "mnist-c", "epochs": 1, "train_limit": 300}  # transfer
+    data["groups"] = [{"label": "native", "classifiers": ["C"]},
+                      {"label": "transfer", "classifiers": ["T"]}]
+    config = from_dict(data, "quick")
+    runner = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
+                    progress=False)
+    tasks = {t.key: t for t in plan(runner)}
+    assert tasks["shield:s"].deps == ("classifier:C",)  # not the transfer classifier T
+    assert set(tasks["cell:2/C/linf"].deps) == {"shield:s", "classifier:C"}
+    assert set(tasks["cell:2/T/linf"].deps) == {"shield:s", "classifier:T"}
+    assert tasks["adversarial-training:T"].deps == ("classifier:T",)
+
+
 def test_a_row_measured_on_fewer_images_is_labelled_and_keeps_the_other_rows_keys(tmp_path):
     from aeshield.experiments.config import RowSpec, spec_dict
 

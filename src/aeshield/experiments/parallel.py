@@ -23,6 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .methods import get_method
+
 if TYPE_CHECKING:
     from .runner import Runner
 
@@ -56,19 +58,23 @@ def plan(runner: "Runner") -> list[Task]:
     config = runner.config
     tasks = [Task("classifier", name) for name in config.classifiers
              if runner._find(*runner.classifier_artifact(name)) is None]
-    missing_classifiers = tuple(t.key for t in tasks)
+    missing = {t.name for t in tasks}
+
+    def needs(*classifiers: str) -> tuple[str, ...]:
+        return tuple(f"classifier:{c}" for c in dict.fromkeys(classifiers) if c in missing)
+
     at_needed = {c for row in config.rows if row.kind == "adversarial-training"
                  for group in config.groups for c in group.classifiers}
     for name in sorted(at_needed):
         if runner._find(*runner.adversarially_trained_artifact(name)) is None:
-            tasks.append(Task("adversarial-training", name,
-                              tuple(d for d in (f"classifier:{name}",) if d in missing_classifiers)))
+            tasks.append(Task("adversarial-training", name, needs(name)))
     shields_needed = {row.shield for row in config.rows if row.kind == "shield"}
     for name in sorted(shields_needed):
         if runner._find(*runner.shield_artifact(name)) is None:
-            # A method may consult any classifier of the config while it trains (AAA's
-            # ensemble, a detector's calibration), so wait for all of them.
-            tasks.append(Task("shield", name, missing_classifiers))
+            # A method trains against exactly the classifiers it declares: their specs are in
+            # the shield's hash, so a method that used another one would be a keying bug.
+            spec = config.shields[name]
+            tasks.append(Task("shield", name, needs(*get_method(spec.method).depends_on(spec))))
     pending = {t.key for t in tasks}
     for r, row in enumerate(config.rows):
         for group in config.groups:
@@ -80,8 +86,8 @@ def plan(runner: "Runner") -> list[Task]:
                         deps = (f"classifier:{classifier}",)
                     elif row.kind == "adversarial-training":
                         deps = (f"adversarial-training:{classifier}",)
-                    else:
-                        deps = (f"shield:{row.shield}", *missing_classifiers)
+                    else:  # the shield and the classifier behind it, nothing else
+                        deps = (f"shield:{row.shield}", *needs(classifier))
                     cost = _previous_cost(runner, row.label, classifier, suite.name) or \
                         _FIRST_GUESS[row.kind]
                     tasks.append(Task("cell", f"{r}/{classifier}/{suite.name}",
