@@ -404,6 +404,30 @@ def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
     assert missing.exit_code != 0 and "--classifier" in missing.output
 
 
+def test_all_shipped_audits_each_shield_at_the_eps_it_was_trained_at():
+    from aeshield.eval.audit_cli import _training_eps
+    from aeshield.models.io import shipped_dir
+
+    assert _training_eps({"config": {"eps": 0.3}}) == 0.3               # aeshield train
+    assert _training_eps({"shield_spec": {"eps": 0.2}}) == 0.2          # reproduce --ship
+    assert _training_eps({"shield_spec": {"method": "magnet"}}) is None  # not adversarially trained
+    sidecars = [json.loads(p.read_text()) for p in shipped_dir().glob("aaa-fmnist*.json")]
+    assert sidecars and {_training_eps(m) for m in sidecars} == {0.2}
+
+
+def test_shipped_shields_name_the_classifiers_they_go_with_by_loadable_names():
+    """The audit loads these names; a config key such as "F" would be skipped."""
+    from aeshield.models import list_models
+    from aeshield.models.io import shipped_dir
+
+    loadable = {p.stem for p in shipped_dir().glob("*.safetensors")} | set(list_models())
+    for side in shipped_dir().glob("*.json"):
+        meta = json.loads(side.read_text())
+        if meta.get("kind") == "shield":
+            names = (meta.get("trained_against") or []) + (meta.get("transfer_classifiers") or [])
+            assert set(names) <= loadable, f"{side.name}: {names}"
+
+
 def test_audit_of_a_pipeline_with_a_detector(trained_mlp, mnist_small):
     train, test = mnist_small
     detector = MidGray()

@@ -160,6 +160,17 @@ def audit_cmd(classifier, shield, surrogate, dataset, norm, eps, budget, n, seed
         click.echo(f"report: {Path(out) / 'audit.md'}")
 
 
+def _training_eps(meta: dict) -> float | None:
+    """The L-inf radius a shield was trained at: ``config`` for a shield trained by ``aeshield
+    train``, ``shield_spec`` for one shipped by ``reproduce --ship`` (reading only ``config`` once
+    audited the Fashion-MNIST shields at the 0.1 default instead of their 0.2)."""
+    for section in ("config", "shield_spec"):
+        eps = (meta.get(section) or {}).get("eps")
+        if eps is not None:
+            return float(eps)
+    return None
+
+
 def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, out: Path,
                  progress: bool) -> None:
     from ..models.io import shipped_dir
@@ -181,7 +192,7 @@ def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, o
         if not against:
             rows.append((name, "-", "-", "-", "-", "-", "sidecar lists no trained_against classifier"))
             continue
-        trained_eps = (meta.get("config") or {}).get("eps")
+        trained_eps = _training_eps(meta)
         radius = eps if eps is not None else (
             float(trained_eps) if trained_eps is not None and norm == "Linf" else DEFAULT_EPS[(dataset, norm)])
         for clf in against:
