@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 
@@ -53,6 +54,10 @@ def test_save_load_identical_logits(tmp_path):
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(model(x), loaded(x))
     assert side["clean_accuracy"] == 0.5 and side["architecture"] == "mnist-b"
+    # Readable as the umask allows, like the sidecar (not the 0600 of a temporary file).
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask == path.with_suffix(".json").stat().st_mode & 0o777
 
 
 def test_the_same_weights_saved_twice_are_the_same_bytes_and_dotted_names_keep_their_name(tmp_path):

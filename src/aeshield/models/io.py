@@ -90,10 +90,10 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     save_file(tensors, tmp, metadata={"format": FORMAT, "architecture": architecture,
                                       "dataset": dataset})
+    os.chmod(tmp, _FILE_MODE)  # after save_file, which recreates the file as 0600
     _canonicalize_header(tmp)
     if path.exists() and _same_contents(path, tmp):
         os.unlink(tmp)  # keep the old bytes: records keyed by the file's hash stay valid
