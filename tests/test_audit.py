@@ -384,6 +384,11 @@ def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
     (report_dir,) = [p for p in (tmp_path / "audits").iterdir() if p.is_dir()]
     assert (report_dir / "audit.md").exists()
 
+    # --reuse-only writes the same index from the finished reports and runs nothing
+    reused = runner.invoke(audit_cmd, ["--all-shipped", "--reuse-only", "--out", str(tmp_path / "audits"),
+                                       "--n", "30", "--no-progress", "--device", "cpu"])
+    assert reused.exit_code == 0 and "robust accuracy" not in reused.output
+    assert (tmp_path / "audits" / "index.md").read_text() == index
     # a finished audit of the same weight files and settings is reused, row for row ...
     again = runner.invoke(audit_cmd, ["--all-shipped", "--out", str(tmp_path / "audits"), "--n", "30",
                                       "--no-progress", "--device", "cpu"])
@@ -399,6 +404,11 @@ def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
                                           "--no-progress", "--device", "cpu"])
     assert retrained.exit_code == 0, retrained.output
     assert "up to date" not in retrained.output and "robust accuracy" in retrained.output
+
+    stale = runner.invoke(audit_cmd, ["--all-shipped", "--reuse-only", "--out", str(tmp_path / "fresh"),
+                                      "--n", "30", "--no-progress", "--device", "cpu"])
+    assert stale.exit_code == 0 and "robust accuracy" not in stale.output
+    assert "not audited yet" in (tmp_path / "fresh" / "index.md").read_text()
 
     missing = runner.invoke(audit_cmd, ["--dataset", "mnist"])
     assert missing.exit_code != 0 and "--classifier" in missing.output

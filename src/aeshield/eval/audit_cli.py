@@ -133,17 +133,24 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
 @click.option("--all-shipped", is_flag=True,
               help="Audit every shipped shield against each classifier its sidecar lists in "
                    "trained_against; one report per pair under --out, plus index.md.")
+@click.option("--reuse-only", is_flag=True,
+              help="With --all-shipped: write index.md from the reports that are up to date and list "
+                   "the other pairs as not audited, instead of running them (for audits run as "
+                   "separate processes, one pair each).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def audit_cmd(classifier, shield, surrogate, dataset, norm, eps, budget, n, seed, batch_size, device,
-              out, all_shipped, no_progress) -> None:
+              out, all_shipped, reuse_only, no_progress) -> None:
     """Attack a (shielded) classifier with the full audit battery, run the gradient-masking
     sanity checks and write the report (see docs/audit.md)."""
     device = _device(device)
     if all_shipped:
         _all_shipped(surrogate=surrogate, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
                      batch_size=batch_size, device=device,
-                     out=Path(out) if out else Path("docs/results/audit"), progress=not no_progress)
+                     out=Path(out) if out else Path("docs/results/audit"), progress=not no_progress,
+                     reuse_only=reuse_only)
         return
+    if reuse_only:
+        raise click.UsageError("--reuse-only goes with --all-shipped")
     if not classifier:
         raise click.UsageError("give --classifier (or --all-shipped)")
     if not dataset:
@@ -172,7 +179,7 @@ def _training_eps(meta: dict) -> float | None:
 
 
 def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, out: Path,
-                 progress: bool) -> None:
+                 progress: bool, reuse_only: bool = False) -> None:
     from ..models.io import shipped_dir
     from .records import Accuracy, write_text_atomic
 
@@ -208,6 +215,10 @@ def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, o
                 clean, robust = (Accuracy(done[k]["correct"], done[k]["n"]) for k in ("clean", "robust"))
                 rows.append((name, str(clf), dataset, f"{norm} {radius:g}", clean.format(),
                              f"[{robust.format()}]({sub}/audit.md)", ", ".join(done["flags"]) or "none"))
+                continue
+            if reuse_only:
+                rows.append((name, str(clf), dataset, f"{norm} {radius:g}", "-", "-",
+                             "not audited yet at these weights and settings"))
                 continue
             try:
                 report = _run_one(classifier=str(clf), shield=name, surrogate=surrogate, dataset=dataset,
