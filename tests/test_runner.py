@@ -108,6 +108,31 @@ def test_a_record_measured_on_other_weights_is_re_evaluated(tiny_runner, tmp_pat
     assert record.extra["weights"] == {"C": again.sources["C"]["sha256_16"]}
 
 
+def test_shipped_weights_win_over_the_cached_originals_of_the_same_spec(tmp_path, monkeypatch):
+    # A clean checkout has only the shipped (float16) files; a maintainer's cache also has the
+    # float32 originals. Both must evaluate the shipped bytes, or the committed records are
+    # stale on every other machine.
+    config = from_dict(json.loads(json.dumps(TINY)), "quick")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr("aeshield.experiments.runner.shipped_dir", lambda: shipped)
+    monkeypatch.setattr("aeshield.models.io.shipped_dir", lambda: shipped)
+    trained = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=True,
+                     progress=False)
+    trained.classifier("C")
+    assert trained.sources["C"]["origin"] == "trained (cache)"
+    config.raw["ship"] = {"tiny-c": {"classifier": "C"}}
+    trained.ship()
+    fresh = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=True,
+                   progress=False)
+    fresh.classifier("C")
+    assert fresh.sources["C"]["origin"] == "shipped" and fresh.sources["C"]["file"] == "tiny-c.safetensors"
+    retrain = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
+                     progress=False)
+    retrain.classifier("C")
+    assert retrain.sources["C"]["origin"] == "trained (cache)"
+
+
 def test_parallel_run_trains_each_artifact_once_and_writes_the_records_a_sequential_run_reuses(
         tmp_path):
     config = from_dict(json.loads(json.dumps(TINY)), "quick")

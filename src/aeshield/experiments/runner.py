@@ -58,16 +58,18 @@ class Runner:
         return self.artifacts / f"{kind}-{key}.safetensors", key
 
     def _find(self, path: Path, key: str) -> Path | None:
-        if path.exists():
-            return path
+        """The shipped file of this spec if there is one (unless ``use_shipped`` is off), else
+        the cached one. Shipped first: those are the bytes a clean checkout evaluates, so the
+        records a maintainer commits after ``--ship`` are the ones every user finds up to date
+        (cache first had kept them on the float32 originals, stale everywhere else)."""
         if self.use_shipped and shipped_dir().exists():
-            for side in shipped_dir().glob("*.json"):
+            for side in sorted(shipped_dir().glob("*.json")):
                 try:
                     if json.loads(side.read_text()).get("spec_hash") == key:
                         return side.with_suffix(".safetensors")
                 except (OSError, json.JSONDecodeError):
                     continue
-        return None
+        return path if path.exists() else None
 
     def classifier(self, name: str) -> nn.Module:
         if name in self._models:
