@@ -438,6 +438,21 @@ def test_shipped_shields_name_the_classifiers_they_go_with_by_loadable_names():
             assert set(names) <= loadable, f"{side.name}: {names}"
 
 
+def test_the_audit_attacks_shipped_puvae_and_magnet_with_their_detectors():
+    import aeshield
+    from aeshield.defenses.puvae import PuVAE
+    from aeshield.eval.audit_cli import _deployed, _deployment
+
+    clf = aeshield.load_classifier("mnist-b")
+    x = torch.rand(3, 1, 28, 28)
+    assert isinstance(aeshield.load_shield("puvae-mnist"), PuVAE)  # not a plain AE purifier
+    assert aeshield.load_shield("puvae-mnist")(x).shape == x.shape
+    for name in ("puvae-mnist", "magnet-mnist"):
+        model = _deployed(name, clf, "mnist", "cpu")
+        assert model.detector is not None and _deployment(name) is not None
+    assert _deployed("aaa-mnist", clf, "mnist", "cpu").detector is None and _deployment("aaa-mnist") is None
+
+
 def test_audit_of_a_pipeline_with_a_detector(trained_mlp, mnist_small):
     train, test = mnist_small
     detector = MidGray()

@@ -65,14 +65,13 @@ def _weights_used(classifier: str, shield: str | None, surrogate: str | None) ->
 def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str, norm: str,
              eps: float, budget: str, n: int, seed: int, batch_size: int, device: str,
              out: Path | None, progress: bool):
-    from .. import load_classifier, load_shield
+    from .. import load_classifier
     from ..data import load_dataset
-    from ..defenses.base import Shielded
     from ..threat import ThreatModel
     from .audit import audit
 
     clf = load_classifier(classifier, device=device)
-    model = Shielded(load_shield(shield, device=device), clf) if shield else clf
+    model = _deployed(shield, clf, dataset, device) if shield else clf
     sur = load_classifier(surrogate, device=device) if surrogate else None
     test = load_dataset(dataset, "test").subset(n, seed=seed).to(device)
     threat = ThreatModel(norm, eps)
@@ -82,7 +81,52 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
                  out=out, progress=progress, batch_size=batch_size, defense=shield or "none",
                  classifier=classifier, dataset=dataset, data_source=test.source,
                  data_hash=test.sha256, config={"command": sys.argv, "surrogate_name": surrogate,
-                                                 "weights_sha256": _weights_used(classifier, shield, surrogate)})
+                                                 "weights_sha256": _weights_used(classifier, shield, surrogate),
+                                                 "deployment": _deployment(shield)})
+
+
+def _deployment(shield: str | None) -> str | None:
+    """What besides the weights defines the audited pipeline (None: shield + classifier)."""
+    if not shield:
+        return None
+    from ..models.io import read_sidecar, resolve_weights
+
+    side = read_sidecar(resolve_weights(shield))
+    if side.get("method") in ("puvae", "magnet") and side.get("shield_spec"):
+        return f"{side['method']} as configured in {side.get('source_target')}, detectors calibrated there"
+    return None
+
+
+def _deployed(shield: str, classifier, dataset: str, device: str):
+    """``shield`` in front of ``classifier`` as its target deploys it: a shipped PuVAE or MagNet
+    comes with the detectors its config names, calibrated the same way (same validation split,
+    false-positive rate and seed), so the audit attacks the whole defense and not its
+    autoencoder alone."""
+    from .. import load_shield
+    from ..data import load_dataset
+    from ..defenses.base import Shielded
+    from ..models.io import load_weights, read_sidecar, resolve_weights
+
+    side = read_sidecar(resolve_weights(shield))
+    method, entry = side.get("method"), side.get("shield_spec")
+    if method not in ("puvae", "magnet") or not entry:
+        return Shielded(load_shield(shield, device=device), classifier)
+    from ..experiments.config import load_config, shield_spec
+
+    spec = shield_spec(entry)
+    seed = load_config(side["source_target"], "quick").seed
+    val = load_dataset(dataset, "val")
+    module, _ = load_weights(shield, device=device)
+    if method == "puvae":
+        from ..defenses.puvae import build_pipeline
+
+        calibration = val.subset(spec.calibration_n, seed=2) if spec.calibration_n else val
+        return build_pipeline(module, classifier, detector=spec.detector, sample=spec.sample,
+                              fpr=spec.fpr, calibration=calibration.images.to(device), seed=seed)
+    from ..defenses.magnet import _autoencoder, magnet
+
+    return magnet(_autoencoder(spec, module), classifier, detectors=spec.detectors, fpr=spec.fpr,
+                  calibration=val.images.to(device), reformer=spec.reformer, seed=seed)
 
 
 def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str | None, norm: str,
@@ -97,7 +141,8 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
         threat = summary["threat"]
         same = (summary["budget"] == budget and summary["n"] == n and summary["seed"] == seed
                 and threat["norm"] == norm and abs(threat["eps"] - eps) < 1e-9
-                and manifest.get("weights_sha256") == _weights_used(classifier, shield, surrogate))
+                and manifest.get("weights_sha256") == _weights_used(classifier, shield, surrogate)
+                and manifest.get("deployment") == _deployment(shield))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return summary if same else None
