@@ -438,6 +438,21 @@ def test_shipped_shields_name_the_classifiers_they_go_with_by_loadable_names():
             assert set(names) <= loadable, f"{side.name}: {names}"
 
 
+def test_a_purifier_without_a_single_latent_space_gets_no_latent_attack(trained_mlp):
+    from aeshield.defenses.base import AutoencoderPurifier
+    from aeshield.defenses.magnet import DiverseAutoencoder
+    from aeshield.models import create_model
+
+    torch.manual_seed(0)
+    one = AutoencoderPurifier(create_model("conv-ae-small"))
+    several = AutoencoderPurifier(DiverseAutoencoder([create_model("conv-ae-small") for _ in range(2)]))
+    assert hasattr(one, "encode") and not hasattr(several, "encode")  # it crashed the audit
+    labels = {m: [s.label for s in build_battery(Shielded(p, trained_mlp), LINF, TINY)]
+              for m, p in (("one", one), ("several", several))}
+    assert "latent-pgd" in labels["one"] and "latent-pgd" not in labels["several"]
+    assert "recon-pgd" in labels["several"]
+
+
 def test_the_audit_attacks_shipped_puvae_and_magnet_with_their_detectors():
     import aeshield
     from aeshield.defenses.puvae import PuVAE

@@ -67,11 +67,22 @@ class AutoencoderPurifier(Purifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder(x)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(x)
+    # encode/decode exist only when the wrapped autoencoder has them (a MagNet ensemble of
+    # random members has no single latent space): ``hasattr(purifier, "encode")`` is how the
+    # harness and the audit decide whether a latent-space attack applies.
+    @property
+    def encode(self):
+        return self._part("encode")
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(z)
+    @property
+    def decode(self):
+        return self._part("decode")
+
+    def _part(self, name: str):
+        part = getattr(self.autoencoder, name, None)
+        if not callable(part):
+            raise AttributeError(f"{type(self.autoencoder).__name__} has no {name}()")
+        return part
 
 
 class Detector(nn.Module):
