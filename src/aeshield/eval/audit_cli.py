@@ -225,7 +225,7 @@ def _training_eps(meta: dict) -> float | None:
 
 def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, out: Path,
                  progress: bool, reuse_only: bool = False) -> None:
-    from ..models.io import shipped_dir
+    from ..models.io import resolve_weights, shipped_dir
     from .records import Accuracy, write_text_atomic
 
     shields = []
@@ -262,8 +262,12 @@ def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, o
                              f"[{robust.format()}]({sub}/audit.md)", ", ".join(done["flags"]) or "none"))
                 continue
             if reuse_only:
-                rows.append((name, str(clf), dataset, f"{norm} {radius:g}", "-", "-",
-                             "not audited yet at these weights and settings"))
+                try:
+                    resolve_weights(str(clf))
+                    why = "not audited yet at these weights and settings"
+                except FileNotFoundError as err:
+                    why = f"skipped: {err}"
+                rows.append((name, str(clf), dataset, f"{norm} {radius:g}", "-", "-", why))
                 continue
             try:
                 report = _run_one(classifier=str(clf), shield=name, surrogate=surrogate, dataset=dataset,
