@@ -52,6 +52,10 @@ def test_runner_trains_caches_and_renders_from_records(tiny_runner, tmp_path):
     again = tiny_runner()
     again.run()
     assert not any(k.startswith(("train", "adversarial", "eval")) for k in again.timings)
+    # A re-render keeps the seconds of the run that measured what it reused.
+    kept = json.loads((out / "manifest.json").read_text())["measured_seconds"]
+    assert trained <= set(kept) and kept == {k: v for k, v in manifest["timings_seconds"].items()
+                                             if k != "total"}
 
 
 def test_shipped_targets_resolve_both_profiles():
