@@ -388,13 +388,17 @@ def _autoencoder(spec: MagNetSpec, module: nn.Module, member: int | None = None)
     return module
 
 
+def deploy(spec: MagNetSpec, module: nn.Module, classifier: nn.Module, val, seed: int) -> Shielded:
+    """The configured pipeline, its detectors calibrated on the clean ``val`` images."""
+    return magnet(_autoencoder(spec, module), classifier, detectors=spec.detectors, fpr=spec.fpr,
+                  calibration=val.images, reformer=spec.reformer, seed=seed)
+
+
 def _pipeline(runner: "Runner", spec: MagNetSpec, module: nn.Module, classifier: str) -> nn.Module:
     cache = runner.__dict__.setdefault("_purifier_pipelines", {})
     key = ("magnet", id(module), classifier, spec.detectors, spec.fpr, spec.reformer)
     if key not in cache:
-        cache[key] = magnet(_autoencoder(spec, module), runner.classifier(classifier),
-                            detectors=spec.detectors, fpr=spec.fpr, calibration=runner.val.images,
-                            reformer=spec.reformer, seed=runner.config.seed)
+        cache[key] = deploy(spec, module, runner.classifier(classifier), runner.val, runner.config.seed)
     return cache[key]
 
 
@@ -418,7 +422,7 @@ def _method():
 
     # The autoencoder never sees the classifier, so no classifier enters its artifact hash.
     return Method(name="magnet", spec=MagNetSpec, train=_train, load=_load, pipeline=_pipeline,
-                  depends_on=lambda spec: (), surrogate=gray_box_surrogate)
+                  depends_on=lambda spec: (), surrogate=gray_box_surrogate, deploy=deploy)
 
 
 def __getattr__(name: str):

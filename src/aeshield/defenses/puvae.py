@@ -267,21 +267,26 @@ def build_pipeline(vae: nn.Module, classifier: nn.Module, *, detector: bool, sam
     return model.eval()
 
 
+def deploy(spec: PuVAESpec, module: nn.Module, classifier: nn.Module, val, seed: int) -> Shielded:
+    """The configured pipeline, its detector calibrated on ``val`` (or a seeded subset of it)."""
+    calib = val.subset(spec.calibration_n, seed=2) if spec.calibration_n else val
+    return build_pipeline(module, classifier, detector=spec.detector, sample=spec.sample,
+                          fpr=spec.fpr, calibration=calib.images, seed=seed)
+
+
 def _pipeline(runner: "Runner", spec: PuVAESpec, module: nn.Module, classifier: str) -> nn.Module:
     cache = runner.__dict__.setdefault("_purifier_pipelines", {})
     key = ("puvae", id(module), classifier, spec.detector, spec.sample, spec.fpr, spec.calibration_n)
     if key not in cache:
-        calib = runner.val.subset(spec.calibration_n, seed=2) if spec.calibration_n else runner.val
-        cache[key] = build_pipeline(module, runner.classifier(classifier), detector=spec.detector,
-                                    sample=spec.sample, fpr=spec.fpr, calibration=calib.images,
-                                    seed=runner.config.seed)
+        cache[key] = deploy(spec, module, runner.classifier(classifier), runner.val, runner.config.seed)
     return cache[key]
 
 
 def _method():
     from ..experiments.methods import Method
 
-    return Method(name="puvae", spec=PuVAESpec, train=_train, load=_load, pipeline=_pipeline)
+    return Method(name="puvae", spec=PuVAESpec, train=_train, load=_load, pipeline=_pipeline,
+                  deploy=deploy)
 
 
 def __getattr__(name: str):

@@ -85,48 +85,46 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
                                                  "deployment": _deployment(shield)})
 
 
+def _deploying_method(shield: str):
+    """The shipped shield's sidecar and, when its method deploys more than
+    ``Shielded(module, classifier)`` (calibrated detectors), that method; else None."""
+    from ..experiments.methods import METHODS, get_method
+    from ..models.io import read_sidecar, resolve_weights
+
+    side = read_sidecar(resolve_weights(shield))
+    name = side.get("method")
+    method = get_method(name) if name in METHODS and side.get("shield_spec") else None
+    return side, (method if method is not None and method.deploy is not None else None)
+
+
 def _deployment(shield: str | None) -> str | None:
     """What besides the weights defines the audited pipeline (None: shield + classifier)."""
     if not shield:
         return None
-    from ..models.io import read_sidecar, resolve_weights
-
-    side = read_sidecar(resolve_weights(shield))
-    if side.get("method") in ("puvae", "magnet") and side.get("shield_spec"):
-        return f"{side['method']} as configured in {side.get('source_target')}, detectors calibrated there"
-    return None
+    side, method = _deploying_method(shield)
+    if method is None:
+        return None
+    return f"{side['method']} as configured in {side.get('source_target')}, detectors calibrated there"
 
 
 def _deployed(shield: str, classifier, dataset: str, device: str):
     """``shield`` in front of ``classifier`` as its target deploys it: a shipped PuVAE or MagNet
-    comes with the detectors its config names, calibrated the same way (same validation split,
-    false-positive rate and seed), so the audit attacks the whole defense and not its
-    autoencoder alone."""
+    comes with the detectors its config names, calibrated by the method's own ``deploy`` on the
+    same validation split, false-positive rate and seed, so the audit attacks the whole defense
+    and not its autoencoder alone."""
     from .. import load_shield
     from ..data import load_dataset
     from ..defenses.base import Shielded
-    from ..models.io import load_weights, read_sidecar, resolve_weights
-
-    side = read_sidecar(resolve_weights(shield))
-    method, entry = side.get("method"), side.get("shield_spec")
-    if method not in ("puvae", "magnet") or not entry:
-        return Shielded(load_shield(shield, device=device), classifier)
     from ..experiments.config import load_config, shield_spec
+    from ..models.io import load_weights
 
-    spec = shield_spec(entry)
-    seed = load_config(side["source_target"], "quick").seed
-    val = load_dataset(dataset, "val")
+    side, method = _deploying_method(shield)
+    if method is None:
+        return Shielded(load_shield(shield, device=device), classifier)
     module, _ = load_weights(shield, device=device)
-    if method == "puvae":
-        from ..defenses.puvae import build_pipeline
-
-        calibration = val.subset(spec.calibration_n, seed=2) if spec.calibration_n else val
-        return build_pipeline(module, classifier, detector=spec.detector, sample=spec.sample,
-                              fpr=spec.fpr, calibration=calibration.images.to(device), seed=seed)
-    from ..defenses.magnet import _autoencoder, magnet
-
-    return magnet(_autoencoder(spec, module), classifier, detectors=spec.detectors, fpr=spec.fpr,
-                  calibration=val.images.to(device), reformer=spec.reformer, seed=seed)
+    seed = load_config(side["source_target"], "quick").seed
+    return method.deploy(shield_spec(side["shield_spec"]), module, classifier,
+                         load_dataset(dataset, "val").to(device), seed)
 
 
 def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str | None, norm: str,

@@ -14,6 +14,8 @@ A method provides:
   ``Shielded(purifier, classifier, detector)``; detectors calibrate here on ``runner.val``;
 - ``depends_on(spec)``: names of the config's classifiers it is trained against (their specs
   enter the artifact hash, so retraining a classifier retrains the shield).
+- ``deploy(spec, module, classifier, val, seed)`` (optional): the pipeline built from explicit
+  parts, for defenses with calibrated detectors; the audit deploys a shipped file with it.
 - ``surrogate(runner, spec, module, classifier_name)`` (optional): the gray-box attacker's
   model, which the config's ``wrap: surrogate`` attacks craft on (e.g. MagNet with one fixed
   autoencoder out of its diverse set).
@@ -54,6 +56,10 @@ class Method:
     artifact_kind: str | None = None  # file-name prefix and hash salt; default: the method name
     # (runner, spec, module, classifier_name) -> the model `wrap: surrogate` attacks craft on
     surrogate: Callable[["Runner", Any, nn.Module, str], nn.Module] | None = None
+    # (spec, module, classifier, val, seed) -> the deployed pipeline, for a defense whose
+    # pipeline is more than Shielded(module, classifier) (detectors calibrated on ``val``):
+    # its ``pipeline`` and the audit of a shipped file both build it through this.
+    deploy: Callable[[Any, nn.Module, nn.Module, Any, int], nn.Module] | None = None
 
     @property
     def kind(self) -> str:
