@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_mlp
 from torch import nn
 
+from aeshield.attacks import orthogonal_pgd
 from aeshield.defenses import REJECT, Detector, Purifier, Shielded
 from aeshield.eval import sanity
 from aeshield.eval.audit import (
@@ -269,9 +270,10 @@ def test_detector_pgd_finds_points_the_detector_accepts(trained_mlp, mnist_small
 
     plain = evaded(pgd(model, x, y, **settings))    # its noise is rejected
     aware = evaded(detector_pgd(model, x, y, **settings))
-    assert plain < 0.05 and aware > 0.3
-    specs = build_battery(model, LINF, TINY)
-    assert "detector-pgd" in [s.label for s in specs]
+    orthogonal = evaded(orthogonal_pgd(model, x, y, **settings))
+    assert plain < 0.05 and aware > 0.3 and orthogonal > 0.3
+    labels = [s.label for s in build_battery(model, LINF, TINY)]
+    assert "detector-pgd" in labels and "orthogonal-pgd" in labels
 
 
 # ---- resuming ----------------------------------------------------------------------------------
@@ -486,3 +488,16 @@ def test_unbounded_judgement_allows_sampling_noise():
     assert not sanity.judge_unbounded(Accuracy(3, 100), 1.0).flagged     # lower bound 1.0%
     assert sanity.judge_unbounded(Accuracy(8, 100), 1.0).flagged
     assert sanity.judge_unbounded(Accuracy(40, 1000), 1.0).flagged
+
+
+def test_reports_of_the_previous_protocol_are_reused_only_where_it_measured_the_same():
+    from aeshield.eval.audit import PROTOCOL, measures_as_current_protocol
+
+    def saved(version, labels, flags=()):
+        summary = {"flags": list(flags)} | ({"protocol": version} if version else {})
+        return {"summary": summary, "battery": [{"label": label} for label in labels]}
+
+    assert measures_as_current_protocol(saved(PROTOCOL, ["pgd-ce", "detector-pgd"], ["unbounded-eps"]))
+    assert measures_as_current_protocol(saved(None, ["pgd-ce", "recon-pgd"]))
+    assert not measures_as_current_protocol(saved(None, ["pgd-ce", "detector-pgd [eot]"]))
+    assert not measures_as_current_protocol(saved(None, ["pgd-ce"], ["unbounded-eps"]))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from aeshield.attacks import EOT
-from aeshield.attacks.adaptive import detector_pgd
+from aeshield.attacks.adaptive import detector_pgd, orthogonal_pgd
 from aeshield.defenses.magnet import (DiverseAutoencoder, MagNetTrainConfig, diversity_loss, magnet,
                                       train_diverse_autoencoders)
 from aeshield.experiments.config import spec_dict
@@ -180,12 +180,13 @@ def test_eot_over_the_diverse_pipeline_averages_several_members():
     assert ((seen != seen[:1]).any(0)).all()  # every example saw more than one member
 
 
-def test_detector_pgd_with_eot_stays_in_the_ball(batch):
+def test_detector_aware_attacks_with_eot_stay_in_the_ball(batch):
     x, y = batch
     model = magnet(DiverseAutoencoder(_aes(2)), tiny_mlp(), detectors=("l2", "jsd10"), fpr=0.05,
                    calibration=x)
-    x_adv = detector_pgd(EOT(model, 3), x, y, eps=0.1, steps=2, step_size=0.05)
-    assert ThreatModel("Linf", 0.1).contains(x_adv, x).all()
+    for attack in (detector_pgd, orthogonal_pgd):
+        x_adv = attack(EOT(model, 3), x, y, eps=0.1, steps=2, step_size=0.05)
+        assert ThreatModel("Linf", 0.1).contains(x_adv, x).all()
 
 
 def test_single_autoencoder_spec_keeps_its_hash_fields():

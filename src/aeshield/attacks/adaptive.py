@@ -89,6 +89,44 @@ def _unwrap_detector(model: nn.Module):
     return None
 
 
+def _detector_view(net: nn.Module, detector, x_adv: torch.Tensor, y_adv: torch.Tensor, loss_fn):
+    """What a detector-aware attack sees of one batch: per-draw classifier losses and scaled
+    detector excesses ``(s - t) / |t|``, both ``(draws, n)``; whether any draw rejects; and the
+    logits that decide the label. On an ``EOT`` wrapper each draw's logits and score come from the same random
+    pipeline (one repeated batch, whose draws random purifiers cache per tensor), and the
+    mean log-probabilities decide."""
+    threshold = float(detector.threshold)
+    scale = abs(threshold) if torch.isfinite(torch.tensor(threshold)) and threshold != 0 else 1.0
+    draws, n = (net.samples, x_adv.shape[0]) if isinstance(net, EOT) else (1, x_adv.shape[0])
+    batch = x_adv.repeat(draws, *([1] * (x_adv.dim() - 1))) if draws > 1 else x_adv
+    logits = (net.model if isinstance(net, EOT) else net)(batch)
+    score = detector.score(batch)
+    losses = loss_fn(logits, y_adv.repeat(draws)).view(draws, n)
+    excess = ((score - threshold) / scale).view(draws, n)
+    rejected = (score > threshold).view(draws, n).any(0).detach()
+    if isinstance(net, EOT):
+        decisive = torch.log_softmax(logits, 1).view(draws, n, -1).mean(0).detach()
+    else:
+        decisive = logits.detach()
+    return losses, excess, rejected, decisive
+
+
+def _success_logits(decisive: torch.Tensor, rejected: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The logits PGD judges success by: a rejected point is no success, so it is shown as
+    classified correctly."""
+    return torch.where(rejected[:, None], F.one_hot(y, decisive.shape[1]).to(decisive.dtype), decisive)
+
+
+def _detector_of(model: nn.Module, attack: str):
+    detector = _unwrap_detector(model)
+    if detector is None:
+        raise TypeError(f"{attack} needs a Shielded model with a detector")
+    return detector
+
+
+_LOSSES = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"), "margin": margin}
+
+
 def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: float = 10.0,
                  loss: str = "ce", **pgd_settings) -> torch.Tensor:
     """Detector-aware PGD: seek inputs that are misclassified *and* not rejected.
@@ -100,42 +138,63 @@ def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: 
     points that the detector would reject. Threat model: white-box, L-inf or L2.
 
     On an ``EOT`` wrapper the whole objective is averaged over its draws, the detector term
-    included: each draw's logits and score come from the same random pipeline (one repeated
-    batch, whose draws random purifiers cache per tensor), and an iterate counts as a success
-    only if the mean log-probabilities misclassify it and no draw rejects it.
+    included, and an iterate counts as a success only if the mean log-probabilities
+    misclassify it and no draw rejects it.
     """
-    detector = _unwrap_detector(model)
-    if detector is None:
-        raise TypeError("detector-pgd needs a Shielded model with a detector")
-    threshold = float(detector.threshold)
-    scale = abs(threshold) if torch.isfinite(torch.tensor(threshold)) and threshold != 0 else 1.0
-    loss_fn = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"),
-               "margin": margin}[loss]
-
-    def eot_objective(net: EOT, x_adv: torch.Tensor, y_adv: torch.Tensor):
-        draws, n = net.samples, x_adv.shape[0]
-        batch = x_adv.repeat(draws, *([1] * (x_adv.dim() - 1)))
-        logits = net.model(batch)
-        score = detector.score(batch)
-        excess = torch.relu(score - threshold) / scale
-        per_example = (loss_fn(logits, y_adv.repeat(draws)) - weight * excess).view(draws, n).mean(0)
-        rejected = (score > threshold).view(draws, n).any(0).detach()
-        mean_logp = torch.log_softmax(logits, 1).view(draws, n, -1).mean(0).detach()
-        shown = torch.where(rejected[:, None], F.one_hot(y_adv, mean_logp.shape[1]).to(mean_logp.dtype),
-                            mean_logp)
-        return per_example, shown
+    detector = _detector_of(model, "detector-pgd")
+    loss_fn = _LOSSES[loss]
 
     def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
-        if isinstance(net, EOT):
-            return eot_objective(net, x_adv, y_adv)
-        logits = net(x_adv)
-        score = detector.score(x_adv)
-        excess = torch.relu(score - threshold) / scale
-        per_example = loss_fn(logits, y_adv) - weight * excess
-        rejected = (score > threshold).detach()
-        # A rejected point is no success: show PGD a logit vector that classifies it correctly.
-        shown = torch.where(rejected[:, None], F.one_hot(y_adv, logits.shape[1]).to(logits.dtype),
-                            logits.detach())
-        return per_example, shown
+        losses, excess, rejected, decisive = _detector_view(net, detector, x_adv, y_adv, loss_fn)
+        return (losses - weight * torch.relu(excess)).mean(0), _success_logits(decisive, rejected, y_adv)
+
+    return pgd(model, x, y, objective=objective, **pgd_settings)
+
+
+def _per_example_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.flatten(1) * b.flatten(1)).sum(1).view(-1, *([1] * (a.dim() - 1)))
+
+
+def _orthogonal_to(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``g`` without its component along ``h``, per example."""
+    return g - _per_example_dot(g, h) / _per_example_dot(h, h).clamp_min(1e-20) * h
+
+
+def orthogonal_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = "ce",
+                   orthogonal: bool = True, **pgd_settings) -> torch.Tensor:
+    """Orthogonal PGD (Bryniarski, Hingun, Pachuca, Wang, Carlini 2022, "Evading adversarial
+    example detectors using orthogonal projected gradient descent"): a detector-aware attack
+    that never lets one goal's gradient undo the other's.
+
+    While an iterate is still classified correctly it steps up the classifier's loss along
+    the part of that gradient orthogonal to the detector score's gradient (to first order the
+    step leaves the score alone); once it is misclassified but rejected, it steps down the
+    detector's score orthogonally to the classifier's gradient (the label stays wrong). A
+    weighted sum of the two (``detector_pgd``) lets the larger gradient win, which on MagNet
+    leaves iterates shuttling in and out of the rejected region. ``orthogonal=False`` is the
+    paper's *selective* variant (the raw gradients). Success, restarts, the first fooling
+    iterate kept and EOT averaging are as in ``detector_pgd``; the returned loss of an
+    unfooled example is ``detector_pgd``'s with weight 10. Threat model: white-box, L-inf or L2.
+    """
+    detector = _detector_of(model, "orthogonal-pgd")
+    loss_fn = _LOSSES[loss]
+
+    def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
+        losses, excess, rejected, decisive = _detector_view(net, detector, x_adv, y_adv, loss_fn)
+        shown = _success_logits(decisive, rejected, y_adv)
+        classifier_loss, score = losses.mean(0), excess.mean(0)
+        progress = (losses - 10.0 * torch.relu(excess)).mean(0).detach()
+        if not x_adv.requires_grad:  # the last iterate is only scored
+            return progress, shown
+        g_cls, = torch.autograd.grad(classifier_loss.sum(), x_adv, retain_graph=True)
+        g_det, = torch.autograd.grad(score.sum(), x_adv)
+        up, down = ((_orthogonal_to(g_cls, g_det), -_orthogonal_to(g_det, g_cls)) if orthogonal
+                    else (g_cls, -g_det))
+        wrong = decisive.argmax(1) != y_adv
+        direction = torch.where(wrong.view(-1, *([1] * (x_adv.dim() - 1))), down, up).detach()
+        # PGD steps along the gradient of what the objective returns: make that ``direction``
+        # while the returned value stays the attack's progress.
+        surrogate = (direction * x_adv).flatten(1).sum(1)
+        return surrogate - surrogate.detach() + progress, shown
 
     return pgd(model, x, y, objective=objective, **pgd_settings)

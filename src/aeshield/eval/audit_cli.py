@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import torch
 
-from .audit import BUDGETS
+from .audit import BUDGETS, measures_as_current_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
         same = (summary["budget"] == budget and summary["n"] == n and summary["seed"] == seed
                 and threat["norm"] == norm and abs(threat["eps"] - eps) < 1e-9
                 and manifest.get("weights_sha256") == _weights_used(classifier, shield, surrogate)
-                and manifest.get("deployment") == _deployment(shield))
+                and manifest.get("deployment") == _deployment(shield)
+                and measures_as_current_protocol(saved))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return summary if same else None

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import BPDA, EOT, autoattack, bim, cw_l2, fgsm, pgd
-from ..attacks.adaptive import detector_pgd, latent_pgd, reconstruction_pgd
+from ..attacks.adaptive import detector_pgd, latent_pgd, orthogonal_pgd, reconstruction_pgd
 from ..defenses.base import REJECT, Shielded, predict
 from ..threat import Norm, ThreatModel
 from .records import AttackResult, Accuracy, EvalRecord, config_hash, write_json_atomic
@@ -72,8 +72,14 @@ def _run_detector(model, x, y, threat, gen, **kw):
                         generator=gen, **kw)
 
 
+def _run_orthogonal(model, x, y, threat, gen, **kw):
+    return orthogonal_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
+                          generator=gen, **kw)
+
+
 ATTACKS: dict[str, AttackFn] = {
     "recon-pgd": _run_recon, "latent-pgd": _run_latent, "detector-pgd": _run_detector,
+    "orthogonal-pgd": _run_orthogonal,
     "fgsm": _run_fgsm, "bim": _run_bim, "pgd": _run_pgd, "cw-l2": _run_cw,
     "apgd-ce": _autoattack_part("apgd-ce"), "apgd-t": _autoattack_part("apgd-t"),
     "fab-t": _autoattack_part("fab-t"), "square": _autoattack_part("square"),
@@ -89,6 +95,7 @@ APPLIES: dict[str, Callable[[nn.Module], bool]] = {
     "recon-pgd": _has_purifier,
     "latent-pgd": lambda m: _has_purifier(m) and hasattr(m.purifier, "encode"),
     "detector-pgd": lambda m: getattr(m, "detector", None) is not None,
+    "orthogonal-pgd": lambda m: getattr(m, "detector", None) is not None,
 }
 
 
