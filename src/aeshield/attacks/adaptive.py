@@ -17,7 +17,7 @@ from torch import nn
 
 from .eot import EOT
 from .gradient import pgd
-from .losses import margin
+from .losses import get_loss
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -124,9 +124,6 @@ def _detector_of(model: nn.Module, attack: str):
     return detector
 
 
-_LOSSES = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"), "margin": margin}
-
-
 def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: float = 10.0,
                  loss: str = "ce", **pgd_settings) -> torch.Tensor:
     """Detector-aware PGD: seek inputs that are misclassified *and* not rejected.
@@ -142,7 +139,7 @@ def detector_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight: 
     misclassify it and no draw rejects it.
     """
     detector = _detector_of(model, "detector-pgd")
-    loss_fn = _LOSSES[loss]
+    loss_fn = get_loss(loss)
 
     def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
         losses, excess, rejected, decisive = _detector_view(net, detector, x_adv, y_adv, loss_fn)
@@ -177,7 +174,7 @@ def orthogonal_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: 
     unfooled example is ``detector_pgd``'s with weight 10. Threat model: white-box, L-inf or L2.
     """
     detector = _detector_of(model, "orthogonal-pgd")
-    loss_fn = _LOSSES[loss]
+    loss_fn = get_loss(loss)
 
     def objective(net: nn.Module, x_adv: torch.Tensor, y_adv: torch.Tensor):
         losses, excess, rejected, decisive = _detector_view(net, detector, x_adv, y_adv, loss_fn)
