@@ -501,3 +501,6 @@ def test_reports_of_the_previous_protocol_are_reused_only_where_it_measured_the_
     assert measures_as_current_protocol(saved(None, ["pgd-ce", "recon-pgd"]))
     assert not measures_as_current_protocol(saved(None, ["pgd-ce", "detector-pgd [eot]"]))
     assert not measures_as_current_protocol(saved(None, ["pgd-ce"], ["unbounded-eps"]))
+    # Version 2 differs from 3 only on pipelines with a detector.
+    assert measures_as_current_protocol(saved(2, ["pgd-ce", "recon-pgd"], ["unbounded-eps"]))
+    assert not measures_as_current_protocol(saved(2, ["pgd-ce", "detector-pgd", "orthogonal-pgd"]))

@@ -143,3 +143,24 @@ def test_unbounded_check_retries_with_finer_steps_before_blaming_the_attack(ship
     result, sweep = sanity.run_unbounded(shipped_magnet, x, y, threat, make, 20, max_factor=10)
     assert sweep["coarse"]["accuracy"]["correct"] > 0.5 * len(x)   # the coarse run fails
     assert sweep["steps"] == 80 and not result.flagged
+    # The retry is judged on the examples that survived both runs.
+    assert sweep["accuracy"]["correct"] <= min(sweep["coarse"]["accuracy"]["correct"],
+                                               sweep["fine"]["accuracy"]["correct"])
+
+
+def test_the_reference_attack_of_a_detector_pipeline_is_the_worst_case_of_both_detector_attacks(
+        shipped_magnet, mnist_small):
+    from aeshield.eval import sanity
+    from aeshield.eval.audit import BUDGETS, reference_attack
+
+    _, test = mnist_small
+    x, y = test.images[:40], test.labels[:40]
+    threat = ThreatModel("Linf", 0.3)
+    make = reference_attack(shipped_magnet, BUDGETS["quick"], random=False)
+    assert [spec.name for spec in make(0.3, 20)] == ["detector-pgd", "orthogonal-pgd"]
+    (both,) = sanity.run_sweep(shipped_magnet, x, y, threat, make, [(0.3, 20)])
+    alone = [sanity.run_sweep(shipped_magnet, x, y, threat, lambda e, s, i=i: make(e, s)[i], [(0.3, 20)])[0]
+             for i in range(2)]
+    assert both.correct <= min(a.correct for a in alone)
+    # Orthogonal PGD is the stronger one on MagNet-MNIST, so the worst case is not detector-PGD's.
+    assert alone[1].correct < alone[0].correct

@@ -56,7 +56,11 @@ FORMAT = "aeshield-audit-v1"
 # the battery of pipelines with a detector, and a failed unbounded-eps run is repeated with
 # finer steps. A version-1 report of a pipeline without a detector whose unbounded-eps check
 # passed measured exactly what version 2 measures (``measures_as_current_protocol``).
-PROTOCOL = 2
+# 3 (2026-12-02): on a pipeline with a detector the sanity checks' reference attack is the
+# worst case of detector-aware and orthogonal PGD (was detector-aware PGD alone), and the
+# unbounded-eps retry counts an example fooled by either of its two runs. Reports of pipelines
+# without a detector measured the same under 2 and 3.
+PROTOCOL = 3
 
 
 # ---- budgets ------------------------------------------------------------------------------
@@ -204,16 +208,19 @@ def build_battery(model: nn.Module, threat: ThreatModel, budget: AuditBudget | s
 
 
 def reference_attack(model: nn.Module, budget: AuditBudget, *, random: bool
-                     ) -> Callable[[float, int], AttackSpec]:
-    """``make(eps, steps)``: the PGD the sanity checks sweep (detector-aware when the pipeline
-    has a detector, through EOT when it is random)."""
-    name = "detector-pgd" if _unwrap_detector(model) is not None else "pgd"
+                     ) -> Callable[[float, int], list[AttackSpec]]:
+    """``make(eps, steps)``: the attack the sanity checks sweep. PGD, through EOT when the
+    pipeline is random; on a pipeline with a detector, the worst case of detector-aware PGD and
+    orthogonal PGD, since neither dominates (MagNet-MNIST, 100 images at 100 steps: 38% vs 5%
+    left correct or rejected; PuVAE's RMSE detector at 20 steps: 9% vs 20%)."""
+    names = ["detector-pgd", "orthogonal-pgd"] if _unwrap_detector(model) is not None else ["pgd"]
 
-    def make(eps: float, steps: int) -> AttackSpec:
-        return AttackSpec(name, {"loss": "ce", "steps": steps,
-                                 "step_size": step_size(eps, steps, budget.step_factor), "restarts": 1},
-                          wrap="eot" if random else None, eot_samples=budget.eot_samples,
-                          label=f"{name} eps={eps:g} steps={steps}")
+    def make(eps: float, steps: int) -> list[AttackSpec]:
+        return [AttackSpec(name, {"loss": "ce", "steps": steps,
+                                  "step_size": step_size(eps, steps, budget.step_factor), "restarts": 1},
+                           wrap="eot" if random else None, eot_samples=budget.eot_samples,
+                           label=f"{name} eps={eps:g} steps={steps}")
+                for name in names]
     return make
 
 
@@ -688,8 +695,9 @@ def measures_as_current_protocol(saved: dict) -> bool:
     if version == PROTOCOL:
         return True
     labels = [spec["label"] for spec in saved.get("battery", [])]
-    had_detector = any(label.startswith("detector-pgd") for label in labels)
-    return version == 1 and not had_detector and sanity.UNBOUNDED not in saved["summary"]["flags"]
+    if any(label.startswith("detector-pgd") for label in labels):
+        return False
+    return version == 2 or sanity.UNBOUNDED not in saved["summary"]["flags"]
 
 
 def with_budget(budget: str | AuditBudget, **changes) -> AuditBudget:
