@@ -340,7 +340,8 @@ def unbounded_eps(threat: ThreatModel, shape: torch.Size | Sequence[int]) -> flo
 def run_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
               make_spec: SpecFactory, points: Sequence[tuple[float, int]], *, seed: int = 0,
               batch_size: int = 500, surrogate: nn.Module | None = None) -> list[Accuracy]:
-    """Robust accuracy of ``make_spec(eps, steps)`` alone at each ``(eps, steps)`` point."""
+    """Robust accuracy of the reference attack ``make_spec(eps, steps)``, without the rest of
+    the battery, at each ``(eps, steps)`` point."""
     return [_reference_record(model, x, y, threat, make_spec, eps, steps, seed=seed,
                               batch_size=batch_size, surrogate=surrogate).robust
             for eps, steps in points]
