@@ -374,12 +374,13 @@ def run_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     # Both runs are attacks on the same examples: an example either one fooled is fooled.
     both = Accuracy.from_flags(coarse_record.flags() & fine_record.flags())
     result = judge_unbounded(both, eps_max)
+    fine = {"steps": fine_steps, "accuracy": fine_record.robust.to_dict()}
     result.details["coarse"] = dict(sweep)
-    result.details["fine"] = {"steps": fine_steps, "accuracy": fine_record.robust.to_dict()}
+    result.details["fine"] = dict(fine)
     result.explanation += (f" (worst case of {steps} and {fine_steps} steps; {steps} steps alone "
                            f"left {coarse.format()}, {fine_steps} alone {fine_record.robust.format()})")
     return result, {"eps": eps_max, "steps": fine_steps, "accuracy": both.to_dict(), "coarse": sweep,
-                    "fine": {"steps": fine_steps, "accuracy": fine_record.robust.to_dict()}}
+                    "fine": fine}
 
 
 def run_longer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
