@@ -282,7 +282,7 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
     model = Shielded(Quantize(), trained_mlp)
     budget = with_budget(TINY, sanity_n=50)
     calls = {"fab-t": 0, "pgd": 0}
-    real_fab, real_pgd, real_longer = ATTACKS["fab-t"], ATTACKS["pgd"], sanity.run_longer
+    real_fab, real_pgd, real_longer = ATTACKS["fab-t"], ATTACKS["pgd"], sanity.longer_records
 
     def crash_at_fab(*args, **kw):
         raise KeyboardInterrupt("simulated kill during the cascade")
@@ -297,7 +297,7 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
         raise KeyboardInterrupt("simulated kill during the checks")
 
     monkeypatch.setitem(ATTACKS, "fab-t", real_fab)
-    monkeypatch.setattr(sanity, "run_longer", crash_in_checks)
+    monkeypatch.setattr(sanity, "longer_records", crash_in_checks)
     with pytest.raises(KeyboardInterrupt):
         audit(model, x, y, LINF, budget=budget, out=out, progress=False)
     assert (out / ".audit-checks.json").exists()
@@ -308,10 +308,10 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
             return real(*args, **kw)
         return run
 
-    monkeypatch.setattr(sanity, "run_longer", real_longer)
+    monkeypatch.setattr(sanity, "longer_records", real_longer)
     monkeypatch.setitem(ATTACKS, "fab-t", counting("fab-t", real_fab))
     monkeypatch.setitem(ATTACKS, "pgd", counting("pgd", real_pgd))
-    monkeypatch.setattr(sanity, "run_sweep", lambda *a, **k: pytest.fail("finished checks re-ran"))
+    monkeypatch.setattr(sanity, "sweep_records", lambda *a, **k: pytest.fail("finished checks re-ran"))
     monkeypatch.setattr(sanity, "gradient_statistics", lambda *a, **k: pytest.fail("re-ran"))
     resumed = audit(model, x, y, LINF, budget=budget, out=out, progress=False)
     # The finished cascade is not run again; only the interrupted check runs (short and long PGD).
@@ -319,6 +319,7 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
     monkeypatch.undo()
     fresh = audit(model, x, y, LINF, budget=budget, out=tmp_path / "fresh", progress=False)
     assert resumed.record.robust_flags == fresh.record.robust_flags
+    assert torch.equal(resumed.robust_flags(), fresh.robust_flags())
     assert [a.newly_fooled for a in resumed.record.attacks] == [a.newly_fooled for a in fresh.record.attacks]
     assert [(c.name, c.verdict) for c in resumed.checks] == [(c.name, c.verdict) for c in fresh.checks]
     assert not list(out.glob(".audit-*"))
@@ -493,14 +494,51 @@ def test_unbounded_judgement_allows_sampling_noise():
 def test_reports_of_the_previous_protocol_are_reused_only_where_it_measured_the_same():
     from aeshield.eval.audit import PROTOCOL, measures_as_current_protocol
 
-    def saved(version, labels, flags=()):
+    def saved(version, labels, flags=(), checks=()):
         summary = {"flags": list(flags)} | ({"protocol": version} if version else {})
-        return {"summary": summary, "battery": [{"label": label} for label in labels]}
+        return {"summary": summary, "battery": [{"label": label} for label in labels],
+                "checks": [{"name": name} for name in checks]}
 
-    assert measures_as_current_protocol(saved(PROTOCOL, ["pgd-ce", "detector-pgd"], ["unbounded-eps"]))
+    assert measures_as_current_protocol(saved(PROTOCOL, ["pgd-ce", "detector-pgd"], ["unbounded-eps"],
+                                              checks=["longer-attack"]))
+    # Before 4 the headline left out the checks' attacks; a report without checks is unaffected.
+    for version in (None, 2, 3):
+        assert not measures_as_current_protocol(saved(version, ["pgd-ce", "recon-pgd"],
+                                                      checks=["longer-attack"]))
     assert measures_as_current_protocol(saved(None, ["pgd-ce", "recon-pgd"]))
     assert not measures_as_current_protocol(saved(None, ["pgd-ce", "detector-pgd [eot]"]))
     assert not measures_as_current_protocol(saved(None, ["pgd-ce"], ["unbounded-eps"]))
     # Version 2 differs from 3 only on pipelines with a detector.
     assert measures_as_current_protocol(saved(2, ["pgd-ce", "recon-pgd"], ["unbounded-eps"]))
     assert not measures_as_current_protocol(saved(2, ["pgd-ce", "detector-pgd", "orthogonal-pgd"]))
+
+
+# ---- the headline counts the checks' attacks -----------------------------------------------------
+def test_the_headline_counts_every_example_the_checks_attacks_fooled_inside_the_threat_model(
+        trained_mlp, data, tmp_path):
+    x, y = data
+    # A one-step cascade is too short to converge; the checks' longer runs fool more.
+    short = with_budget(TINY, pgd_steps=1, pgd_restarts=1, apgd_iters=1, square_queries=1,
+                        adaptive_steps=1, eps_fractions=(0.5, 1.0, 1.5), steps_sweep=(1, 2, 5))
+    report = audit(trained_mlp, x, y, ThreatModel("Linf", 0.1), budget=short, out=tmp_path,
+                   progress=False, plots=False)
+    battery = report.record.flags()
+    headline = report.robust_flags()
+    assert not (headline & ~battery).any()                # never un-fools an example
+    index = torch.tensor(report.check_index)
+    labels = set(report.check_attacks)
+    # Every run inside the ball counts (eps sweep at eps <= 0.1, the steps sweep, both longer
+    # runs); the eps sweep's run outside it (1.5 eps) and the unbounded run do not.
+    assert {"monotone-eps: eps=0.05 steps=1", "monotone-eps: eps=0.1 steps=1",
+            "monotone-steps: eps=0.1 steps=5", "longer-attack: eps=0.1 steps=10"} <= labels
+    assert not any("eps=0.15" in label or "unbounded" in label for label in labels)
+    for flags in report.check_attacks.values():
+        assert not (headline[index] & ~torch.tensor([c == "1" for c in flags])).any()
+    assert report.robust.correct < report.battery_robust.correct   # the checks did add something
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    assert saved["summary"]["robust"]["correct"] == report.robust.correct
+    assert saved["summary"]["battery_robust"]["correct"] == report.battery_robust.correct
+    assert saved["robust_flags"] == "".join("1" if f else "0" for f in headline.tolist())
+    assert sum(saved["check_attacks"]["fooled_beyond_cascade"].values()) >= (
+        report.battery_robust.correct - report.robust.correct)
+    assert "The cascade alone" in (tmp_path / "audit.md").read_text()

@@ -60,7 +60,11 @@ FORMAT = "aeshield-audit-v1"
 # worst case of detector-aware and orthogonal PGD (was detector-aware PGD alone), and the
 # unbounded-eps retry counts an example fooled by either of its two runs. Reports of pipelines
 # without a detector measured the same under 2 and 3.
-PROTOCOL = 3
+# 4 (2026-12-02): the headline counts an example as robust only if it also survived every run
+# of the sanity checks' reference attack inside the threat model (the eps sweep at eps no larger
+# than the audited one, the steps sweep, both runs of the longer-attack check). Under 3 a longer
+# attack could fool three quarters of the examples the headline called robust (MagNet-MNIST).
+PROTOCOL = 4
 
 
 # ---- budgets ------------------------------------------------------------------------------
@@ -242,10 +246,36 @@ class AuditReport:
     manifest: dict = field(default_factory=dict)
     seconds: float = 0.0
     check_seconds: dict = field(default_factory=dict)
+    # The checks' attacks inside the threat model: label -> robust flags ('0'/'1') on the
+    # subset ``check_index`` (positions in the evaluation set) that the checks ran on.
+    check_attacks: dict = field(default_factory=dict)
+    check_index: list = field(default_factory=list)
+
+    def robust_flags(self) -> torch.Tensor:
+        """Per example: robust to the cascade and to every check attack inside the threat model."""
+        flags = self.record.flags()
+        if self.check_attacks:
+            index = torch.tensor(self.check_index, dtype=torch.long)
+            for f in self.check_attacks.values():
+                flags[index] &= torch.tensor([c == "1" for c in f], dtype=torch.bool)
+        return flags
 
     @property
     def robust(self) -> Accuracy:
+        """The headline: the worst case over the cascade and the checks' attacks at radii no
+        larger than the audited one, since each of them is an attack inside the threat model."""
+        return Accuracy.from_flags(self.robust_flags())
+
+    @property
+    def battery_robust(self) -> Accuracy:
+        """The cascade alone, without what the checks' attacks fooled."""
         return self.record.robust
+
+    def fooled_by_checks(self) -> dict[str, int]:
+        """Per check attack, the examples it fooled that the cascade left robust."""
+        battery = self.record.flags()[torch.tensor(self.check_index, dtype=torch.long)]
+        return {label: int((battery & ~torch.tensor([c == "1" for c in f], dtype=torch.bool)).sum())
+                for label, f in self.check_attacks.items()}
 
     @property
     def clean(self) -> Accuracy:
@@ -265,14 +295,18 @@ class AuditReport:
         return {
             "format": FORMAT,
             "summary": {"protocol": PROTOCOL, "robust": self.robust.to_dict(),
+                        "battery_robust": self.battery_robust.to_dict(),
                         "clean": self.clean.to_dict(), "clean_reject_rate": self.record.clean_reject_rate,
                         "threat": self.threat.to_dict(), "budget": self.budget.name,
                         "n": self.record.n, "seed": self.record.seed, "random": self.random,
                         "checks": {c.name: c.verdict for c in self.checks},
                         "flags": [c.name for c in self.flags], "seconds": self.seconds},
             "record": self.record.to_dict(),
+            "robust_flags": "".join("1" if f else "0" for f in self.robust_flags().tolist()),
             "checks": [c.to_dict() for c in self.checks],
             "checks_subset_n": self.subset_n,
+            "check_attacks": {"index": self.check_index, "robust_flags": self.check_attacks,
+                              "fooled_beyond_cascade": self.fooled_by_checks()},
             "battery": [s.to_dict() for s in self.battery],
             "budget": self.budget.to_dict(),
             "model": self.model,
@@ -302,9 +336,18 @@ class AuditReport:
         lines = [f"# Robustness audit: {who}", ""]
         lines += [f"Dataset **{r.dataset or '(tensors)'}**, n = {r.n}, threat **{t.describe()}** "
                   f"(bounds {list(t.bounds)}), budget **{self.budget.name}**, seed {r.seed}.", ""]
-        lines += [f"- **Worst-case robust accuracy: {r.robust.format()} %** (Wilson 95% interval, "
-                  f"{r.robust.correct}/{r.n}), over {len(r.attacks)} attacks run as a cascade.",
-                  f"- Clean accuracy: {r.clean.format()} %."]
+        robust = self.robust
+        lines += [f"- **Worst-case robust accuracy: {robust.format()} %** (Wilson 95% interval, "
+                  f"{robust.correct}/{r.n}), over {len(r.attacks)} attacks run as a cascade"
+                  + (f" and the {len(self.check_attacks)} runs of the sanity checks' reference "
+                     "attack inside the threat model." if self.check_attacks else ".")]
+        if self.check_attacks:
+            extra = r.robust.correct - robust.correct
+            fooled = {k: v for k, v in self.fooled_by_checks().items() if v}
+            lines.append(f"- The cascade alone: {r.robust.format()} %; the checks' attacks fooled "
+                         f"{extra} more example(s)"
+                         + (" (" + "; ".join(f"{k}: {v}" for k, v in fooled.items()) + ")." if fooled else "."))
+        lines.append(f"- Clean accuracy: {r.clean.format()} %.")
         if r.clean_reject_rate is not None:
             lines.append(f"- Clean reject rate (detector): {100 * r.clean_reject_rate:.1f} %. "
                          "Rejected adversarial inputs count as robust.")
@@ -409,7 +452,7 @@ def _plot_eps(path: Path, report: AuditReport) -> None:
     if unb:
         a = _acc(unb["accuracy"])
         ax.plot([unb["eps"]], [100 * a.value], "kx", label=f"unbounded eps={unb['eps']:g}")
-    r = report.record.robust
+    r = report.robust
     ax.errorbar([report.threat.eps], [100 * r.value],
                 yerr=[[100 * (r.value - r.interval[0])], [100 * (r.interval[1] - r.value)]],
                 fmt="r*", markersize=12, capsize=3, label="worst case, all attacks")
@@ -421,7 +464,12 @@ def _plot_eps(path: Path, report: AuditReport) -> None:
     ax.legend(fontsize=8)
     names = ["clean"] + [a.name for a in report.record.attacks]
     vals = [100 * report.record.clean.value] + [100 * a.accuracy_after.value for a in report.record.attacks]
-    bars.barh(range(len(names)), vals, color=["tab:green"] + ["tab:blue"] * (len(names) - 1))
+    colors = ["tab:green"] + ["tab:blue"] * (len(names) - 1)
+    if report.check_attacks:
+        names.append("+ the checks' attacks")
+        vals.append(100 * r.value)
+        colors.append("tab:red")
+    bars.barh(range(len(names)), vals, color=colors)
     bars.set_yticks(range(len(names)), names, fontsize=8)
     bars.invert_yaxis()
     bars.set_xlim(0, 100)
@@ -576,6 +624,7 @@ def _audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat:
         _run_checks(report, model, images, labels, threat, b, seed=seed, batch_size=batch_size,
                     random=random, measured=(measured_random, change, declared),
                     cache=_CheckCache(checks_ckpt, config_hash({"key": record.robust_flags,
+                                                                "protocol": PROTOCOL,
                                                                 "threat": threat.to_dict(),
                                                                 "budget": b.to_dict(), "seed": seed,
                                                                 "data": tensor_hash})))
@@ -611,22 +660,29 @@ def _run_checks(report: AuditReport, model: nn.Module, images: torch.Tensor, lab
     idx = idx.to(images.device)
     xs, ys = images[idx], labels[idx]
     report.subset_n = k
+    report.check_index = idx.tolist()
     make = reference_attack(model, b, random=random)
     shielded = isinstance(model, Shielded)
     eot = b.eot_samples if random else None
 
-    def run(name: str, fn: Callable[[], tuple[CheckResult, dict]]) -> None:
+    # A check's measurement returns (verdict, sweep curves, {label: robust flags} of its runs
+    # inside the threat model); the flags join the headline.
+    def run(name: str, fn: Callable[[], tuple]) -> None:
         cached = cache.get(name)
         if cached is not None:
             result, sweeps, secs = CheckResult.from_dict(cached["result"]), cached["sweeps"], cached["seconds"]
+            inside = cached["inside"]
         else:
             t0 = time.perf_counter()
-            result, sweeps = fn()
+            result, sweeps, *rest = fn()
+            inside = rest[0] if rest else {}
             secs = time.perf_counter() - t0
-            cache.put(name, {"result": result.to_dict(), "sweeps": sweeps, "seconds": secs})
+            cache.put(name, {"result": result.to_dict(), "sweeps": sweeps, "seconds": secs,
+                             "inside": inside})
         report.checks.append(result)
         report.sweeps.update(sweeps)
         report.check_seconds[name] = secs
+        report.check_attacks.update({f"{name}: {label}": f for label, f in inside.items()})
         logger.info("%s  (%.1fs)", result.line(), secs)
 
     _, change, declared = measured
@@ -651,21 +707,29 @@ def _run_checks(report: AuditReport, model: nn.Module, images: torch.Tensor, lab
     def eps_sweep():
         if threat.eps == 0:
             return CheckResult(sanity.EPS_MONOTONE, sanity.SKIP, "eps is 0", {}, k), {}
-        values = sorted({0.0} | {round(f * threat.eps, 6) for f in b.eps_fractions})
-        accs = sanity.run_sweep(model, xs, ys, threat, make, [(e, b.pgd_steps) for e in values],
-                                seed=seed, batch_size=batch_size)
+        # The audited eps itself stays exact: its run must lie inside the threat model.
+        values = sorted({0.0} | {threat.eps if f == 1 else round(f * threat.eps, 6)
+                                 for f in b.eps_fractions})
+        records = sanity.sweep_records(model, xs, ys, threat, make, [(e, b.pgd_steps) for e in values],
+                                       seed=seed, batch_size=batch_size)
+        accs = [r.robust for r in records]
         curve = [{"eps": e, "accuracy": a.to_dict()} for e, a in zip(values, accs)]
-        return sanity.judge_monotone(sanity.EPS_MONOTONE, "eps", values, accs, random=random), {"eps": curve}
+        inside = {f"eps={e:g} steps={b.pgd_steps}": r.robust_flags
+                  for e, r in zip(values, records) if 0 < e <= threat.eps}
+        return (sanity.judge_monotone(sanity.EPS_MONOTONE, "eps", values, accs, random=random),
+                {"eps": curve}, inside)
 
     def steps_sweep():
         if threat.eps == 0:
             return CheckResult(sanity.STEPS_MONOTONE, sanity.SKIP, "eps is 0", {}, k), {}
         values = sorted(set(b.steps_sweep))
-        accs = sanity.run_sweep(model, xs, ys, threat, make, [(threat.eps, s) for s in values],
-                                seed=seed, batch_size=batch_size)
+        records = sanity.sweep_records(model, xs, ys, threat, make, [(threat.eps, s) for s in values],
+                                       seed=seed, batch_size=batch_size)
+        accs = [r.robust for r in records]
         curve = [{"steps": s, "accuracy": a.to_dict()} for s, a in zip(values, accs)]
+        inside = {f"eps={threat.eps:g} steps={s}": r.robust_flags for s, r in zip(values, records)}
         return (sanity.judge_monotone(sanity.STEPS_MONOTONE, "steps", values, accs, random=random),
-                {"steps": curve})
+                {"steps": curve}, inside)
 
     def blackbox():
         return sanity.judge_blackbox(report.record, BLACKBOX_LABELS), {}
@@ -673,14 +737,15 @@ def _run_checks(report: AuditReport, model: nn.Module, images: torch.Tensor, lab
     def longer():
         if threat.eps == 0:
             return CheckResult(sanity.LONGER, sanity.SKIP, "eps is 0", {}, k), {}
-        short, long, only_long, only_short = sanity.run_longer(
-            model, xs, ys, threat, make, b.pgd_steps, factor=b.longer_factor, seed=seed,
-            batch_size=batch_size)
+        records = sanity.longer_records(model, xs, ys, threat, make, b.pgd_steps,
+                                        factor=b.longer_factor, seed=seed, batch_size=batch_size)
+        short, long, only_long, only_short = sanity.compare_longer(*records)
         result = sanity.judge_longer(short, long, only_long=only_long, only_short=only_short,
                                      factor=b.longer_factor)
-        return result, {"longer": {"short": {"steps": b.pgd_steps, "accuracy": short.to_dict()},
-                                   "long": {"steps": b.longer_factor * b.pgd_steps,
-                                            "accuracy": long.to_dict()}}}
+        steps = (b.pgd_steps, b.longer_factor * b.pgd_steps)
+        inside = {f"eps={threat.eps:g} steps={s}": r.robust_flags for s, r in zip(steps, records)}
+        return result, {"longer": {"short": {"steps": steps[0], "accuracy": short.to_dict()},
+                                   "long": {"steps": steps[1], "accuracy": long.to_dict()}}}, inside
 
     for name, fn in ((sanity.RANDOMNESS, randomness), (sanity.GRADIENTS, gradients),
                      (sanity.UNBOUNDED, unbounded), (sanity.EPS_MONOTONE, eps_sweep),
@@ -694,6 +759,9 @@ def measures_as_current_protocol(saved: dict) -> bool:
     version = saved["summary"].get("protocol", 1)
     if version == PROTOCOL:
         return True
+    if saved.get("checks"):
+        # Before 4 the headline left out what the checks' attacks fooled.
+        return False
     labels = [spec["label"] for spec in saved.get("battery", [])]
     if any(label.startswith("detector-pgd") for label in labels):
         return False

@@ -44,8 +44,10 @@ def _echo_report(report) -> None:
         secs = report.check_seconds.get(c.name)
         click.echo(c.line() + (f"  ({secs:.1f}s)" if secs is not None else ""))
     flags = report.flags
+    checks = (f" and {len(report.check_attacks)} check runs inside the threat model (the cascade "
+              f"alone: {report.battery_robust.format()} %)" if report.check_attacks else "")
     click.echo(f"robust accuracy: {report.robust.format()} % (worst case over {len(report.record.attacks)} "
-               f"attacks, Wilson 95%); {len(flags)} flag(s); {report.seconds:.0f} s in all")
+               f"attacks{checks}, Wilson 95%); {len(flags)} flag(s); {report.seconds:.0f} s in all")
 
 
 def weights_digest(name_or_path: str) -> str:
