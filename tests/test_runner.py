@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from aeshield.eval import EvalRecord
+from aeshield.eval.harness import AttackSpec
 from aeshield.experiments import Runner, list_targets, load_config
 from aeshield.experiments.config import from_dict
 
@@ -211,3 +212,38 @@ def test_parallel_plan_puts_shielded_cells_first_when_nothing_was_measured_yet(t
 
     cells = sorted((t for t in plan(tiny_runner()) if t.kind == "cell"), key=lambda t: -t.cost)
     assert [t.name.split("/")[0] for t in cells] == ["2", "1", "0"]  # shield, AT, natural
+
+
+def _attack_lists(node):
+    """Every list of attacks in a target's suites and figure specs, as (name, params, wrap)."""
+    if isinstance(node, (list, tuple)):
+        items = [(a.name, a.params, a.wrap) if isinstance(a, AttackSpec) else
+                 (a.get("name"), a.get("params", {}), a.get("wrap")) if isinstance(a, dict) else None
+                 for a in node]
+        if items and all(i is not None and i[0] for i in items):
+            yield items
+        for a in node:
+            yield from _attack_lists(a)
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _attack_lists(v)
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_every_detector_aware_pgd_of_every_target_runs_next_to_orthogonal_pgd(profile):
+    """Neither detector-aware attack dominates (MagNet: orthogonal PGD fools twice as many;
+    PuVAE's RMSE detector: the weighted sum does better), so a cascade with one has both, at
+    the same steps and wrap."""
+    checked = 0
+    for target in list_targets():
+        cfg = load_config(target, profile)
+        for attacks in _attack_lists([[*s.attacks] for s in cfg.suites] + list(cfg.figures)):
+            for name, params, wrap in attacks:
+                if name != "detector-pgd":
+                    continue
+                checked += 1
+                partners = [p for n, p, w in attacks if n == "orthogonal-pgd" and w == wrap]
+                assert any(p.get("steps") == params.get("steps") for p in partners), (
+                    f"{target} ({profile}): detector-pgd {params} (wrap {wrap}) has no orthogonal-pgd "
+                    "with the same steps in its cascade")
+    assert checked >= 10
