@@ -386,6 +386,11 @@ def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
     assert "tiny-shield" in index and "Linf 0.2" in index
     (report_dir,) = [p for p in (tmp_path / "audits").iterdir() if p.is_dir()]
     assert (report_dir / "audit.md").exists()
+    # the row gives the cascade alone next to the headline, the checks' runs included
+    summary = json.loads((report_dir / "audit.json").read_text())["summary"]
+    cascade, robust = (Accuracy(summary[k]["correct"], summary[k]["n"]).format()
+                       for k in ("battery_robust", "robust"))
+    assert f"| {cascade} | [{robust}](" in index and "| cascade | robust |" in index
 
     # --reuse-only writes the same index from the finished reports and runs nothing
     reused = runner.invoke(audit_cmd, ["--all-shipped", "--reuse-only", "--out", str(tmp_path / "audits"),
