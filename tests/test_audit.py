@@ -176,6 +176,29 @@ def test_stochastic_pipeline_triggers_eot(trained_mlp, data):
     gradient_attacks = [s for s in report.battery if s.label.startswith(("pgd-", "apgd", "fab"))]
     assert gradient_attacks and all(s.wrap == "eot" for s in gradient_attacks)
     assert report.robust.value < 0.1
+    one_query = check.details["one_query"]
+    assert one_query["draws"] == TINY.judge_draws and one_query["n"] == 100
+    assert "expected accuracy (one query)" in report.to_markdown()
+
+
+def test_one_query_vs_retries_separates_the_draws_from_the_attack(trained_mlp, data):
+    x, y = data[0][:60], data[1][:60]
+    threat = ThreatModel("Linf", 0.05)
+    make = reference_attack(trained_mlp, TINY, random=False)
+    fixed = sanity.one_query_vs_retries(trained_mlp, x, y, threat, make, 5, draws=8)
+    # A deterministic pipeline gives every example a rate of 0 or 1: all four figures agree.
+    assert fixed["coin_flips"] == 0
+    assert (fixed["majority"]["correct"] == fixed["every_draw"]["correct"] == fixed["one_draw"]["correct"]
+            == round(fixed["expected"] * fixed["n"]))
+    torch.manual_seed(0)
+    noisy = Shielded(Noise(sigma=0.4), trained_mlp)
+    q = sanity.one_query_vs_retries(noisy, x, y, threat, reference_attack(noisy, TINY, random=True), 5,
+                                    draws=16)
+    assert q["coin_flips"] > 0
+    assert q["every_draw"]["accuracy"] < q["expected"]          # retrying beats one query
+    assert q["every_draw"]["correct"] <= q["majority"]["correct"]
+    lo, hi = q["expected_interval"]
+    assert lo <= q["expected"] <= hi
 
 
 def test_randomness_check_flags_when_eot_is_off():
@@ -513,6 +536,11 @@ def test_reports_of_the_previous_protocol_are_reused_only_where_it_measured_the_
     assert measures_as_current_protocol(saved(None, ["pgd-ce", "recon-pgd"]))
     assert not measures_as_current_protocol(saved(None, ["pgd-ce", "detector-pgd [eot]"]))
     assert not measures_as_current_protocol(saved(None, ["pgd-ce"], ["unbounded-eps"]))
+    # Version 5 only adds the one-query measurement of random pipelines.
+    assert measures_as_current_protocol(saved(4, ["pgd-ce"], checks=["longer-attack"]))
+    random_v4 = saved(4, ["pgd-ce [eot]"], checks=["longer-attack"])
+    random_v4["summary"]["random"] = True
+    assert not measures_as_current_protocol(random_v4)
     # Version 2 differs from 3 only on pipelines with a detector.
     assert measures_as_current_protocol(saved(2, ["pgd-ce", "recon-pgd"], ["unbounded-eps"]))
     assert not measures_as_current_protocol(saved(2, ["pgd-ce", "detector-pgd", "orthogonal-pgd"]))
