@@ -46,7 +46,8 @@ from ..defenses.base import Shielded
 from ..threat import Norm, ThreatModel
 from . import sanity
 from .harness import AttackSpec, evaluate
-from .records import Accuracy, EvalRecord, config_hash, manifest, write_json_atomic, write_text_atomic
+from .records import (Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string, manifest,
+                      write_json_atomic, write_text_atomic)
 from .sanity import CheckResult
 
 logger = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class AuditReport:
         if self.check_attacks:
             index = torch.tensor(self.check_index, dtype=torch.long)
             for f in self.check_attacks.values():
-                flags[index] &= torch.tensor([c == "1" for c in f], dtype=torch.bool)
+                flags[index] &= flags_from_string(f)
         return flags
 
     @property
@@ -281,7 +282,7 @@ class AuditReport:
     def fooled_by_checks(self) -> dict[str, int]:
         """Per check attack, the examples it fooled that the cascade left robust."""
         battery = self.record.flags()[torch.tensor(self.check_index, dtype=torch.long)]
-        return {label: int((battery & ~torch.tensor([c == "1" for c in f], dtype=torch.bool)).sum())
+        return {label: int((battery & ~flags_from_string(f)).sum())
                 for label, f in self.check_attacks.items()}
 
     @property
@@ -309,7 +310,7 @@ class AuditReport:
                         "checks": {c.name: c.verdict for c in self.checks},
                         "flags": [c.name for c in self.flags], "seconds": self.seconds},
             "record": self.record.to_dict(),
-            "robust_flags": "".join("1" if f else "0" for f in self.robust_flags().tolist()),
+            "robust_flags": flags_to_string(self.robust_flags()),
             "checks": [c.to_dict() for c in self.checks],
             "checks_subset_n": self.subset_n,
             "check_attacks": {"index": self.check_index, "robust_flags": self.check_attacks,

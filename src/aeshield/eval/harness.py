@@ -24,7 +24,8 @@ from ..attacks import BPDA, EOT, autoattack, bim, cw_l2, fgsm, pgd
 from ..attacks.adaptive import detector_pgd, latent_pgd, orthogonal_pgd, reconstruction_pgd
 from ..defenses.base import REJECT, Shielded, predict
 from ..threat import Norm, ThreatModel
-from .records import AttackResult, Accuracy, EvalRecord, config_hash, write_json_atomic
+from .records import (AttackResult, Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string,
+                      write_json_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,23 @@ def adapt_model(model: nn.Module, spec: AttackSpec, surrogate: nn.Module | None 
     raise ValueError(f"unknown wrap {spec.wrap!r}; use none, bpda, eot, classifier or surrogate")
 
 
-def _handled(labels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def handled(labels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example: classified correctly, or rejected (which counts as robust)."""
     return (labels == y) | (labels == REJECT)
+
+
+def attack_generator(seed: int, index: int, batch: int) -> torch.Generator:
+    """The seeded generator of the ``index``-th attack of a cascade on its ``batch``-th batch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index * 10_007 + batch)
+
+
+def craft(attack_model: nn.Module, spec: AttackSpec, x: torch.Tensor, y: torch.Tensor,
+          threat: ThreatModel, gen: torch.Generator) -> torch.Tensor:
+    """``spec``'s adversarial inputs for one batch, checked to lie inside ``threat``."""
+    x_adv = ATTACKS[spec.name](attack_model, x, y, threat, gen, **spec.params)
+    if not threat.contains(x_adv, x).all():
+        raise RuntimeError(f"attack {spec.title} left its threat model; this is a bug")
+    return x_adv
 
 
 def _peak_rss_mb() -> float:
@@ -193,7 +209,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if ckpt and ckpt.exists():
         state = json.loads(ckpt.read_text())
         if state.get("key") == key:
-            robust = torch.tensor([c == "1" for c in state["flags"]], dtype=torch.bool, device=device)
+            robust = flags_from_string(state["flags"], device)
             done = state["results"]
             logger.info("resumed evaluation from %s after %d attack(s)", ckpt, len(done))
 
@@ -220,25 +236,22 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         todo = robust.nonzero().squeeze(1)
         batches = todo.split(batch_size) if todo.numel() else ()
         for b, idx in enumerate(tqdm(batches, desc=spec.title[:40], disable=not progress, leave=False)):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + index * 10_007 + b)
             x, y = images[idx], labels[idx]
-            x_adv = ATTACKS[spec.name](attack_model, x, y, attack_threat, gen, **spec.params)
-            if not attack_threat.contains(x_adv, x).all():
-                raise RuntimeError(f"attack {spec.title} left its threat model; this is a bug")
-            robust[idx] = _handled(predict(model, x_adv, batch_size), y)
+            x_adv = craft(attack_model, spec, x, y, attack_threat, attack_generator(seed, index, b))
+            robust[idx] = handled(predict(model, x_adv, batch_size), y)
         result = AttackResult(spec.title, {**spec.params, "wrap": spec.wrap}, attack_threat.to_dict(),
                               before - int(robust.sum()), Accuracy.from_flags(robust),
                               time.perf_counter() - start, _peak_rss_mb())
         results.append(result)
         logger.info("%-40s robust %s  (%.1fs)", spec.title, result.accuracy_after.format(), result.seconds)
         if ckpt:
-            write_json_atomic(ckpt, {"key": key, "flags": "".join("1" if f else "0" for f in robust.tolist()),
+            write_json_atomic(ckpt, {"key": key, "flags": flags_to_string(robust),
                                      "results": [r.to_dict() for r in results]})
 
     return EvalRecord(
         defense=defense, classifier=classifier, dataset=dataset, data_source=data_source,
         data_hash=data_hash, threat=threat.to_dict(), n=n, seed=seed,
         clean=Accuracy.from_flags(clean_correct), robust=Accuracy.from_flags(robust),
-        attacks=results, robust_flags="".join("1" if f else "0" for f in robust.tolist()),
+        attacks=results, robust_flags=flags_to_string(robust),
         clean_reject_rate=float(clean_reject.float().mean()) if getattr(model, "detector", None) is not None else None,
     )

@@ -92,6 +92,16 @@ class Accuracy:
         return cls(int(flags.sum().item()), int(flags.numel()))
 
 
+def flags_to_string(flags: torch.Tensor) -> str:
+    """Per-example boolean flags as one '0'/'1' character each, the form records store."""
+    return "".join("1" if f else "0" for f in flags.tolist())
+
+
+def flags_from_string(text: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The inverse of ``flags_to_string``."""
+    return torch.tensor([c == "1" for c in text], dtype=torch.bool, device=device)
+
+
 @dataclass
 class AttackResult:
     name: str
@@ -147,7 +157,7 @@ class EvalRecord:
                    d["robust_flags"], d.get("clean_reject_rate"), d.get("extra", {}), d["created"])
 
     def flags(self) -> torch.Tensor:
-        return torch.tensor([c == "1" for c in self.robust_flags], dtype=torch.bool)
+        return flags_from_string(self.robust_flags)
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())
