@@ -256,8 +256,8 @@ def report_cmd(records, fmt) -> None:
 @click.argument("target")
 @click.option("--profile", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="quick: CPU minutes, reduced budget (stated in the output); paper: the published protocol (GPU).")
-@click.option("--out", type=click.Path(file_okay=False), default="docs/results", show_default=True,
-              help="Results go to OUT/TARGET/PROFILE/.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Results go to OUT/TARGET/PROFILE/ [default: docs/results; runs/smoke with --smoke].")
 @click.option("--retrain", is_flag=True, help="Ignore shipped weights; train everything missing from the cache.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--ship", is_flag=True,
@@ -268,14 +268,22 @@ def report_cmd(records, fmt) -> None:
               help="Worker processes for training and evaluation cells [default: one per CPU core, "
                    "at most 4; 1 on an accelerator]. Each cell is seeded by itself, so the schedule "
                    "does not change what is measured.")
-def reproduce_cmd(target, profile, out, retrain, no_progress, ship, device, jobs) -> None:
+@click.option("--smoke", is_flag=True,
+              help="Run the profile's whole code path (its models, attacks, figures) at a few images "
+                   "and steps, to check that it runs before spending hours on it; numbers are noise. "
+                   "Results and artifacts go to runs/smoke unless --out is given.")
+def reproduce_cmd(target, profile, out, retrain, no_progress, ship, device, jobs, smoke) -> None:
     """Regenerate a paper's table and figures: TARGET is a config name (see `aeshield targets`)."""
     from .experiments import reproduce
     from .experiments.parallel import default_jobs
 
+    if smoke and ship:
+        raise click.UsageError("--smoke measures nothing, so it cannot --ship")
+    if smoke and out is None:
+        out = "runs/smoke"
     jobs = default_jobs(device) if jobs is None else jobs
-    path = reproduce(target, profile, out, use_shipped=not retrain, progress=not no_progress,
-                     ship=ship, device=device, jobs=jobs)
+    path = reproduce(target, profile, out or "docs/results", use_shipped=not retrain,
+                     progress=not no_progress, ship=ship, device=device, jobs=jobs, smoke=smoke)
     click.echo(f"\nresults in {path}")
 
 

@@ -8,7 +8,7 @@ A target (``aeshield reproduce NAME``) is one YAML file in ``aeshield/configs``.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,9 @@ class ExperimentConfig:
     groups: tuple[GroupSpec, ...] = ()
     columns: tuple[ColumnSpec, ...] = ()
     figures: tuple[dict, ...] = ()
+    # Use only the first N images (seeded) of every split: smoke runs, whose full-size models
+    # would otherwise spend minutes measuring a 10,000-image test set they cannot learn.
+    data_limit: int | None = None
     raw: dict = field(default_factory=dict, compare=False)
 
 
@@ -152,8 +155,10 @@ def list_targets() -> list[str]:
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
 
-def load_config(target: str | Path, profile: str = "quick") -> ExperimentConfig:
-    """Read a target's YAML (by name or path) and resolve one profile."""
+def load_config(target: str | Path, profile: str = "quick", smoke: bool = False) -> ExperimentConfig:
+    """Read a target's YAML (by name or path) and resolve one profile. ``smoke`` cuts every
+    size to a few images and steps (``aeshield.experiments.smoke``); its profile is then
+    named ``<profile>-smoke`` so that nothing it writes passes for a measurement."""
     path = Path(target)
     if not path.exists():
         path = config_dir() / f"{target}.yaml"
@@ -165,6 +170,16 @@ def load_config(target: str | Path, profile: str = "quick") -> ExperimentConfig:
         raise ValueError(f"target {raw.get('name', path.stem)!r} has no profile {profile!r}; "
                          f"choose from {sorted(profiles)}")
     data = deep_merge(raw, profiles[profile] or {})
+    if smoke:
+        from .smoke import SUFFIX, smoke_config, smoke_spec
+
+        config = from_dict(smoke_config(data), profile + SUFFIX)
+        return replace(
+            config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks))
+                                 for s in config.suites),
+            classifiers={k: smoke_spec(v) for k, v in config.classifiers.items()},
+            shields={k: smoke_spec(v) for k, v in config.shields.items()},
+            adversarial_training=config.adversarial_training and smoke_spec(config.adversarial_training))
     return from_dict(data, profile)
 
 

@@ -50,7 +50,8 @@ class Runner:
         self._test_subsets: dict[int, object] = {}
         self._pipelines: dict[tuple, tuple[nn.Module, str]] = {}
         self.train, self.val, self.test = (
-            _on_device(load_dataset(config.dataset, split), device) for split in ("train", "val", "test"))
+            _on_device(_limited(load_dataset(config.dataset, split), config.data_limit, config.seed), device)
+            for split in ("train", "val", "test"))
 
     # ---- artifacts -------------------------------------------------------------------
     def _artifact(self, kind: str, spec: dict) -> tuple[Path, str]:
@@ -80,10 +81,11 @@ class Runner:
         if found is None:
             start = time.perf_counter()
             logger.info("training classifier %s (%s)", name, spec.model)
+            limit = self.config.data_limit
             cfg = ClassifierConfig(model=spec.model, dataset=self.config.dataset, epochs=spec.epochs,
                                    batch_size=spec.batch_size, lr=spec.lr, optimizer=spec.optimizer,
-                                   seed=self.config.seed, train_limit=spec.train_limit,
-                                   augment=spec.augment)
+                                   seed=self.config.seed, train_limit=_min(spec.train_limit, limit),
+                                   augment=spec.augment, val_limit=_min(2000, limit), test_limit=limit)
             train_classifier(cfg, path, progress=self.progress, device=self.device)
             _stamp(path, key)
             self.timings[f"train classifier {name}"] = time.perf_counter() - start
@@ -416,6 +418,14 @@ def _on_device(data, device: str):
     return replace(data, images=data.images.to(device), labels=data.labels.to(device))
 
 
+def _limited(data, limit: int | None, seed: int):
+    return data.subset(limit, seed=seed) if limit else data
+
+
+def _min(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
 def _stamp(path: Path, key: str) -> None:
     side = path.with_suffix(".json")
     data = json.loads(side.read_text())
@@ -429,11 +439,17 @@ def _slug(text: str) -> str:
 
 def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/results",
               use_shipped: bool = True, progress: bool = True, ship: bool = False,
-              device: str = "cpu", jobs: int = 1) -> Path:
+              device: str = "cpu", jobs: int = 1, smoke: bool = False) -> Path:
     """Run a target. ``jobs`` > 1 uses worker processes (spawned: a calling script needs the
-    ``if __name__ == "__main__":`` guard); the CLI defaults to one per core."""
-    config = load_config(target, profile)
-    runner = Runner(config, out_root, use_shipped=use_shipped, progress=progress, device=device)
+    ``if __name__ == "__main__":`` guard); the CLI defaults to one per core. ``smoke`` runs
+    the profile's code path at a few images and steps (``experiments.smoke``), with its own
+    artifact cache under ``out_root``, and never ships."""
+    if smoke and ship:
+        raise ValueError("a smoke run measures nothing; it cannot ship weights")
+    config = load_config(target, profile, smoke=smoke)
+    artifacts = Path(out_root) / "artifacts" if smoke else None
+    runner = Runner(config, out_root, artifacts=artifacts, use_shipped=use_shipped and not smoke,
+                    progress=progress, device=device)
     out = runner.run(jobs=jobs)
     if ship:
         runner.ship()

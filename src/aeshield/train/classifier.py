@@ -31,6 +31,7 @@ class ClassifierConfig:
     train_limit: int | None = None  # use only the first N training images (seeded order)
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR-10
     val_limit: int = 2000
+    test_limit: int | None = None  # measure the sidecar's clean accuracy on the first N only
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -76,6 +77,8 @@ def train_classifier(config: ClassifierConfig, out: str | Path, *, progress: boo
         train = train.subset(config.train_limit, seed=config.seed)
     val = load_dataset(config.dataset, "val").subset(config.val_limit, seed=0)
     test = load_dataset(config.dataset, "test")
+    if config.test_limit:
+        test = test.subset(config.test_limit, seed=config.seed)
     torch.manual_seed(config.seed)
     model = create_model(config.model).to(device)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay)
