@@ -82,6 +82,11 @@ def test_orthogonal_pgd_stays_in_the_ball_and_a_restart_never_unfools(batch):
                 assert ThreatModel(norm, eps).contains(x_adv, x).all()
             once, twice = (evaded(a) for a in runs)
             assert (twice | ~once).all() and twice.sum() >= once.sum()
+    # ``weight`` only scores iterates (which one an unfooled example returns): the steps, and
+    # so what is fooled, do not depend on it.
+    by_weight = [evaded(orthogonal_pgd(model, x, y, eps=0.1, steps=5, step_size=0.02, weight=w,
+                                       generator=torch.Generator().manual_seed(0))) for w in (1.0, 100.0)]
+    assert torch.equal(*by_weight)
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ def _orthogonal_to(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def orthogonal_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = "ce",
-                   orthogonal: bool = True, **pgd_settings) -> torch.Tensor:
+                   orthogonal: bool = True, weight: float = 10.0, **pgd_settings) -> torch.Tensor:
     """Orthogonal PGD (Bryniarski, Hingun, Pachuca, Wang, Carlini 2022, "Evading adversarial
     example detectors using orthogonal projected gradient descent"): a detector-aware attack
     that never lets one goal's gradient undo the other's.
@@ -170,8 +170,9 @@ def orthogonal_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: 
     weighted sum of the two (``detector_pgd``) lets the larger gradient win, which on MagNet
     leaves iterates shuttling in and out of the rejected region. ``orthogonal=False`` is the
     paper's *selective* variant (the raw gradients). Success, restarts, the first fooling
-    iterate kept and EOT averaging are as in ``detector_pgd``; the returned loss of an
-    unfooled example is ``detector_pgd``'s with weight 10. Threat model: white-box, L-inf or L2.
+    iterate kept and EOT averaging are as in ``detector_pgd``. ``weight`` does not steer the
+    steps: it only scores them, as ``detector_pgd``'s objective with that weight, to pick the
+    iterate returned for an example never fooled. Threat model: white-box, L-inf or L2.
     """
     detector = _detector_of(model, "orthogonal-pgd")
     loss_fn = get_loss(loss)
@@ -180,7 +181,7 @@ def orthogonal_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: 
         losses, excess, rejected, decisive = _detector_view(net, detector, x_adv, y_adv, loss_fn)
         shown = _success_logits(decisive, rejected, y_adv)
         classifier_loss, score = losses.mean(0), excess.mean(0)
-        progress = (losses - 10.0 * torch.relu(excess)).mean(0).detach()
+        progress = (losses - weight * torch.relu(excess)).mean(0).detach()
         if not x_adv.requires_grad:  # the last iterate is only scored
             return progress, shown
         g_cls, = torch.autograd.grad(classifier_loss.sum(), x_adv, retain_graph=True)
