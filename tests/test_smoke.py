@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from aeshield.cli import main
 from aeshield.experiments import list_targets, load_config, reproduce
-from aeshield.experiments.smoke import CAPS, TRAIN_IMAGES
+from aeshield.experiments.smoke import CAPS, DATA_LIMIT, TRAIN_IMAGES
 
 
 def _numbers(node, path=()):
@@ -27,7 +27,7 @@ def test_a_smoke_config_caps_every_size_and_keeps_models_attacks_and_figures(pro
     for target in list_targets():
         full, smoke = load_config(target, profile), load_config(target, profile, smoke=True)
         assert smoke.profile == f"{profile}-smoke" and smoke.notes.startswith("SMOKE RUN")
-        assert smoke.data_limit == TRAIN_IMAGES and smoke.n <= CAPS["n"]
+        assert smoke.data_limit == DATA_LIMIT and smoke.n <= CAPS["n"]
         # What runs is the same: threat models, attacks, rows, groups, columns, figure kinds.
         assert [(s.name, s.threat, [(a.name, a.label, a.wrap) for a in s.attacks]) for s in smoke.suites] == \
             [(s.name, s.threat, [(a.name, a.label, a.wrap) for a in s.attacks]) for s in full.suites]

@@ -23,7 +23,8 @@ CAPS: dict[str, int] = {
     "n": 8, "n_rmse": 8, "n_jacobian": 2, "steps": 2, "restarts": 1, "eot": 2,
     "eot_samples": 2, "pairs": 2, "c_count": 2, "num": 3, "queries": 10,
 }
-TRAIN_IMAGES = 64  # images per split (train, val, test): everything trains and calibrates on these
+TRAIN_IMAGES = 64  # every classifier, baseline and shield trains (and a detector calibrates) on these
+DATA_LIMIT = 256  # images kept per split: enough for a 5-component GMM per class (fit_limit)
 SUFFIX = "-smoke"
 
 
@@ -31,9 +32,9 @@ def smoke_config(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config dict with every size it states capped (see ``CAPS``).
     Sizes a spec leaves at its dataclass default are capped by :func:`smoke_spec`."""
     out = _cap(copy.deepcopy(data))
-    out["data_limit"] = min(out.get("data_limit") or TRAIN_IMAGES, TRAIN_IMAGES)
+    out["data_limit"] = min(out.get("data_limit") or DATA_LIMIT, DATA_LIMIT)
     out["notes"] = (f"SMOKE RUN: every size cut to a few images and steps ({TRAIN_IMAGES} training "
-                    "images, <= 8 test images, <= 2 attack steps). It checks that the profile runs; "
+                    f"images, {DATA_LIMIT} per split at most, <= 8 test images attacked, <= 2 attack steps). It checks that the profile runs; "
                     "its numbers measure nothing. " + str(out.get("notes", "")))
     return out
 
@@ -63,4 +64,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["CAPS", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_spec"]
+__all__ = ["CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_spec"]
