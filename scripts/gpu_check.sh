@@ -14,15 +14,15 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 AESHIELD_CACHE="${AESHIELD_CACHE:-$PWD/.cache/aeshield}"
 for f in "$AESHIELD_CACHE"/data/mnist/*.gz; do [ -e "$f" ] && gunzip -f "$f"; done
-aeshield() { python3 -c 'from aeshield.cli import main; main()' "$@"; }
+aeshield="python3 -m aeshield.cli"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' | tee "$OUT/summary.txt"
 for t in ${TARGETS:-demo aaa-mnist aaa-ensemble-mnist puvae-mnist s2snet-mnist dbp-mnist dbp-draw-mnist corruption-mnist}; do
   s=$(date +%s)
-  timeout 300 bash -c "$(declare -f aeshield); aeshield reproduce $t --profile paper --smoke --device $DEVICE --jobs 1 --no-progress --out $OUT/smoke" > "$OUT/smoke-$t.log" 2>&1
+  timeout 300 $aeshield reproduce "$t" --profile paper --smoke --device "$DEVICE" --jobs 1 --no-progress --out "$OUT/smoke" > "$OUT/smoke-$t.log" 2>&1
   echo "smoke $t rc=$? $(( $(date +%s) - s ))s" | tee -a "$OUT/summary.txt"
 done
 left=$(( TIME_LEFT - ($(date +%s) - start) ))
 if [ "$left" -gt 60 ]; then
-  timeout "$left" bash -c "$(declare -f aeshield); aeshield reproduce ${PAPER_TARGET:-aaa-mnist} --profile paper --device $DEVICE --jobs 1 --no-progress --out $OUT/paper" > "$OUT/paper.log" 2>&1
+  timeout "$left" $aeshield reproduce "${PAPER_TARGET:-aaa-mnist}" --profile paper --device "$DEVICE" --jobs 1 --no-progress --out "$OUT/paper" > "$OUT/paper.log" 2>&1
   echo "paper ${PAPER_TARGET:-aaa-mnist} rc=$? (124: cut off at ${left}s; its checkpoints resume)" | tee -a "$OUT/summary.txt"
 fi

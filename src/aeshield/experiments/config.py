@@ -8,7 +8,7 @@ A target (``aeshield reproduce NAME``) is one YAML file in ``aeshield/configs``.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -171,15 +171,9 @@ def load_config(target: str | Path, profile: str = "quick", smoke: bool = False)
                          f"choose from {sorted(profiles)}")
     data = deep_merge(raw, profiles[profile] or {})
     if smoke:
-        from .smoke import SUFFIX, smoke_config, smoke_spec
+        from .smoke import smoke_experiment
 
-        config = from_dict(smoke_config(data), profile + SUFFIX)
-        return replace(
-            config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks))
-                                 for s in config.suites),
-            classifiers={k: smoke_spec(v) for k, v in config.classifiers.items()},
-            shields={k: smoke_spec(v) for k, v in config.shields.items()},
-            adversarial_training=config.adversarial_training and smoke_spec(config.adversarial_training))
+        return smoke_experiment(data, profile)
     return from_dict(data, profile)
 
 

@@ -82,10 +82,13 @@ class Runner:
             start = time.perf_counter()
             logger.info("training classifier %s (%s)", name, spec.model)
             limit = self.config.data_limit
+            # train_classifier reads its own splits: cut them as this runner's are cut.
+            limits = ({"train_limit": min(spec.train_limit or limit, limit), "test_limit": limit,
+                       "val_limit": min(ClassifierConfig.val_limit, limit)} if limit else
+                      {"train_limit": spec.train_limit})
             cfg = ClassifierConfig(model=spec.model, dataset=self.config.dataset, epochs=spec.epochs,
                                    batch_size=spec.batch_size, lr=spec.lr, optimizer=spec.optimizer,
-                                   seed=self.config.seed, train_limit=_min(spec.train_limit, limit),
-                                   augment=spec.augment, val_limit=_min(2000, limit), test_limit=limit)
+                                   seed=self.config.seed, augment=spec.augment, **limits)
             train_classifier(cfg, path, progress=self.progress, device=self.device)
             _stamp(path, key)
             self.timings[f"train classifier {name}"] = time.perf_counter() - start
@@ -420,10 +423,6 @@ def _on_device(data, device: str):
 
 def _limited(data, limit: int | None, seed: int):
     return data.subset(limit, seed=seed) if limit else data
-
-
-def _min(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else min(a, b)
 
 
 def _stamp(path: Path, key: str) -> None:

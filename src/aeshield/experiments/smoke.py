@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
 
 # Each key, wherever it appears in a resolved config, is capped at this value (never raised).
 CAPS: dict[str, int] = {
@@ -28,14 +31,30 @@ DATA_LIMIT = 256  # images kept per split: enough for a 5-component GMM per clas
 SUFFIX = "-smoke"
 
 
+def smoke_experiment(data: dict[str, Any], profile: str) -> "ExperimentConfig":
+    """The typed config of a resolved profile dict, as a smoke run named ``<profile>-smoke``:
+    every size capped, those the config states (``smoke_config``) and those its specs leave at
+    their dataclass defaults (``smoke_spec``)."""
+    from .config import from_dict
+
+    config = from_dict(smoke_config(data), profile + SUFFIX)
+    return replace(
+        config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks))
+                             for s in config.suites),
+        classifiers={k: smoke_spec(v) for k, v in config.classifiers.items()},
+        shields={k: smoke_spec(v) for k, v in config.shields.items()},
+        adversarial_training=config.adversarial_training and smoke_spec(config.adversarial_training))
+
+
 def smoke_config(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config dict with every size it states capped (see ``CAPS``).
     Sizes a spec leaves at its dataclass default are capped by :func:`smoke_spec`."""
     out = _cap(copy.deepcopy(data))
     out["data_limit"] = min(out.get("data_limit") or DATA_LIMIT, DATA_LIMIT)
     out["notes"] = (f"SMOKE RUN: every size cut to a few images and steps ({TRAIN_IMAGES} training "
-                    f"images, {DATA_LIMIT} per split at most, <= 8 test images attacked, <= 2 attack steps). It checks that the profile runs; "
-                    "its numbers measure nothing. " + str(out.get("notes", "")))
+                    f"images, {DATA_LIMIT} per split at most, <= {CAPS['n']} test images attacked, "
+                    f"<= {CAPS['steps']} attack steps). It checks that the profile runs; its numbers "
+                    "measure nothing. " + str(out.get("notes", "")))
     return out
 
 
@@ -64,4 +83,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_spec"]
+__all__ = ["CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_experiment", "smoke_spec"]
