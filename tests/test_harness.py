@@ -3,6 +3,7 @@ import torch
 
 from aeshield.defenses import REJECT, Detector, Shielded
 from aeshield.eval import AttackSpec, EvalRecord, evaluate, wilson_interval
+from aeshield.eval.stats import paired_ratio_interval
 from aeshield.threat import ThreatModel
 
 PGD = AttackSpec("pgd", {"steps": 5, "step_size": 0.02})
@@ -85,6 +86,23 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_paired_ratio_interval_keeps_the_pairing():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(300, generator=gen) * 10 + 1  # wide spread between examples
+    exact = paired_ratio_interval(3 * base, base)
+    # Each example is exactly 3x its partner, so every resample gives 3: an unpaired bootstrap
+    # would mix the spread between examples into the interval.
+    assert exact["ratio"] == pytest.approx(3.0)
+    assert exact["ci95"][0] == pytest.approx(3.0) and exact["ci95"][1] == pytest.approx(3.0)
+    noisy = paired_ratio_interval(3 * base + torch.randn(300, generator=gen), base)
+    lo, hi = noisy["ci95"]
+    assert lo < noisy["ratio"] < hi and 2.8 < lo and hi < 3.2
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio_interval(base, base[:10])
+    with pytest.raises(ValueError, match="denominator"):
+        paired_ratio_interval(base, torch.zeros(300))
 
 
 class ThresholdDetector(Detector):

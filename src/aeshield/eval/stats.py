@@ -1,8 +1,10 @@
-"""Confidence intervals for accuracies."""
+"""Confidence intervals: accuracies (Wilson) and ratios of paired means (bootstrap)."""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -32,3 +34,24 @@ def _z_value(confidence: float) -> float:
         else:
             hi = mid
     return (lo + hi) / 2
+
+
+def paired_ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, resamples: int = 2000,
+                          seed: int = 0, confidence: float = 0.95) -> dict:
+    """``mean(numerator) / mean(denominator)`` over the same examples, with a percentile
+    bootstrap interval that resamples examples (both means from one resample, so the pairing
+    is kept: two models measured on the same images vary together)."""
+    a = torch.as_tensor(numerator, dtype=torch.float64).flatten()
+    b = torch.as_tensor(denominator, dtype=torch.float64).flatten()
+    if a.numel() != b.numel() or a.numel() == 0:
+        raise ValueError(f"paired_ratio_interval needs two equally long, non-empty samples, got "
+                         f"{a.numel()} and {b.numel()}")
+    if b.mean() == 0:
+        raise ValueError("paired_ratio_interval: the denominator's mean is 0, the ratio is undefined")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, a.numel(), (resamples, a.numel()), generator=gen)
+    ratios = a[idx].mean(1) / b[idx].mean(1)
+    tail = (1 - confidence) / 2
+    lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"ratio": float(a.mean() / b.mean()), "ci95": [lo, hi], "n": a.numel(),
+            "ci_method": f"percentile bootstrap over paired examples, {resamples} resamples"}

@@ -35,6 +35,7 @@ from ..eval.gradients import (ce_loss, gradient_map, label_ssim, pairwise_ssim, 
                               reconstruction_loss)
 from ..eval.harness import AttackSpec, evaluate
 from ..eval.records import Accuracy, write_text_atomic
+from ..eval.stats import paired_ratio_interval
 from ..threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -341,48 +342,80 @@ def gradient_similarity(runner: "Runner", figure: dict, out: Path) -> None:
 
 # ---- DBP: smoothness -------------------------------------------------------------------------
 def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
-    """||d x'/d x||_F (exact), ||d recon_loss / d x||_2 and the reconstruction error, per VAE."""
+    """||d x'/d x||_F (exact), ||d recon_loss / d x||_2 and the reconstruction error, per VAE.
+
+    Each is reported in two units: the Jacobian as its norm and its square, the reconstruction
+    error as the per-image sum of squares and as the L2 distance ``||x' - x||_2``. The DBP paper's
+    Table 1 does not name its units; its magnitudes (docs/NOTES.md, session 11) fit the squared
+    norm and the distance, while the norm and the sum of squares are what this table first
+    reported. With two models, the second is compared with the first on the same images
+    (ratios with paired bootstrap intervals)."""
     name = figure.get("name", "dbp_smoothness")
     shields = dict(figure["shields"])
     n, n_jac = int(figure.get("n", 1000)), int(figure.get("n_jacobian", 100))
+    # "measures" names the record's layout: records of the one-unit layout are recomputed.
     spec = {"shields": {k: _shield_key(runner, v) for k, v in shields.items()}, "n": n,
-            "n_jacobian": n_jac, "seed": runner.config.seed}
+            "n_jacobian": n_jac, "seed": runner.config.seed, "measures": 2}
 
     def compute() -> dict:
         test = runner.test.subset(n, seed=runner.config.seed + 19)
         x = test.images.to(runner.device)
-        rows = {}
+        rows, per_image = {}, {}
         for label, s in shields.items():
             vae = runner.shield(s)
             with torch.no_grad():
                 error = torch.cat([reconstruction_error(vae(b), b) for b in x.split(500)])
             grad = torch.cat([recon_grad_penalty(vae, b, create_graph=False).sqrt() for b in x.split(500)])
             jac = torch.cat([jacobian_frobenius(vae, b) for b in x[:n_jac].split(50)])
-            rows[label] = {"reconstruction_error": mean_interval(error),
-                           "recon_loss_grad_norm": mean_interval(grad),
-                           "jacobian_frobenius": mean_interval(jac)}
-        return {"n": n, "n_jacobian": n_jac, "rows": rows}
+            per_image[label] = {"jacobian_frobenius": jac, "jacobian_frobenius_sq": jac.pow(2),
+                                "recon_loss_grad_norm": grad, "reconstruction_error": error,
+                                "reconstruction_distance": error.sqrt()}
+            rows[label] = {k: mean_interval(v) for k, v in per_image[label].items()}
+        comparison = {}
+        if len(shields) == 2:
+            base, other = (per_image[k] for k in shields)
+            seed = runner.config.seed + 23
+            # Smoothness: how many times smaller; reconstruction: how many times larger.
+            comparison = {k: paired_ratio_interval(base[k], other[k], seed=seed)
+                          for k in ("jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm")}
+            comparison |= {k: paired_ratio_interval(other[k], base[k], seed=seed)
+                           for k in ("reconstruction_error", "reconstruction_distance")}
+        return {"n": n, "n_jacobian": n_jac, "rows": rows, "comparison": comparison}
 
     r = runner.cached_record(name, spec, compute)
     labels = list(r["rows"])
     lines = [f"# DBP Table 1 layout: smoothness and reconstruction ({runner.config.dataset})", "",
              f"Test images: n = {r['n']} (reconstruction error, gradient norm), n = {r['n_jacobian']} "
-             "(exact Jacobian, one vector-Jacobian product per output pixel). Reconstruction error: "
-             "per-image sum of squared errors of decode(mu). Cells: mean [95% interval of the "
-             "mean] (sd).", "",
-             "| model | ||dx'/dx||_F | ||d recon_loss/dx||_2 | reconstruction error |", "|---|---|---|---|"]
+             "(exact Jacobian, one vector-Jacobian product per output pixel). Reconstruction of "
+             "decode(mu). Cells: mean [95% interval of the mean] (sd).", "",
+             "| model | ‖dx'/dx‖_F | ‖dx'/dx‖_F^2 | ‖d recon_loss/dx‖_2 | reconstruction error, "
+             "sum of squares | reconstruction error, ‖x' - x‖_2 |", "|---|---|---|---|---|---|"]
     for label in labels:
         row = r["rows"][label]
-        lines.append(f"| {label} | {_fmt_mean(row['jacobian_frobenius'])} | "
-                     f"{_fmt_mean(row['recon_loss_grad_norm'])} | {_fmt_mean(row['reconstruction_error'])} |")
-    if len(labels) == 2:
-        a, b = (r["rows"][k] for k in labels)
-        lines += ["", f"Ratio {labels[0]} / {labels[1]}: Jacobian norm "
-                  f"{a['jacobian_frobenius']['mean'] / b['jacobian_frobenius']['mean']:.2f}x, "
-                  f"reconstruction-loss gradient norm "
-                  f"{a['recon_loss_grad_norm']['mean'] / b['recon_loss_grad_norm']['mean']:.2f}x; "
-                  f"reconstruction error of {labels[1]} relative to {labels[0]}: "
-                  f"{100 * (b['reconstruction_error']['mean'] / a['reconstruction_error']['mean'] - 1):+.1f}%."]
+        lines.append(f"| {label} | " + " | ".join(_fmt_mean(row[k]) for k in (
+            "jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm",
+            "reconstruction_error", "reconstruction_distance")) + " |")
+    if r["comparison"]:
+        c = r["comparison"]
+
+        def cut(k: str) -> str:
+            lo, hi = c[k]["ci95"]
+            return f"{c[k]['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]"
+
+        def cost(k: str) -> str:
+            lo, hi = c[k]["ci95"]
+            return f"{100 * (c[k]['ratio'] - 1):+.1f}% [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]"
+
+        lines += ["", f"{labels[1]} against {labels[0]}, on the same images (95% percentile "
+                  "bootstrap over images, 2,000 resamples):", "",
+                  "| units | smoothness: how many times smaller | reconstruction error: cost |",
+                  "|---|---|---|",
+                  f"| norm, sum of squares | ‖dx'/dx‖_F {cut('jacobian_frobenius')} | "
+                  f"{cost('reconstruction_error')} |",
+                  f"| squared norm, L2 distance | ‖dx'/dx‖_F^2 {cut('jacobian_frobenius_sq')} | "
+                  f"{cost('reconstruction_distance')} |",
+                  f"| reconstruction-loss gradient, L2 distance | ‖d recon_loss/dx‖_2 "
+                  f"{cut('recon_loss_grad_norm')} | {cost('reconstruction_distance')} |"]
     write_text_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
 
 
