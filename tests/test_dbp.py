@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from aeshield.defenses.dbp import (VAE, DBPConfig, jacobian_frobenius, jacobian_penalty,
@@ -51,3 +52,27 @@ def test_dbp_lowers_the_input_gradient_norm_on_a_toy_problem():
         vae.eval()
         norms[lam] = float(recon_grad_penalty(vae, x, create_graph=False).mean())
     assert norms[1.0] < 0.5 * norms[0.0], norms
+
+
+def test_smoothness_table_reports_both_units_and_paired_ratios(tmp_path):
+    """dbp-mnist's whole quick path at smoke sizes: the smoothness record holds each quantity in
+    both units, consistent with each other, and the comparison is the ratio of the row means."""
+    import json
+
+    from aeshield.experiments import reproduce
+
+    out = reproduce("dbp-mnist", "quick", tmp_path, progress=False, smoke=True)
+    record = json.loads((out / "records" / "dbp_smoothness.json").read_text())
+    base, dbp = (record["rows"][k] for k in ("VAE", "VAE + DBP"))
+    for row in (base, dbp):
+        # Jensen: mean of squares >= square of the mean; mean of square roots <= root of the mean.
+        assert row["jacobian_frobenius_sq"]["mean"] >= row["jacobian_frobenius"]["mean"] ** 2 - 1e-9
+        assert row["reconstruction_distance"]["mean"] ** 2 <= row["reconstruction_error"]["mean"] + 1e-9
+    c = record["comparison"]
+    for key in ("jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm"):
+        assert c[key]["ratio"] == pytest.approx(base[key]["mean"] / dbp[key]["mean"])
+        assert c[key]["ci95"][0] <= c[key]["ratio"] <= c[key]["ci95"][1]
+    for key in ("reconstruction_error", "reconstruction_distance"):
+        assert c[key]["ratio"] == pytest.approx(dbp[key]["mean"] / base[key]["mean"])
+    table = (out / "dbp_smoothness.md").read_text()
+    assert "‖dx'/dx‖_F^2" in table and "squared norm, L2 distance" in table and "||" not in table
