@@ -52,6 +52,8 @@ _SPECS = [
               "conv denoising AE for 28x28 grey images"),
     ModelSpec("conv-ae-small", lambda: ae.ConvAutoencoder(width=16, code=8), "mnist",
               "autoencoder", "narrow conv AE"),
+    ModelSpec("conv-ae-wide", lambda: ae.ConvAutoencoder(width=64), "mnist", "autoencoder",
+              "conv AE at twice conv-ae's width (capacity for adversarial training)"),
     ModelSpec("unet", ae.UNetAutoencoder, "cifar10", "autoencoder", "U-Net AE for 32x32 RGB"),
     ModelSpec("cvae-mnist", vae.cvae_mnist, "mnist", "autoencoder", "PuVAE conditional VAE, z=32"),
     ModelSpec("cvae-fmnist", vae.cvae_fmnist, "fashion-mnist", "autoencoder",
