@@ -37,8 +37,8 @@ def _z_value(confidence: float) -> float:
 
 
 def paired_ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, resamples: int = 2000,
-                          seed: int = 0, confidence: float = 0.95) -> dict:
-    """``mean(numerator) / mean(denominator)`` over the same examples, with a percentile
+                          seed: int = 0) -> dict:
+    """``mean(numerator) / mean(denominator)`` over the same examples, with a 95% percentile
     bootstrap interval that resamples examples (both means from one resample, so the pairing
     is kept: two models measured on the same images vary together)."""
     a = torch.as_tensor(numerator, dtype=torch.float64).flatten()
@@ -51,7 +51,6 @@ def paired_ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, re
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, a.numel(), (resamples, a.numel()), generator=gen)
     ratios = a[idx].mean(1) / b[idx].mean(1)
-    tail = (1 - confidence) / 2
-    lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"ratio": float(a.mean() / b.mean()), "ci95": [lo, hi], "n": a.numel(),
             "ci_method": f"percentile bootstrap over paired examples, {resamples} resamples"}

@@ -406,8 +406,8 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
             lo, hi = c[k]["ci95"]
             return f"{100 * (c[k]['ratio'] - 1):+.1f}% [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]"
 
-        lines += ["", f"{labels[1]} against {labels[0]}, on the same images (95% percentile "
-                  "bootstrap over images, 2,000 resamples):", "",
+        lines += ["", f"{labels[1]} against {labels[0]}, on the same images (95% interval: "
+                  f"{c['jacobian_frobenius']['ci_method']}):", "",
                   "| units | smoothness: how many times smaller | reconstruction error: cost |",
                   "|---|---|---|",
                   f"| norm, sum of squares | ‖dx'/dx‖_F {cut('jacobian_frobenius')} | "
