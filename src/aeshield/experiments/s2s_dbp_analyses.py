@@ -355,7 +355,7 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
     n, n_jac = int(figure.get("n", 1000)), int(figure.get("n_jacobian", 100))
     # "measures" names the record's layout: records of the one-unit layout are recomputed.
     spec = {"shields": {k: _shield_key(runner, v) for k, v in shields.items()}, "n": n,
-            "n_jacobian": n_jac, "seed": runner.config.seed, "measures": 2}
+            "n_jacobian": n_jac, "seed": runner.config.seed, "measures": 3}
 
     def compute() -> dict:
         test = runner.test.subset(n, seed=runner.config.seed + 19)
@@ -368,7 +368,8 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
             grad = torch.cat([recon_grad_penalty(vae, b, create_graph=False).sqrt() for b in x.split(500)])
             jac = torch.cat([jacobian_frobenius(vae, b) for b in x[:n_jac].split(50)])
             per_image[label] = {"jacobian_frobenius": jac, "jacobian_frobenius_sq": jac.pow(2),
-                                "recon_loss_grad_norm": grad, "reconstruction_error": error,
+                                "recon_loss_grad_norm": grad, "recon_loss_grad_norm_sq": grad.pow(2),
+                                "reconstruction_error": error,
                                 "reconstruction_distance": error.sqrt()}
             rows[label] = {k: mean_interval(v) for k, v in per_image[label].items()}
         comparison = {}
@@ -377,7 +378,8 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
             seed = runner.config.seed + 23
             # Smoothness: how many times smaller; reconstruction: how many times larger.
             comparison = {k: paired_ratio_interval(base[k], other[k], seed=seed)
-                          for k in ("jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm")}
+                          for k in ("jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm",
+                                    "recon_loss_grad_norm_sq")}
             comparison |= {k: paired_ratio_interval(other[k], base[k], seed=seed)
                            for k in ("reconstruction_error", "reconstruction_distance")}
         return {"n": n, "n_jacobian": n_jac, "rows": rows, "comparison": comparison}
@@ -388,13 +390,14 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
              f"Test images: n = {r['n']} (reconstruction error, gradient norm), n = {r['n_jacobian']} "
              "(exact Jacobian, one vector-Jacobian product per output pixel). Reconstruction of "
              "decode(mu). Cells: mean [95% interval of the mean] (sd).", "",
-             "| model | ‖dx'/dx‖_F | ‖dx'/dx‖_F^2 | ‖d recon_loss/dx‖_2 | reconstruction error, "
-             "sum of squares | reconstruction error, ‖x' - x‖_2 |", "|---|---|---|---|---|---|"]
+             "| model | ‖dx'/dx‖_F | ‖dx'/dx‖_F^2 | ‖d recon_loss/dx‖_2 | ‖d recon_loss/dx‖_2^2 | "
+             "reconstruction error, sum of squares | reconstruction error, ‖x' - x‖_2 |",
+             "|---|---|---|---|---|---|---|"]
     for label in labels:
         row = r["rows"][label]
         lines.append(f"| {label} | " + " | ".join(_fmt_mean(row[k]) for k in (
             "jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm",
-            "reconstruction_error", "reconstruction_distance")) + " |")
+            "recon_loss_grad_norm_sq", "reconstruction_error", "reconstruction_distance")) + " |")
     if r["comparison"]:
         c = r["comparison"]
 
@@ -415,7 +418,10 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
                   f"| squared norm, L2 distance | ‖dx'/dx‖_F^2 {cut('jacobian_frobenius_sq')} | "
                   f"{cost('reconstruction_distance')} |",
                   f"| reconstruction-loss gradient, L2 distance | ‖d recon_loss/dx‖_2 "
-                  f"{cut('recon_loss_grad_norm')} | {cost('reconstruction_distance')} |"]
+                  f"{cut('recon_loss_grad_norm')} | {cost('reconstruction_distance')} |",
+                  f"| squared reconstruction-loss gradient (DBP's penalty), L2 distance | "
+                  f"‖d recon_loss/dx‖_2^2 {cut('recon_loss_grad_norm_sq')} | "
+                  f"{cost('reconstruction_distance')} |"]
     write_text_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
 
 
