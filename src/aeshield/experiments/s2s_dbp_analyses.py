@@ -341,6 +341,11 @@ def gradient_similarity(runner: "Runner", figure: dict, out: Path) -> None:
 
 
 # ---- DBP: smoothness -------------------------------------------------------------------------
+# Record keys, in table column order: what DBP should shrink, then what it may cost.
+SMOOTHNESS = ("jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm", "recon_loss_grad_norm_sq")
+RECONSTRUCTION = ("reconstruction_error", "reconstruction_distance")
+
+
 def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
     """||d x'/d x||_F (exact), ||d recon_loss / d x||_2 and the reconstruction error, per VAE.
 
@@ -365,23 +370,20 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
             vae = runner.shield(s)
             with torch.no_grad():
                 error = torch.cat([reconstruction_error(vae(b), b) for b in x.split(500)])
-            grad = torch.cat([recon_grad_penalty(vae, b, create_graph=False).sqrt() for b in x.split(500)])
+            # The penalty is already the squared gradient norm: take its root, not root-then-square.
+            grad_sq = torch.cat([recon_grad_penalty(vae, b, create_graph=False) for b in x.split(500)])
             jac = torch.cat([jacobian_frobenius(vae, b) for b in x[:n_jac].split(50)])
             per_image[label] = {"jacobian_frobenius": jac, "jacobian_frobenius_sq": jac.pow(2),
-                                "recon_loss_grad_norm": grad, "recon_loss_grad_norm_sq": grad.pow(2),
-                                "reconstruction_error": error,
-                                "reconstruction_distance": error.sqrt()}
+                                "recon_loss_grad_norm": grad_sq.sqrt(), "recon_loss_grad_norm_sq": grad_sq,
+                                "reconstruction_error": error, "reconstruction_distance": error.sqrt()}
             rows[label] = {k: mean_interval(v) for k, v in per_image[label].items()}
         comparison = {}
         if len(shields) == 2:
             base, other = (per_image[k] for k in shields)
             seed = runner.config.seed + 23
             # Smoothness: how many times smaller; reconstruction: how many times larger.
-            comparison = {k: paired_ratio_interval(base[k], other[k], seed=seed)
-                          for k in ("jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm",
-                                    "recon_loss_grad_norm_sq")}
-            comparison |= {k: paired_ratio_interval(other[k], base[k], seed=seed)
-                           for k in ("reconstruction_error", "reconstruction_distance")}
+            comparison = {k: paired_ratio_interval(base[k], other[k], seed=seed) for k in SMOOTHNESS}
+            comparison |= {k: paired_ratio_interval(other[k], base[k], seed=seed) for k in RECONSTRUCTION}
         return {"n": n, "n_jacobian": n_jac, "rows": rows, "comparison": comparison}
 
     r = runner.cached_record(name, spec, compute)
@@ -395,9 +397,7 @@ def smoothness(runner: "Runner", figure: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|"]
     for label in labels:
         row = r["rows"][label]
-        lines.append(f"| {label} | " + " | ".join(_fmt_mean(row[k]) for k in (
-            "jacobian_frobenius", "jacobian_frobenius_sq", "recon_loss_grad_norm",
-            "recon_loss_grad_norm_sq", "reconstruction_error", "reconstruction_distance")) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt_mean(row[k]) for k in SMOOTHNESS + RECONSTRUCTION) + " |")
     if r["comparison"]:
         c = r["comparison"]
 
