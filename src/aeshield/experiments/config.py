@@ -82,6 +82,9 @@ class RowSpec:
     # Test images for this row's cells when it differs from the target's ``n`` (a quick
     # profile's ablation rows); always the first n of the same seeded subset.
     n: int | None = field(default=None, metadata={"hash_if_default": False})
+    # A shield chosen on validation images (``selections``) instead of a named one; the runner
+    # fills ``shield`` with the choice before it plans anything.
+    select: str | None = field(default=None, metadata={"hash_if_default": False})
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class ExperimentConfig:
     classifiers: dict[str, ClassifierSpec] = field(default_factory=dict)
     adversarial_training: AdvTrainSpec | None = None
     shields: dict[str, ShieldSpec] = field(default_factory=dict)
+    selections: dict[str, Any] = field(default_factory=dict)  # name -> selection.SelectionSpec
     suites: tuple[SuiteSpec, ...] = ()
     rows: tuple[RowSpec, ...] = ()
     groups: tuple[GroupSpec, ...] = ()
@@ -192,12 +196,15 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})
                     for c in d.pop("columns", []))
     figures = tuple(d.pop("figures", []) or [])
+    from .selection import parse_selection
+
+    selections = {k: parse_selection(v) for k, v in (d.pop("selections", {}) or {}).items()}
     d.pop("ship", None)  # read by Runner.ship from the raw config
     config = ExperimentConfig(
         profile=profile, classifiers=classifiers,
         adversarial_training=_build(AdvTrainSpec, at) if at else None, shields=shields,
-        suites=suites, rows=rows, groups=groups, columns=columns, figures=figures, raw=resolved,
-        **d)
+        selections=selections, suites=suites, rows=rows, groups=groups, columns=columns,
+        figures=figures, raw=resolved, **d)
     _check(config)
     return config
 
@@ -224,8 +231,14 @@ def shield_spec(entry: dict) -> Any:
 
 def _check(config: ExperimentConfig) -> None:
     suite_names = {s.name for s in config.suites}
+    from .selection import check_selections
+
+    check_selections(config)
     for row in config.rows:
-        if row.kind == "shield" and row.shield not in config.shields:
+        if row.select is not None and (row.kind != "shield" or row.shield is not None):
+            raise ValueError(f"row {row.label!r}: `select` picks the shield of a `kind: shield` row; "
+                             "give it instead of `shield:`, not with it")
+        if row.kind == "shield" and row.select is None and row.shield not in config.shields:
             raise ValueError(f"row {row.label!r} names unknown shield {row.shield!r}")
         if row.kind == "adversarial-training" and config.adversarial_training is None:
             raise ValueError(f"row {row.label!r} needs an adversarial_training section")

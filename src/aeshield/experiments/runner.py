@@ -272,6 +272,13 @@ class Runner:
             logger.info("shipped %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
         return written
 
+    def resolve_selections(self) -> None:
+        """Point every ``select`` row at the shield its selection chooses on validation images
+        (``experiments.selection``); before planning, so workers get the resolved rows."""
+        from .selection import resolve
+
+        self.config = resolve(self)
+
     def train_subset(self, limit: int | None):
         return self.train.subset(limit, seed=self.config.seed) if limit else self.train
 
@@ -399,6 +406,7 @@ class Runner:
         """Train what is missing, evaluate every cell, render. ``jobs`` > 1 fills the cache and
         the records in that many worker processes first; the table is the same either way."""
         start = time.perf_counter()
+        self.resolve_selections()
         if jobs > 1:
             self.timings.update(run_parallel(self, jobs))
         entries = self.evaluate_all()

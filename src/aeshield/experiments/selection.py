@@ -1,0 +1,163 @@
+"""Choose one of several trained shields on held-out validation images, before any test figure.
+
+A config's ``selections`` entry names candidate shields (one hyperparameter grid, e.g. AAA's
+lambda), the classifier they protect, one validation attack, and the largest cost in natural
+accuracy the user accepts. The chosen candidate is the most robust one on the validation
+images among those whose clean accuracy there is within ``max_clean_drop`` of the undefended
+classifier's on the same images; if none is, the cleanest one. Only the ``val`` split (training
+images that no model trained on) is read, so a row showing the chosen shield reports test
+figures that played no part in choosing it.
+
+A row selects with ``select: NAME`` instead of ``shield:``; the runner resolves it before it
+plans anything, so the row's records are keyed by the shield that was chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from ..eval.harness import AttackSpec, evaluate
+from ..eval.records import Accuracy, write_text_atomic
+from ..threat import ThreatModel
+from .config import ExperimentConfig
+from .methods import get_method
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    among: tuple[str, ...]  # shield names of the config, in the order the table lists them
+    classifier: str  # the classifier the candidates protect (a native one)
+    threat: ThreatModel
+    attack: AttackSpec
+    max_clean_drop: float  # accuracy, as a fraction (0.06 = six points)
+    n: int = 2000  # validation images (seeded subset of the val split)
+    seed: int = field(default=11)  # not the training's validation subset (seed 1)
+
+
+def parse_selection(entry: dict) -> SelectionSpec:
+    d = dict(entry)
+    unknown = set(d) - {"among", "classifier", "threat", "attack", "max_clean_drop", "n", "seed"}
+    if unknown:
+        raise ValueError(f"selection: unknown keys {sorted(unknown)}")
+    attack = dict(d.pop("attack"))
+    return SelectionSpec(among=tuple(d.pop("among")), threat=ThreatModel(**d.pop("threat")),
+                         attack=AttackSpec(**attack), **d)
+
+
+def check_selections(config: ExperimentConfig) -> None:
+    for name, sel in config.selections.items():
+        missing = [s for s in sel.among if s not in config.shields]
+        if missing:
+            raise ValueError(f"selection {name!r} names unknown shields {missing}")
+        if sel.classifier not in config.classifiers:
+            raise ValueError(f"selection {name!r} names unknown classifier {sel.classifier!r}")
+        if not 0 <= sel.max_clean_drop < 1:
+            raise ValueError(f"selection {name!r}: max_clean_drop is a fraction of accuracy "
+                             f"(0.06 = six points), got {sel.max_clean_drop}")
+    for row in config.rows:
+        if row.select is not None and row.select not in config.selections:
+            raise ValueError(f"row {row.label!r} selects with unknown selection {row.select!r}; "
+                             f"known: {sorted(config.selections)}")
+
+
+def choose(candidates: dict[str, dict], undefended_clean: float, max_clean_drop: float) -> str:
+    """The most robust candidate whose clean accuracy is within the allowed drop (ties: the
+    cleaner, then the first listed); if none qualifies, the cleanest."""
+    order = list(candidates)
+    eligible = [c for c in order if candidates[c]["clean"] >= undefended_clean - max_clean_drop - 1e-12]
+    if eligible:
+        return max(eligible, key=lambda c: (candidates[c]["robust"], candidates[c]["clean"], -order.index(c)))
+    return max(order, key=lambda c: (candidates[c]["clean"], -order.index(c)))
+
+
+def _measure(runner: "Runner", sel: SelectionSpec, model, defense: str, val) -> dict:
+    record = evaluate(model, val.images, val.labels, [sel.attack], sel.threat,
+                      batch_size=runner.config.batch_size, seed=sel.seed, defense=defense,
+                      classifier=sel.classifier, dataset=runner.config.dataset,
+                      data_source=val.source, data_hash=val.sha256, progress=runner.progress)
+    return {"clean": record.clean.to_dict(), "robust": record.robust.to_dict()}
+
+
+def select(runner: "Runner", name: str) -> str:
+    """Measure every candidate of selection ``name`` on the validation images (each one a
+    cached record) and return the chosen shield; writes ``selection_<name>.md``."""
+    sel = runner.config.selections[name]
+    val = runner.val.subset(sel.n, seed=sel.seed)
+    if val.split != "val":
+        raise ValueError(f"selection {name!r} must be measured on validation images, got the "
+                         f"{val.split!r} split")
+    positions = [] if val.indices is None else val.indices.tolist()
+    base = {"selection": name, "classifier": sel.classifier, "threat": sel.threat.to_dict(),
+            "attack": sel.attack.to_dict(), "n": sel.n, "seed": sel.seed, "split": val.split,
+            "dataset_sha256": val.sha256,
+            "positions_sha256": hashlib.sha256(json.dumps(positions).encode()).hexdigest()}
+    undefended = runner.classifier(sel.classifier)
+    weights = runner.weight_hashes([sel.classifier])
+    reference = runner.cached_record(
+        f"selection-{name}-undefended", {**base, "weights": weights},
+        lambda: _measure(runner, sel, undefended, "none", val))
+    candidates = {}
+    for shield in sel.among:
+        spec = runner.config.shields[shield]
+        module = runner.shield(shield)
+        pipeline = get_method(spec.method).pipeline(runner, spec, module, sel.classifier)
+        spec_weights = runner.weight_hashes([f"shield-{shield}", sel.classifier])
+        rec = runner.cached_record(
+            f"selection-{name}-{shield}", {**base, "shield": shield, "weights": spec_weights},
+            lambda: _measure(runner, sel, pipeline, f"{spec.method} {shield}", val))
+        candidates[shield] = {"clean": rec["clean"]["accuracy"], "robust": rec["robust"]["accuracy"],
+                              "record": rec}
+    ref_clean = reference["clean"]["accuracy"]
+    chosen = choose(candidates, ref_clean, sel.max_clean_drop)
+    _render(runner, name, sel, reference, candidates, chosen)
+    logger.info("selection %s: chose %s", name, chosen)
+    return chosen
+
+
+def resolve(runner: "Runner") -> ExperimentConfig:
+    """The runner's config with every ``select`` row pointing at its chosen shield."""
+    config = runner.config
+    if not any(row.select for row in config.rows):
+        return config
+    chosen = {name: select(runner, name) for name in dict.fromkeys(r.select for r in config.rows if r.select)}
+    rows = tuple(replace(row, shield=chosen[row.select]) if row.select else row for row in config.rows)
+    return replace(config, rows=rows)
+
+
+def _fmt(d: dict) -> str:
+    return Accuracy(d["correct"], d["n"]).format()
+
+
+def _render(runner: "Runner", name: str, sel: SelectionSpec, reference: dict,
+            candidates: dict[str, dict], chosen: str) -> None:
+    ref = reference["clean"]["accuracy"]
+    lines = [f"# Selection `{name}`: which shield the table's selected row shows", "",
+             f"Target `{runner.config.name}`, profile `{runner.config.profile}`. Measured on "
+             f"n = {sel.n} validation images (training images held out from every model; seeded "
+             f"subset, seed {sel.seed}), never on test images. Classifier {sel.classifier}. "
+             f"Attack: {sel.attack.title}, threat model {sel.threat.describe()} (white-box, "
+             "whole pipeline). Cells: accuracy % [Wilson 95% interval].", "",
+             f"Rule: the most robust candidate whose validation clean accuracy is at least the "
+             f"undefended classifier's minus {100 * sel.max_clean_drop:g} points; if none is, "
+             "the cleanest.", "",
+             "| candidate | clean | clean - undefended (points) | robust | chosen |",
+             "|---|---|---|---|---|",
+             f"| undefended {sel.classifier} | {_fmt(reference['clean'])} | 0 | "
+             f"{_fmt(reference['robust'])} | |"]
+    for shield, c in candidates.items():
+        rec = c["record"]
+        lines.append(f"| {shield} | {_fmt(rec['clean'])} | {100 * (c['clean'] - ref):+.1f} | "
+                     f"{_fmt(rec['robust'])} | {'yes' if shield == chosen else ''} |")
+    write_text_atomic(runner.out / f"selection_{name}.md", "\n".join(lines) + "\n")
+
+
+__all__ = ["SelectionSpec", "check_selections", "choose", "parse_selection", "resolve", "select"]

@@ -1,0 +1,93 @@
+"""Choosing a shield on validation images: the rule, the config checks, and the runner's use."""
+
+import json
+
+import pytest
+
+from aeshield.eval import EvalRecord
+from aeshield.experiments import Runner, load_config
+from aeshield.experiments.config import from_dict
+from aeshield.experiments.selection import choose
+
+from test_runner import TINY
+
+
+def test_choose_takes_the_most_robust_candidate_within_the_allowed_clean_drop():
+    candidates = {"a": {"clean": 0.90, "robust": 0.50}, "b": {"clean": 0.86, "robust": 0.60},
+                  "c": {"clean": 0.80, "robust": 0.70}}
+    # c is the most robust but costs 12 points; b costs 6, exactly the bound.
+    assert choose(candidates, undefended_clean=0.92, max_clean_drop=0.06) == "b"
+    assert choose(candidates, undefended_clean=0.92, max_clean_drop=0.12) == "c"
+    assert choose(candidates, undefended_clean=0.92, max_clean_drop=0.05) == "a"
+
+
+def test_choose_falls_back_to_the_cleanest_when_no_candidate_qualifies():
+    candidates = {"a": {"clean": 0.70, "robust": 0.50}, "b": {"clean": 0.75, "robust": 0.10}}
+    assert choose(candidates, undefended_clean=0.99, max_clean_drop=0.06) == "b"
+
+
+def test_choose_breaks_a_robustness_tie_by_clean_accuracy():
+    candidates = {"a": {"clean": 0.88, "robust": 0.5}, "b": {"clean": 0.90, "robust": 0.5}}
+    assert choose(candidates, undefended_clean=0.9, max_clean_drop=0.06) == "b"
+
+
+def _with_selection(drop: float = 0.5) -> dict:
+    config = json.loads(json.dumps(TINY))
+    config["shields"]["s2"] = {**config["shields"]["s"], "loss": "mse"}
+    config["selections"] = {"pick": {
+        "among": ["s", "s2"], "classifier": "C", "threat": {"norm": "Linf", "eps": 0.3},
+        "attack": {"name": "pgd", "params": {"steps": 2, "step_size": 0.1}},
+        "max_clean_drop": drop, "n": 30}}
+    config["rows"] = [{"label": "natural", "kind": "natural"},
+                      {"label": "chosen", "kind": "shield", "select": "pick"}]
+    return config
+
+
+def test_config_rejects_a_select_row_that_names_no_selection_or_also_names_a_shield():
+    bad = _with_selection()
+    bad["rows"][1]["select"] = "nope"
+    with pytest.raises(ValueError, match="unknown selection"):
+        from_dict(bad, "quick")
+    bad = _with_selection()
+    bad["rows"][1]["shield"] = "s"
+    with pytest.raises(ValueError, match="not with it"):
+        from_dict(bad, "quick")
+    bad = _with_selection()
+    bad["selections"]["pick"]["among"] = ["s", "ghost"]
+    with pytest.raises(ValueError, match="unknown shields"):
+        from_dict(bad, "quick")
+    bad = _with_selection(drop=6)
+    with pytest.raises(ValueError, match="fraction"):
+        from_dict(bad, "quick")
+
+
+def test_a_select_row_is_measured_on_the_shield_its_validation_records_choose(tmp_path):
+    config = from_dict(_with_selection(), "quick")
+    runner = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
+                    progress=False)
+    out = runner.run()
+    records = out / "records"
+    val = runner.val.subset(30, seed=config.selections["pick"].seed)
+    # ... which no shield trained on.
+    assert not set(val.indices.tolist()) & set(runner.train.indices.tolist())
+    measured = {}
+    for name in ("s", "s2"):
+        rec = json.loads((records / f"selection-pick-{name}.json").read_text())
+        # Validation images, never the test images the table reports.
+        assert rec["spec"]["split"] == "val" and rec["clean"]["n"] == len(val) == 30
+        measured[name] = {"clean": rec["clean"]["accuracy"], "robust": rec["robust"]["accuracy"]}
+    reference = json.loads((records / "selection-pick-undefended.json").read_text())
+    expected = choose(measured, reference["clean"]["accuracy"], 0.5)
+    row = next(r for r in runner.config.rows if r.label == "chosen")
+    assert row.shield == expected
+    cell = EvalRecord.load(records / "chosen__C__linf.json")
+    assert cell.extra["weights"] == runner.weight_hashes([f"shield-{expected}", "C"])
+    assert "| yes |" in (out / "selection_pick.md").read_text()
+
+
+def test_aaa_fmnist_headline_row_selects_lambda_on_validation_images():
+    config = load_config("aaa-fmnist", "quick")
+    sel = config.selections["lambda"]
+    assert sel.among == ("xent+mse", "xent+mse-lam0.15", "xent+mse-lam0.4")
+    assert sel.max_clean_drop == pytest.approx(0.06)
+    assert [r.select for r in config.rows].count("lambda") == 1
