@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..defenses.aaa import AAAConfig, train_aaa
@@ -22,12 +23,17 @@ if TYPE_CHECKING:
 
 def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
     classifiers = [runner.classifier(c) for c in spec.against]
+    seed = runner.config.seed if spec.seed is None else spec.seed
+    if spec.seed is not None:
+        # A replicate differs in its initial weights too, not only in batch order and attack
+        # starts (without a seed of its own, the shield starts from the process's RNG state).
+        torch.manual_seed(spec.seed)
     autoencoder = create_model(spec.autoencoder).to(runner.device)
     train_set = runner.train_subset(spec.train_limit)
     val = runner.val.subset(spec.val_n, seed=1)
     cfg = AAAConfig(loss=spec.loss, lam=spec.lam, eps=spec.eps, step_size=spec.step_size,
                     attack_steps=spec.attack_steps, epochs=spec.epochs, batch_size=spec.batch_size,
-                    lr=spec.lr, seed=runner.config.seed, warmup_steps=spec.warmup_steps,
+                    lr=spec.lr, seed=seed, warmup_steps=spec.warmup_steps,
                     cosine_lr=spec.cosine_lr)
     result = train_aaa(autoencoder, classifiers, train_set.images, train_set.labels, cfg,
                        x_val=val.images, y_val=val.labels, checkpoint=path.with_suffix(".ckpt"),

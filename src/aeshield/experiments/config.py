@@ -61,6 +61,8 @@ class ShieldSpec:
     train_limit: int | None = None
     val_n: int = 500
     cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
+    # A training seed of its own (a replicate); None trains on the target's seed as before.
+    seed: int | None = field(default=None, metadata={"hash_if_default": False})
 
 
 @dataclass(frozen=True)
