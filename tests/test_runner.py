@@ -207,6 +207,26 @@ def test_a_row_measured_on_fewer_images_is_labelled_and_keeps_the_other_rows_key
     assert "shield: n = 20" in (out / "table.md").read_text()
 
 
+
+def test_a_suite_without_attacks_measures_clean_accuracy_on_its_own_number_of_images(tmp_path):
+    data = json.loads(json.dumps(TINY))
+    data["suites"].append({"name": "clean-all", "threat": {"norm": "Linf", "eps": 0.3},
+                           "attacks": [], "n": 100})
+    data["columns"].insert(1, {"label": "clean (100)", "value": "clean", "suites": ["clean-all"]})
+    runner = Runner(from_dict(data, "quick"), tmp_path / "out", artifacts=tmp_path / "artifacts",
+                    use_shipped=False, progress=False)
+    out = runner.run()
+    records = {p.name: EvalRecord.load(p) for p in (out / "records").glob("*.json")}
+    whole = records["natural__C__clean-all.json"]
+    assert whole.n == 100 and records["natural__C__linf.json"].n == 40 and not whole.attacks
+    # The first 40 of the 100 are the attacked subset: the same images, the same predictions.
+    first = runner.test_subset(100)
+    assert first.labels[:40].tolist() == runner.test_subset(40).labels.tolist()
+    cells = json.loads((out / "table.json").read_text())["cells"]
+    clean100 = next(c for c in cells if c["row"] == "natural" and c["column"] == "clean (100)")
+    assert clean100["n"] == 100 and clean100["correct"] == whole.clean.correct
+    assert "no attack, clean accuracy on n = 100" in (out / "table.md").read_text()
+
 def test_parallel_plan_puts_shielded_cells_first_when_nothing_was_measured_yet(tiny_runner):
     from aeshield.experiments.parallel import plan
 

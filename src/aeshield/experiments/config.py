@@ -71,6 +71,9 @@ class SuiteSpec:
     threat: ThreatModel
     attacks: tuple[AttackSpec, ...]
     shields: tuple[str, ...] = ()  # evaluate only the rows of these shields (empty: every row)
+    # Test images for this suite's cells when it differs from the rows' (e.g. a suite with no
+    # attack measuring clean accuracy on the whole test split); the first n of the same subset.
+    n: int | None = None
 
     def applies_to(self, row: "RowSpec") -> bool:
         return not self.shields or (row.kind == "shield" and row.shield in self.shields)
@@ -192,7 +195,7 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     for k, v in (d.pop("shields", {}) or {}).items():
         shields[k] = shield_spec(v)
     suites = tuple(SuiteSpec(s["name"], ThreatModel(**s["threat"]), tuple(_attack(a) for a in s["attacks"]),
-                             tuple(s.get("shields", ()) or ())) for s in d.pop("suites", []))
+                             tuple(s.get("shields", ()) or ()), s.get("n")) for s in d.pop("suites", []))
     rows = tuple(_build(RowSpec, r) for r in d.pop("rows", []))
     groups = tuple(GroupSpec(g["label"], tuple(g["classifiers"])) for g in d.pop("groups", []))
     columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})

@@ -73,6 +73,10 @@ def table_cells(config: ExperimentConfig, entries: list[dict]) -> list[dict]:
 def _threat_lines(config: ExperimentConfig) -> list[str]:
     lines = []
     for suite in config.suites:
+        if not suite.attacks:
+            lines.append(f"- suite `{suite.name}`: no attack, clean accuracy on n = "
+                         f"{suite.n or config.n} test images")
+            continue
         attacks = "; ".join(a.title for a in suite.attacks)
         only = f", only for shield(s) {', '.join(suite.shields)}" if suite.shields else ""
         lines.append(f"- suite `{suite.name}`: threat model {suite.threat.describe()} "

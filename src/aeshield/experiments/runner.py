@@ -314,7 +314,8 @@ class Runner:
     def evaluate_cell(self, row: RowSpec, classifier: str, suite) -> dict:
         """One (row, classifier, suite) record: reused if its spec and weights match, else measured."""
         model, defense = self.pipeline(row, classifier)
-        return self._evaluate_one(row, classifier, suite, model, defense, self.test_subset(row.n))
+        return self._evaluate_one(row, classifier, suite, model, defense,
+                                  self.test_subset(suite.n or row.n))
 
     def test_subset(self, n: int | None = None):
         """The first ``n`` (default: the target's n) of the seeded test permutation."""
@@ -339,7 +340,7 @@ class Runner:
     def _evaluate_one(self, row, classifier, suite, model, defense, test) -> dict:
         spec = {"row": spec_dict(row), "classifier": classifier, "suite": suite.name,
                 "attacks": [a.to_dict() for a in suite.attacks], "threat": suite.threat.to_dict(),
-                "n": row.n or self.config.n, "seed": self.config.seed,
+                "n": suite.n or row.n or self.config.n, "seed": self.config.seed,
                 "model": self._model_key(row, classifier)}
         key = config_hash(spec)
         weights = self._weights_of(row, classifier)
