@@ -3,7 +3,7 @@ import torch
 
 from aeshield.defenses import REJECT, Detector, Shielded
 from aeshield.eval import AttackSpec, EvalRecord, evaluate, wilson_interval
-from aeshield.eval.stats import paired_ratio_interval
+from aeshield.eval.stats import paired_difference_interval, paired_ratio_interval
 from aeshield.threat import ThreatModel
 
 PGD = AttackSpec("pgd", {"steps": 5, "step_size": 0.02})
@@ -152,3 +152,35 @@ def test_component_attacks_are_skipped_where_they_do_not_apply(trained_mlp, eval
     record = evaluate(trained_mlp, x, y, [AttackSpec("recon-pgd", {"steps": 2})],
                       ThreatModel("Linf", 0.1), progress=False)
     assert record.attacks[0].settings["skipped"] and record.attacks[0].newly_fooled == 0
+
+
+def test_paired_difference_interval_uses_the_pairing_and_matches_wald_at_large_n():
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    first = torch.rand(10_000, generator=gen) < 0.9
+    flip = torch.rand(10_000, generator=gen) < 0.08
+    second = first ^ flip  # agrees with the first on 92% of the examples
+    d = paired_difference_interval(first, second)
+    b, c = d["discordant"]
+    n = 10_000
+    assert d["difference"] == pytest.approx((b - c) / n)
+    wald = 1.96 * math.sqrt(b + c - (b - c) ** 2 / n) / n
+    lo, hi = d["ci95"]
+    assert lo < d["difference"] < hi
+    assert lo == pytest.approx(d["difference"] - wald, abs=1e-3)
+    assert hi == pytest.approx(d["difference"] + wald, abs=1e-3)
+    # Ignoring the pairing (independent samples) would give a much wider interval.
+    unpaired = 1.96 * math.sqrt(first.float().mean() * (1 - first.float().mean()) / n
+                                + second.float().mean() * (1 - second.float().mean()) / n)
+    assert hi - lo < 0.8 * 2 * unpaired
+
+
+def test_paired_difference_interval_of_identical_models_is_zero_and_narrow():
+    flags = torch.arange(1000) % 10 != 0
+    d = paired_difference_interval(flags, flags)
+    assert d["difference"] == 0 and d["discordant"] == [0, 0]
+    lo, hi = d["ci95"]
+    assert lo <= 0 <= hi and hi - lo < 0.01
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference_interval(flags, flags[:10])

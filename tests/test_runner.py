@@ -213,6 +213,8 @@ def test_a_suite_without_attacks_measures_clean_accuracy_on_its_own_number_of_im
     data["suites"].append({"name": "clean-all", "threat": {"norm": "Linf", "eps": 0.3},
                            "attacks": [], "n": 100})
     data["columns"].insert(1, {"label": "clean (100)", "value": "clean", "suites": ["clean-all"]})
+    data["columns"].insert(2, {"label": "cost", "value": "difference", "versus": "natural",
+                               "suites": ["clean-all"]})
     runner = Runner(from_dict(data, "quick"), tmp_path / "out", artifacts=tmp_path / "artifacts",
                     use_shipped=False, progress=False)
     out = runner.run()
@@ -225,6 +227,12 @@ def test_a_suite_without_attacks_measures_clean_accuracy_on_its_own_number_of_im
     cells = json.loads((out / "table.json").read_text())["cells"]
     clean100 = next(c for c in cells if c["row"] == "natural" and c["column"] == "clean (100)")
     assert clean100["n"] == 100 and clean100["correct"] == whole.clean.correct
+    # The cost column: the shield row's clean accuracy minus the natural row's, same images.
+    shield100 = EvalRecord.load(out / "records" / "shield__C__clean-all.json").clean
+    cost = next(c for c in cells if c["row"] == "shield" and c["column"] == "cost")
+    assert cost["accuracy"] == pytest.approx(shield100.value - whole.clean.value)
+    assert cost["ci95_low"] <= cost["accuracy"] <= cost["ci95_high"] and cost["correct"] is None
+    assert not [c for c in cells if c["row"] == "natural" and c["column"] == "cost"]
     assert "no attack, clean accuracy on n = 100" in (out / "table.md").read_text()
 
 def test_parallel_plan_puts_shielded_cells_first_when_nothing_was_measured_yet(tiny_runner):
@@ -267,3 +275,14 @@ def test_every_detector_aware_pgd_of_every_target_runs_next_to_orthogonal_pgd(pr
                     f"{target} ({profile}): detector-pgd {params} (wrap {wrap}) has no orthogonal-pgd "
                     "with the same steps in its cascade")
     assert checked >= 10
+
+
+def test_config_rejects_a_difference_column_without_a_known_row_to_compare_with():
+    for column, message in (({"label": "d", "value": "difference"}, "goes with"),
+                            ({"label": "d", "value": "clean", "versus": "natural"}, "goes with"),
+                            ({"label": "d", "value": "difference", "versus": "ghost"}, "unknown row"),
+                            ({"label": "d", "value": "accuracy"}, "must be clean")):
+        data = json.loads(json.dumps(TINY))
+        data["columns"].append(column)
+        with pytest.raises(ValueError, match=message):
+            from_dict(data, "quick")

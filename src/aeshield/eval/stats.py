@@ -1,4 +1,4 @@
-"""Confidence intervals: accuracies (Wilson) and ratios of paired means (bootstrap)."""
+"""Confidence intervals: accuracies (Wilson), paired accuracy differences (Newcombe) and ratios of paired means (bootstrap)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,30 @@ def paired_ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, re
     lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"ratio": float(a.mean() / b.mean()), "ci95": [lo, hi], "n": a.numel(),
             "ci_method": f"percentile bootstrap over paired examples, {resamples} resamples"}
+
+
+def paired_difference_interval(first: torch.Tensor, second: torch.Tensor,
+                               confidence: float = 0.95) -> dict:
+    """``accuracy(first) - accuracy(second)`` for two models' correct/incorrect flags on the
+    same examples, with Newcombe's score interval for paired proportions (his method 10:
+    Wilson intervals of both margins, combined with the pairs' correlation). Paired, so two
+    models that err on the same hard images get the narrow interval they deserve."""
+    a = torch.as_tensor(first).flatten().bool()
+    b = torch.as_tensor(second).flatten().bool()
+    if a.numel() != b.numel() or a.numel() == 0:
+        raise ValueError(f"paired_difference_interval needs two equally long, non-empty flag "
+                         f"vectors, got {a.numel()} and {b.numel()}")
+    n = a.numel()
+    both, only_first = int((a & b).sum()), int((a & ~b).sum())
+    only_second, neither = int((~a & b).sum()), int((~a & ~b).sum())
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    l1, u1 = wilson_interval(both + only_first, n, confidence)
+    l2, u2 = wilson_interval(both + only_second, n, confidence)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    diff = p1 - p2
+    lo = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return {"difference": diff, "ci95": [max(-1.0, lo), min(1.0, hi)], "n": n,
+            "discordant": [only_first, only_second],
+            "ci_method": "Newcombe paired score interval (method 10)"}

@@ -101,9 +101,12 @@ class GroupSpec:
 @dataclass(frozen=True)
 class ColumnSpec:
     label: str
-    value: str = "robust"  # clean | robust
+    value: str = "robust"  # clean | robust | difference
     suites: tuple[str, ...] = ()
     after: str | None = None  # report the accuracy after this attack of the (single) suite
+    # For ``difference``: the row (label) whose accuracy in this column is subtracted, paired
+    # example by example (with no attack in the suites, that is clean accuracy).
+    versus: str | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,16 @@ def _check(config: ExperimentConfig) -> None:
         unknown = set(suite.shields) - set(config.shields)
         if unknown:
             raise ValueError(f"suite {suite.name!r} names unknown shields {sorted(unknown)}")
+    labels = {r.label for r in config.rows}
     for column in config.columns:
+        if column.value not in ("clean", "robust", "difference"):
+            raise ValueError(f"column {column.label!r}: value must be clean, robust or difference, "
+                             f"got {column.value!r}")
+        if (column.value == "difference") != (column.versus is not None):
+            raise ValueError(f"column {column.label!r}: `versus: <row label>` goes with, and only "
+                             "with, `value: difference`")
+        if column.versus is not None and column.versus not in labels:
+            raise ValueError(f"column {column.label!r} compares with unknown row {column.versus!r}")
         missing = set(column.suites) - suite_names
         if missing:
             raise ValueError(f"column {column.label!r} names unknown suites {sorted(missing)}")

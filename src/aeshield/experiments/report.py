@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..eval.records import Accuracy, write_json_atomic, write_text_atomic
+from ..eval.stats import paired_difference_interval
 from .config import ColumnSpec, ExperimentConfig
 
 if TYPE_CHECKING:
@@ -19,8 +21,37 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """A column's accuracy minus the same column's for another row, on the same examples."""
+
+    value: float
+    interval: tuple[float, float]
+    n: int
+    correct = None  # a difference has no count of correct examples
+
+    def format(self) -> str:
+        lo, hi = self.interval
+        return f"{100 * self.value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def _cell(config: ExperimentConfig, entries: list[dict], row: str, classifiers: tuple[str, ...],
-          column: ColumnSpec) -> Accuracy | None:
+          column: ColumnSpec) -> Accuracy | PairedDifference | None:
+    if column.value != "difference":
+        flags = _flags(config, entries, row, classifiers, column, column.value)
+        return None if flags is None else Accuracy.from_flags(flags)
+    if column.versus is None:
+        raise ValueError(f"column {column.label!r}: a difference needs `versus: <row label>`")
+    mine = _flags(config, entries, row, classifiers, column, "robust")
+    theirs = _flags(config, entries, column.versus, classifiers, column, "robust")
+    if mine is None or theirs is None or row == column.versus:
+        return None
+    d = paired_difference_interval(mine, theirs)
+    return PairedDifference(d["difference"], tuple(d["ci95"]), d["n"])
+
+
+def _flags(config: ExperimentConfig, entries: list[dict], row: str, classifiers: tuple[str, ...],
+           column: ColumnSpec, value: str) -> torch.Tensor | None:
     by_key = {(e["row"], e["classifier"], e["suite"]): e["record"] for e in entries}
     suites = column.suites or tuple(s.name for s in config.suites[:1])
     # Suites restricted to some shields do not exist for the other rows: leave them out.
@@ -35,7 +66,7 @@ def _cell(config: ExperimentConfig, entries: list[dict], row: str, classifiers: 
         records = [by_key.get((row, c, s)) for s in suites]
         if any(r is None for r in records):
             return None
-        if column.value == "clean":
+        if value == "clean":
             flags.append(torch.tensor([True] * records[0].clean.correct + [False] * (records[0].n - records[0].clean.correct)))
             continue
         if column.after is not None:
@@ -47,11 +78,12 @@ def _cell(config: ExperimentConfig, entries: list[dict], row: str, classifiers: 
             acc = match[0].accuracy_after
             flags.append(torch.tensor([True] * acc.correct + [False] * (acc.n - acc.correct)))
             continue
+        # Per-example flags; with no attack in the suite they are the clean ones.
         combined = records[0].flags()
         for r in records[1:]:
             combined &= r.flags()
         flags.append(combined)
-    return Accuracy.from_flags(torch.cat(flags))
+    return torch.cat(flags)
 
 
 def table_cells(config: ExperimentConfig, entries: list[dict]) -> list[dict]:
@@ -66,7 +98,9 @@ def table_cells(config: ExperimentConfig, entries: list[dict]) -> list[dict]:
                 cells.append({"row": row.label, "group": group.label,
                               "classifiers": list(group.classifiers), "column": column.label,
                               "accuracy": acc.value, "ci95_low": lo, "ci95_high": hi,
-                              "correct": acc.correct, "n": acc.n, "text": acc.format()})
+                              "correct": acc.correct, "n": acc.n, "text": acc.format(),
+                              "measure": ("paired difference, Newcombe interval"
+                                          if isinstance(acc, PairedDifference) else "accuracy")})
     return cells
 
 
