@@ -12,7 +12,6 @@ autoencoder is harder to steer, i.e. more robust.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -42,15 +41,3 @@ def auddc_batch(distortion: torch.Tensor, distance: torch.Tensor) -> torch.Tenso
     """AUDDC of every pair: rows of (P, M) tensors -> (P,)."""
     return torch.tensor([auddc(d, s) for d, s in zip(distortion, distance)])
 
-
-def mean_interval(values: Sequence[float] | torch.Tensor, confidence_z: float = 1.96) -> dict:
-    """Mean, standard deviation and a normal-approximation 95% interval of the mean."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    n = v.numel()
-    if n == 0:
-        raise ValueError("mean_interval needs at least one value")
-    mean = float(v.mean())
-    std = float(v.std()) if n > 1 else 0.0
-    half = confidence_z * std / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": mean, "std": std, "n": n, "ci95": [mean - half, mean + half],
-            "ci_method": "normal approximation, mean +- 1.96 sd / sqrt(n)"}

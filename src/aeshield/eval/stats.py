@@ -1,8 +1,10 @@
-"""Confidence intervals: accuracies (Wilson), paired accuracy differences (Newcombe) and ratios of paired means (bootstrap)."""
+"""Confidence intervals: accuracies (Wilson), paired accuracy differences (Newcombe), means
+(normal) and ratios of paired means (bootstrap)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -81,3 +83,16 @@ def paired_difference_interval(first: torch.Tensor, second: torch.Tensor,
     return {"difference": diff, "ci95": [max(-1.0, lo), min(1.0, hi)], "n": n,
             "discordant": [only_first, only_second],
             "ci_method": "Newcombe paired score interval (method 10)"}
+
+
+def mean_interval(values: Sequence[float] | torch.Tensor, confidence_z: float = 1.96) -> dict:
+    """Mean, standard deviation and a normal-approximation 95% interval of the mean."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = v.numel()
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = float(v.mean())
+    std = float(v.std()) if n > 1 else 0.0
+    half = confidence_z * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "n": n, "ci95": [mean - half, mean + half],
+            "ci_method": "normal approximation, mean +- 1.96 sd / sqrt(n)"}

@@ -30,7 +30,8 @@ from ..defenses.base import Shielded, predict
 from ..defenses.dbp import jacobian_frobenius, recon_grad_penalty, reconstruction_error
 from ..defenses.gmm import GaussianMixtureClassifier, LatentGMMClassifier, Softened, softening_temperature
 from ..defenses.s2snet import InputNoise, S2SNet
-from ..eval.auddc import auddc_batch, mean_interval
+from ..eval.auddc import auddc_batch
+from ..eval.stats import mean_interval
 from ..eval.gradients import (ce_loss, gradient_map, label_ssim, pairwise_ssim, random_other_labels,
                               reconstruction_loss)
 from ..eval.harness import AttackSpec, evaluate
