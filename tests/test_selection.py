@@ -91,3 +91,20 @@ def test_aaa_fmnist_headline_row_selects_lambda_on_validation_images():
     assert sel.among == ("xent+mse", "xent+mse-lam0.15", "xent+mse-lam0.4")
     assert sel.max_clean_drop == pytest.approx(0.06)
     assert [r.select for r in config.rows].count("lambda") == 1
+
+
+def test_a_selected_row_that_a_listed_row_already_shows_reuses_its_records(tmp_path):
+    data = _with_selection()
+    data["rows"] += [{"label": "listed s", "kind": "shield", "shield": "s"},
+                     {"label": "listed s2", "kind": "shield", "shield": "s2"}]
+    runner = Runner(from_dict(data, "quick"), tmp_path / "out", artifacts=tmp_path / "artifacts",
+                    use_shipped=False, progress=False)
+    out = runner.run()
+    source = runner.row_aliases["chosen"]
+    assert source == f"listed {next(r.shield for r in runner.config.rows if r.label == 'chosen')}"
+    assert not list((out / "records").glob("chosen__*.json"))  # nothing attacked twice
+    cells = json.loads((out / "table.json").read_text())["cells"]
+    strip = [{k: v for k, v in c.items() if k != "row"} for c in cells]
+    assert [s for s, c in zip(strip, cells) if c["row"] == "chosen"] == \
+        [s for s, c in zip(strip, cells) if c["row"] == source]
+    assert f'row "chosen" is row "{source}"' in (out / "table.md").read_text()

@@ -77,6 +77,8 @@ def plan(runner: "Runner") -> list[Task]:
             tasks.append(Task("shield", name, needs(*get_method(spec.method).depends_on(spec))))
     pending = {t.key for t in tasks}
     for r, row in enumerate(config.rows):
+        if row.label in runner.row_aliases:
+            continue
         for group in config.groups:
             for classifier in group.classifiers:
                 for suite in config.suites:

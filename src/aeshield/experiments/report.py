@@ -124,7 +124,8 @@ def _row_sizes(config: ExperimentConfig) -> str:
     return f" except {'; '.join(smaller)} (the first n of the same subset)" if smaller else ""
 
 
-def render_tables(config: ExperimentConfig, entries: list[dict], out: Path) -> str:
+def render_tables(config: ExperimentConfig, entries: list[dict], out: Path,
+                  aliases: dict[str, str] | None = None) -> str:
     cells = table_cells(config, entries)
     source = entries[0]["record"].data_source if entries else ""
     header = [f"# {config.title}", "",
@@ -133,6 +134,11 @@ def render_tables(config: ExperimentConfig, entries: list[dict], out: Path) -> s
               f"{config.seed}){_row_sizes(config)}; groups of several classifiers pool their examples. Cells: accuracy % "
               "[Wilson 95% interval]. An example counts as robust only if it survives every restart "
               "and every attack of the cascade.", ""] + _threat_lines(config)
+    for alias, source in (aliases or {}).items():
+        row = next(r for r in config.rows if r.label == alias)
+        header.append(f"- row \"{alias}\" is row \"{source}\": the shield that selection "
+                      f"`{row.select}` chose on validation images (selection_{row.select}.md); "
+                      "its cells are that row's records")
     if config.notes:
         header += ["", config.notes.strip()]
     lines = header + [""]

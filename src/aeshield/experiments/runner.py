@@ -49,6 +49,7 @@ class Runner:
         self.timings: dict[str, float] = {}
         self._test_subsets: dict[int, object] = {}
         self._pipelines: dict[tuple, tuple[nn.Module, str]] = {}
+        self.row_aliases: dict[str, str] = {}  # row label -> the row whose records it shows
         self.train, self.val, self.test = (
             _on_device(_limited(load_dataset(config.dataset, split), config.data_limit, config.seed), device)
             for split in ("train", "val", "test"))
@@ -278,6 +279,11 @@ class Runner:
         from .selection import resolve
 
         self.config = resolve(self)
+        # A selected row that shows the same shield on the same images as a listed row is
+        # rendered from that row's records instead of attacking the same pipeline twice.
+        listed = {(r.shield, r.n): r.label for r in self.config.rows if r.kind == "shield" and not r.select}
+        self.row_aliases = {r.label: listed[(r.shield, r.n)] for r in self.config.rows
+                            if r.select and (r.shield, r.n) in listed}
 
     def train_subset(self, limit: int | None):
         return self.train.subset(limit, seed=self.config.seed) if limit else self.train
@@ -304,11 +310,15 @@ class Runner:
     def evaluate_all(self) -> list[dict]:
         entries = []
         for row in self.config.rows:
+            if row.label in self.row_aliases:
+                continue
             for group in self.config.groups:
                 for classifier in group.classifiers:
                     for suite in self.config.suites:
                         if suite.applies_to(row):
                             entries.append(self.evaluate_cell(row, classifier, suite))
+        for alias, source in self.row_aliases.items():
+            entries += [{**e, "row": alias} for e in entries if e["row"] == source]
         return entries
 
     def evaluate_cell(self, row: RowSpec, classifier: str, suite) -> dict:
@@ -411,7 +421,7 @@ class Runner:
         if jobs > 1:
             self.timings.update(run_parallel(self, jobs))
         entries = self.evaluate_all()
-        tables = render_tables(self.config, entries, self.out)
+        tables = render_tables(self.config, entries, self.out, self.row_aliases)
         render_figures(self, self.out)
         self.timings["total"] = time.perf_counter() - start
         write_json_atomic(self.out / "manifest.json", {
