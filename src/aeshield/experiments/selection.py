@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from ..eval.harness import AttackSpec, evaluate
@@ -40,15 +40,20 @@ class SelectionSpec:
     attack: AttackSpec
     max_clean_drop: float  # accuracy, as a fraction (0.06 = six points)
     n: int = 2000  # validation images (seeded subset of the val split)
-    seed: int = field(default=11)  # not the training's validation subset (seed 1)
+    # A draw of its own from the val split, not the trainer's early-stopping subset (seed 1),
+    # though the two may share images.
+    seed: int = 11
 
 
 def parse_selection(entry: dict) -> SelectionSpec:
     d = dict(entry)
-    unknown = set(d) - {"among", "classifier", "threat", "attack", "max_clean_drop", "n", "seed"}
+    unknown = set(d) - {f.name for f in fields(SelectionSpec)}
     if unknown:
-        raise ValueError(f"selection: unknown keys {sorted(unknown)}")
+        raise ValueError(f"selection: unknown keys {sorted(unknown)}; allowed: "
+                         f"{sorted(f.name for f in fields(SelectionSpec))}")
     attack = dict(d.pop("attack"))
+    if attack.get("threat") is not None:
+        attack["threat"] = ThreatModel(**attack["threat"])
     return SelectionSpec(among=tuple(d.pop("among")), threat=ThreatModel(**d.pop("threat")),
                          attack=AttackSpec(**attack), **d)
 
