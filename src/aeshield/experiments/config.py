@@ -110,6 +110,22 @@ class ColumnSpec:
 
 
 @dataclass(frozen=True)
+class SelectionSpec:
+    """Candidate shields and the rule that picks one on validation images
+    (``experiments.selection``)."""
+
+    among: tuple[str, ...]  # shield names of the config, in the order the table lists them
+    classifier: str  # the classifier the candidates protect (a native one)
+    threat: ThreatModel
+    attack: AttackSpec
+    max_clean_drop: float  # accuracy, as a fraction (0.06 = six points)
+    n: int = 2000  # validation images (seeded subset of the val split)
+    # A draw of its own from the val split, not the trainer's early-stopping subset (seed 1),
+    # though the two may share images.
+    seed: int = 11
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     title: str
@@ -122,7 +138,7 @@ class ExperimentConfig:
     classifiers: dict[str, ClassifierSpec] = field(default_factory=dict)
     adversarial_training: AdvTrainSpec | None = None
     shields: dict[str, ShieldSpec] = field(default_factory=dict)
-    selections: dict[str, Any] = field(default_factory=dict)  # name -> selection.SelectionSpec
+    selections: dict[str, SelectionSpec] = field(default_factory=dict)
     suites: tuple[SuiteSpec, ...] = ()
     rows: tuple[RowSpec, ...] = ()
     groups: tuple[GroupSpec, ...] = ()
@@ -204,9 +220,10 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})
                     for c in d.pop("columns", []))
     figures = tuple(d.pop("figures", []) or [])
-    from .selection import parse_selection
-
-    selections = {k: parse_selection(v) for k, v in (d.pop("selections", {}) or {}).items()}
+    selections = {k: _build(SelectionSpec, {**v, "among": tuple(v["among"]),
+                                            "threat": ThreatModel(**v["threat"]),
+                                            "attack": _attack(v["attack"])})
+                  for k, v in (d.pop("selections", {}) or {}).items()}
     d.pop("ship", None)  # read by Runner.ship from the raw config
     config = ExperimentConfig(
         profile=profile, classifiers=classifiers,
@@ -239,9 +256,7 @@ def shield_spec(entry: dict) -> Any:
 
 def _check(config: ExperimentConfig) -> None:
     suite_names = {s.name for s in config.suites}
-    from .selection import check_selections
-
-    check_selections(config)
+    _check_selections(config)
     for row in config.rows:
         if row.select is not None and (row.kind != "shield" or row.shield is not None):
             raise ValueError(f"row {row.label!r}: `select` picks the shield of a `kind: shield` row; "
@@ -276,6 +291,22 @@ def _check(config: ExperimentConfig) -> None:
         missing = set(column.suites) - suite_names
         if missing:
             raise ValueError(f"column {column.label!r} names unknown suites {sorted(missing)}")
+
+
+def _check_selections(config: ExperimentConfig) -> None:
+    for name, sel in config.selections.items():
+        missing = [s for s in sel.among if s not in config.shields]
+        if missing:
+            raise ValueError(f"selection {name!r} names unknown shields {missing}")
+        if sel.classifier not in config.classifiers:
+            raise ValueError(f"selection {name!r} names unknown classifier {sel.classifier!r}")
+        if not 0 <= sel.max_clean_drop < 1:
+            raise ValueError(f"selection {name!r}: max_clean_drop is a fraction of accuracy "
+                             f"(0.06 = six points), got {sel.max_clean_drop}")
+    for row in config.rows:
+        if row.select is not None and row.select not in config.selections:
+            raise ValueError(f"row {row.label!r} selects with unknown selection {row.select!r}; "
+                             f"known: {sorted(config.selections)}")
 
 
 def _check_training_eps(config: ExperimentConfig) -> None:

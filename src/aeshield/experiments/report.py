@@ -40,8 +40,6 @@ def _cell(config: ExperimentConfig, entries: list[dict], row: str, classifiers: 
     if column.value != "difference":
         flags = _flags(config, entries, row, classifiers, column, column.value)
         return None if flags is None else Accuracy.from_flags(flags)
-    if column.versus is None:
-        raise ValueError(f"column {column.label!r}: a difference needs `versus: <row label>`")
     mine = _flags(config, entries, row, classifiers, column, "robust")
     theirs = _flags(config, entries, column.versus, classifiers, column, "robust")
     if mine is None or theirs is None or row == column.versus:

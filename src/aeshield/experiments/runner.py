@@ -28,6 +28,7 @@ from .config import ExperimentConfig, RowSpec, load_config, spec_dict
 from .methods import get_method
 from .parallel import run_parallel
 from .report import render_figures, render_tables
+from .selection import resolve as resolve_selections
 
 logger = logging.getLogger(__name__)
 
@@ -276,9 +277,7 @@ class Runner:
     def resolve_selections(self) -> None:
         """Point every ``select`` row at the shield its selection chooses on validation images
         (``experiments.selection``); before planning, so workers get the resolved rows."""
-        from .selection import resolve
-
-        self.config = resolve(self)
+        self.config = resolve_selections(self)
         # A selected row that shows the same shield on the same images as a listed row is
         # rendered from that row's records instead of attacking the same pipeline twice.
         listed = {(r.shield, r.n): r.label for r in self.config.rows if r.kind == "shield" and not r.select}

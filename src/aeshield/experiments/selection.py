@@ -17,61 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..eval.harness import AttackSpec, evaluate
+from ..eval.harness import evaluate
 from ..eval.records import Accuracy, write_text_atomic
-from ..threat import ThreatModel
-from .config import ExperimentConfig
+from .config import ExperimentConfig, SelectionSpec
 from .methods import get_method
 
 if TYPE_CHECKING:
     from .runner import Runner
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SelectionSpec:
-    among: tuple[str, ...]  # shield names of the config, in the order the table lists them
-    classifier: str  # the classifier the candidates protect (a native one)
-    threat: ThreatModel
-    attack: AttackSpec
-    max_clean_drop: float  # accuracy, as a fraction (0.06 = six points)
-    n: int = 2000  # validation images (seeded subset of the val split)
-    # A draw of its own from the val split, not the trainer's early-stopping subset (seed 1),
-    # though the two may share images.
-    seed: int = 11
-
-
-def parse_selection(entry: dict) -> SelectionSpec:
-    d = dict(entry)
-    unknown = set(d) - {f.name for f in fields(SelectionSpec)}
-    if unknown:
-        raise ValueError(f"selection: unknown keys {sorted(unknown)}; allowed: "
-                         f"{sorted(f.name for f in fields(SelectionSpec))}")
-    attack = dict(d.pop("attack"))
-    if attack.get("threat") is not None:
-        attack["threat"] = ThreatModel(**attack["threat"])
-    return SelectionSpec(among=tuple(d.pop("among")), threat=ThreatModel(**d.pop("threat")),
-                         attack=AttackSpec(**attack), **d)
-
-
-def check_selections(config: ExperimentConfig) -> None:
-    for name, sel in config.selections.items():
-        missing = [s for s in sel.among if s not in config.shields]
-        if missing:
-            raise ValueError(f"selection {name!r} names unknown shields {missing}")
-        if sel.classifier not in config.classifiers:
-            raise ValueError(f"selection {name!r} names unknown classifier {sel.classifier!r}")
-        if not 0 <= sel.max_clean_drop < 1:
-            raise ValueError(f"selection {name!r}: max_clean_drop is a fraction of accuracy "
-                             f"(0.06 = six points), got {sel.max_clean_drop}")
-    for row in config.rows:
-        if row.select is not None and row.select not in config.selections:
-            raise ValueError(f"row {row.label!r} selects with unknown selection {row.select!r}; "
-                             f"known: {sorted(config.selections)}")
 
 
 def choose(candidates: dict[str, dict], undefended_clean: float, max_clean_drop: float) -> str:
@@ -165,4 +122,4 @@ def _render(runner: "Runner", name: str, sel: SelectionSpec, reference: dict,
     write_text_atomic(runner.out / f"selection_{name}.md", "\n".join(lines) + "\n")
 
 
-__all__ = ["SelectionSpec", "check_selections", "choose", "parse_selection", "resolve", "select"]
+__all__ = ["choose", "resolve", "select"]
