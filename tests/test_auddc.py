@@ -4,7 +4,7 @@ import torch
 from aeshield.attacks.autoencoder import autoencoder_attack, c_values
 from aeshield.defenses.dbp import VAE
 from aeshield.eval.auddc import auddc
-from aeshield.eval.stats import mean_interval
+from aeshield.stats import mean_interval
 
 
 def test_auddc_of_a_hand_made_curve():

@@ -24,7 +24,7 @@ from aeshield.eval.audit import (
     with_budget,
 )
 from aeshield.eval.harness import ATTACKS
-from aeshield.eval.records import Accuracy
+from aeshield.records import Accuracy
 from aeshield.threat import ThreatModel
 
 # The quick budget shrunk further for tests: every number smaller, the same battery.

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aeshield.defenses.dbp import DBPConfig, recon_grad_penalty, train_vae, vae_loss
-from aeshield.defenses.draw import DRAW, filterbank
+from aeshield.models.draw import DRAW, filterbank
 from aeshield.models.io import load_weights, save_weights
 
 

@@ -3,7 +3,7 @@ import torch
 
 from aeshield.defenses import REJECT, Detector, Shielded
 from aeshield.eval import AttackSpec, EvalRecord, evaluate, wilson_interval
-from aeshield.eval.stats import paired_difference_interval, paired_ratio_interval
+from aeshield.stats import paired_difference_interval, paired_ratio_interval
 from aeshield.threat import ThreatModel
 
 PGD = AttackSpec("pgd", {"steps": 5, "step_size": 0.02})

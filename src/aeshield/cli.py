@@ -176,7 +176,8 @@ def eval_cmd(classifier, shield, dataset, attacks, norm, eps, steps, step_size, 
     from .data import load_dataset
     from .defenses.base import Shielded
     from .eval import AttackSpec, evaluate
-    from .eval.records import manifest, write_json_atomic
+    from .records import manifest
+    from .io import write_json_atomic
     from .threat import ThreatModel
 
     clf = load_classifier(classifier)
@@ -244,7 +245,7 @@ def _attack_params(name: str, steps: int, step_size: float, restarts: int) -> di
               show_default=True, help="Table format.")
 def report_cmd(records, fmt) -> None:
     """Print a table built from record JSON files (never typed by hand)."""
-    from .eval.records import EvalRecord
+    from .records import EvalRecord
     from .eval.tables import records_table
 
     if not records:

@@ -34,8 +34,8 @@ def ae_attack_cmd(weights, dataset, mode, pairs, c_count, steps, lr, seed, json_
     from .data import load_dataset
     from .defenses.dbp import VAE
     from .eval.auddc import auddc_batch
-    from .eval.stats import mean_interval
-    from .eval.records import write_json_atomic
+    from .stats import mean_interval
+    from .io import write_json_atomic
     from .models.io import load_weights, read_sidecar
 
     side = read_sidecar(weights)

@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..io import write_atomic
 from .fetch import (
     CIFAR10_PICKLE_DIR,
     DataError,
@@ -212,15 +211,11 @@ def _tensor_cache_paths(res: FetchResult, split: str, root: str | Path | None) -
 
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     """Write ``arr`` as .npy via a unique temporary file, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: given a path, np.save would append ".npy"
+            np.save(handle, arr, allow_pickle=False)
+
+    write_atomic(path, write)
 
 
 def _load_tensor_cache(img_path: Path, lab_path: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -45,6 +45,8 @@ from pathlib import Path, PurePosixPath
 
 import platformdirs
 
+from ..io import write_bytes_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -308,18 +310,6 @@ def _decompress_or_copy(src: Path, dest: Path) -> None:
             shutil.copyfileobj(fin, fout, 1 << 22)
     else:
         shutil.copyfile(src, dest)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _safe_members(tf: tarfile.TarFile, tops: tuple[str, ...]) -> list[tarfile.TarInfo]:
@@ -637,7 +627,7 @@ def _install_cifar_archive(archive: Path, dest: Path) -> FetchResult:
         (dest / SOURCE_MARKER).unlink(missing_ok=True)
         _extract_tree(archive, dest, ("train", "test"))
         marker = {"source": CIFAR10_STANDIN_SOURCE, "sha256": sha, "archive": str(archive)}
-        _atomic_write_bytes(dest / SOURCE_MARKER, json.dumps(marker, indent=1).encode())
+        write_bytes_atomic(dest / SOURCE_MARKER, json.dumps(marker, indent=1).encode())
         return FetchResult("cifar10", dest, "image-folder", CIFAR10_STANDIN_SOURCE, sha)
     md5 = file_digest(archive, "md5")
     if md5 == CIFAR10_CANONICAL_ARCHIVE_MD5:

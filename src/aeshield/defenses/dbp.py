@@ -13,7 +13,7 @@ random projections: ``E_v ||v^T J||^2 = ||J||_F^2`` for ``v ~ N(0, I)``.
 
 A smooth autoencoder resists the attacks on autoencoders themselves
 (:mod:`aeshield.attacks.autoencoder`): small input changes cannot move the reconstruction far.
-The same training takes the paper's second model, DRAW (:class:`aeshield.defenses.draw.DRAW`):
+The same training takes the paper's second model, DRAW (:class:`aeshield.models.draw.DRAW`):
 any module with ``elbo_terms(x, generator) -> (logits, kl)`` and a deterministic ``forward``.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train.loop import LoopConfig, LoopResult, fit
-from .draw import DRAW
+from ..models.draw import DRAW
 
 __all__ = ["DRAW", "VAE", "DBPConfig", "PENALTIES", "jacobian_frobenius", "jacobian_penalty",
            "recon_grad_penalty", "reconstruction_error", "train_vae", "vae_loss"]

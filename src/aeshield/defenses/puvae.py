@@ -182,7 +182,7 @@ _USE_FIELDS = ("detector", "fpr", "sample", "calibration_n")
 
 
 def training_key(spec: PuVAESpec, runner: "Runner") -> str:
-    from ..eval.records import config_hash
+    from ..records import config_hash
     from ..experiments.config import spec_dict
 
     train_fields = {k: v for k, v in spec_dict(spec).items() if k not in _USE_FIELDS}

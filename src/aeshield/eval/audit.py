@@ -46,8 +46,8 @@ from ..defenses.base import Shielded
 from ..threat import Norm, ThreatModel
 from . import sanity
 from .harness import AttackSpec, evaluate
-from .records import (Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string, manifest,
-                      write_json_atomic, write_text_atomic)
+from ..records import Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string, manifest
+from ..io import write_json_atomic, write_text_atomic
 from .sanity import CheckResult
 
 logger = logging.getLogger(__name__)

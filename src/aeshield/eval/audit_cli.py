@@ -227,7 +227,8 @@ def _training_eps(meta: dict) -> float | None:
 def _all_shipped(*, surrogate, norm, eps, budget, n, seed, batch_size, device, out: Path,
                  progress: bool, reuse_only: bool = False) -> None:
     from ..models.io import resolve_weights, shipped_dir
-    from .records import Accuracy, write_text_atomic
+    from ..records import Accuracy
+    from ..io import write_text_atomic
 
     shields = []
     if shipped_dir().exists():

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..data.cifar import save_npy_atomic
-from ..defenses.base import predict
-from .records import Accuracy
+from ..models.predict import predict
+from ..records import Accuracy
 
 logger = logging.getLogger(__name__)
 

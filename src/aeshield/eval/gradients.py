@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stats import mean_interval
+from ..stats import mean_interval
 
 LossOf = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> per-example loss
 

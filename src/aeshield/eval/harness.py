@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from ..attacks import BPDA, EOT, autoattack, bim, cw_l2, fgsm, pgd
 from ..attacks.adaptive import detector_pgd, latent_pgd, orthogonal_pgd, reconstruction_pgd
-from ..defenses.base import REJECT, Shielded, predict
+from ..defenses.base import Shielded
+from ..models.predict import REJECT, predict
 from ..threat import Norm, ThreatModel
-from .records import (AttackResult, Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string,
-                      write_json_atomic)
+from ..records import AttackResult, Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string
+from ..io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from torch import nn
 from ..attacks.eot import EOT
 from ..attacks.losses import margin
 from ..threat import Norm, ThreatModel
-from ..defenses.base import predict
+from ..models.predict import predict
 from .harness import AttackSpec, adapt_model, attack_generator, craft, evaluate, handled
-from .records import Accuracy, EvalRecord
+from ..records import Accuracy, EvalRecord
 
 PASS, FLAG, SKIP = "PASS", "FLAG", "SKIP"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from .records import EvalRecord
+from ..records import EvalRecord
 
 
 def records_table(records: list[EvalRecord], fmt: str = "markdown") -> str:

@@ -32,7 +32,7 @@ from ..eval.corruptions import (
     corruption_accuracy,
     library_version,
 )
-from ..eval.records import write_text_atomic
+from ..io import write_text_atomic
 from .config import spec_dict
 
 if TYPE_CHECKING:

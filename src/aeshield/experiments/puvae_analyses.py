@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..eval.harness import AttackSpec, evaluate
-from ..eval.records import Accuracy, EvalRecord, write_text_atomic
+from ..records import Accuracy, EvalRecord
+from ..io import write_text_atomic
 from ..threat import ThreatModel
 from .config import spec_dict
 from .methods import get_method
@@ -360,7 +361,7 @@ def sampling_analysis(runner: "Runner", figure: dict, out: Path) -> dict:
         return {"pipelines": out_rows, "n": n}
 
     record = runner.cached_record(figure.get("record", "sampling"), spec, compute)
-    lines = [f"# PuVAE's sampling: EOT over z ~ q(z|x,y) vs. the deterministic mode (z = mean)", "",
+    lines = ["# PuVAE's sampling: EOT over z ~ q(z|x,y) vs. the deterministic mode (z = mean)", "",
              f"{_data_label(runner)}, classifier `{classifier}`, n = {n} test images (seeded subset), "
              f"L-inf eps {eps}. Each pipeline's detector is calibrated in its own mode. Cells: "
              "accuracy % [Wilson 95%] after each attack of the cascade (cumulative worst case).", ""]

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..eval.records import Accuracy, write_json_atomic, write_text_atomic
-from ..eval.stats import paired_difference_interval
+from ..records import Accuracy
+from ..io import write_json_atomic, write_text_atomic
+from ..stats import paired_difference_interval
 from .config import ColumnSpec, ExperimentConfig
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from ..data import cache_dir, load_dataset
 from ..defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
 from ..defenses.base import Shielded
 from ..eval.harness import evaluate
-from ..eval.records import EvalRecord, config_hash, manifest, write_json_atomic
+from ..records import EvalRecord, config_hash, manifest
+from ..io import write_json_atomic
 from ..models import create_model
 from ..models.io import load_weights, save_weights, shipped_dir
 from ..train.classifier import ClassifierConfig, accuracy, train_classifier

@@ -31,12 +31,13 @@ from ..defenses.dbp import jacobian_frobenius, recon_grad_penalty, reconstructio
 from ..defenses.gmm import GaussianMixtureClassifier, LatentGMMClassifier, Softened, softening_temperature
 from ..defenses.s2snet import InputNoise, S2SNet
 from ..eval.auddc import auddc_batch
-from ..eval.stats import mean_interval
+from ..stats import mean_interval
 from ..eval.gradients import (ce_loss, gradient_map, label_ssim, pairwise_ssim, random_other_labels,
                               reconstruction_loss)
 from ..eval.harness import AttackSpec, evaluate
-from ..eval.records import Accuracy, write_text_atomic
-from ..eval.stats import paired_ratio_interval
+from ..records import Accuracy
+from ..io import write_text_atomic
+from ..stats import paired_ratio_interval
 from ..threat import ThreatModel
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from torch import nn
 from ..defenses.base import AutoencoderPurifier, Shielded
 from ..defenses.dbp import DRAW, VAE, DBPConfig, reconstruction_error, train_vae
 from ..defenses.s2snet import S2SNet, StageConfig, train_stage1, train_stage2
-from ..eval.records import config_hash
+from ..records import config_hash
 from ..models import create_model
 from ..models.io import load_weights, save_weights
 from ..train.classifier import accuracy

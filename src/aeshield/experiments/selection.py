@@ -21,7 +21,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..eval.harness import evaluate
-from ..eval.records import Accuracy, write_text_atomic
+from ..records import Accuracy
+from ..io import write_text_atomic
 from .config import ExperimentConfig, SelectionSpec
 from .methods import get_method
 

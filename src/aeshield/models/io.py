@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..eval.records import _FILE_MODE, package_versions, write_json_atomic
+from ..io import write_atomic, write_json_atomic
+from ..records import package_versions
 from .registry import MODELS, create_model
 
 logger = logging.getLogger(__name__)
@@ -86,19 +85,16 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
     if isinstance(model, nn.ModuleList):
         metadata.setdefault("members", len(model))
     path = weights_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": FORMAT, "architecture": architecture,
-                                      "dataset": dataset})
-    os.chmod(tmp, _FILE_MODE)  # after save_file, which recreates the file as 0600
-    _canonicalize_header(tmp)
-    if path.exists() and _same_contents(path, tmp):
-        os.unlink(tmp)  # keep the old bytes: records keyed by the file's hash stay valid
-    else:
-        os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "architecture": architecture,
+                                          "dataset": dataset})
+        _canonicalize_header(tmp)
+
+    # Same tensors as the file already there: keep its bytes, so records keyed by its hash stay valid.
+    write_atomic(path, write, keep_if=_same_contents)
     side = {"format": FORMAT, "architecture": architecture, "dataset": dataset,
             "storage_dtype": "float16" if half else "float32", "versions": package_versions(),
             **metadata}

@@ -11,7 +11,7 @@ from torch import nn
 from . import autoencoders as ae
 from . import classifiers as cl
 from . import vae
-from ..defenses import draw
+from . import draw
 
 
 @dataclass(frozen=True)

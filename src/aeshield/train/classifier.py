@@ -59,7 +59,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Fraction of ``x`` labelled ``y``; a pipeline's reject (-1) counts as an error."""
-    from ..defenses.base import predict
+    from ..models.predict import predict
 
     model.eval()
     return int((predict(model, x, batch_size) == y.to(x.device)).sum()) / max(1, len(y))

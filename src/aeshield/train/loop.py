@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, sc
         "torch_rng": torch.get_rng_state(),
         "state": state,
     }
-    # A unique temporary name, so two runs sharing a cache never trip over each other's file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn,

@@ -1,0 +1,98 @@
+"""Atomic writes: the one way aeshield puts a file on disk.
+
+Every result, checkpoint, weight file, data file and figure is written to a unique temporary
+file in the destination's folder and renamed over the destination, so a crash or Ctrl-C never
+leaves half a file under the real name, and two processes sharing a cache never read each
+other's partial output. A failed write removes its temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; results are meant to be read by others, so honour the umask.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _umask_mode()
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str = ".tmp",
+                 keep_if: Callable[[Path, Path], bool] | None = None) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
+
+    ``suffix`` ends the temporary name (matplotlib picks a figure's format from it).
+    ``keep_if(old, new)``, when given and true for an existing ``path``, keeps the old file
+    untouched (for writers whose output should not change the bytes that records hash).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)  # after the writer, which may have recreated the file as 0600
+        if keep_if is not None and path.exists() and keep_if(path, tmp):
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_stream(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return to_file
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, _write_stream(lambda handle: handle.write(data)))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` so that a crash never leaves a half-written file behind."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=json_default) + "\n")
+
+
+def save_figure_atomic(fig, path: str | Path, *, dpi: int = 110, close: bool = True) -> Path:
+    """Save a matplotlib figure (format from ``path``'s suffix) and close it."""
+    path = Path(path)
+    written = write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=f".tmp{path.suffix}")
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return written
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for the objects records hold: paths, dataclasses with ``to_dict``, enums, tensors."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "value"):
+        return obj.value
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot serialize {type(obj).__name__}")

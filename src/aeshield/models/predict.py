@@ -1,0 +1,16 @@
+"""Labels from any model, and the label that means "rejected"."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+REJECT = -1  # the label a pipeline with a detector answers for an input it refuses
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Labels from any model: its own ``predict`` (which may reject) or the logits' arg-max."""
+    if hasattr(model, "predict"):
+        return model.predict(x, batch_size=batch_size)
+    return torch.cat([model(b).argmax(1) for b in x.split(batch_size)])
