@@ -122,6 +122,8 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
                   train_limit, seed, out) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
+    import torch
+
     from .data import load_dataset
     from .defenses.aaa import AAAConfig, train_aaa
     from .models import create_model
@@ -132,6 +134,7 @@ def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, 
     if train_limit:
         train_set = train_set.subset(train_limit, seed=seed)
     val = load_dataset(dataset, "val").subset(500, seed=1)
+    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the shield
     g = create_model(autoencoder)
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
                     epochs=epochs, seed=seed)

@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
     classifiers = [runner.classifier(c) for c in spec.against]
     seed = runner.config.seed if spec.seed is None else spec.seed
-    if spec.seed is not None:
-        # A replicate differs in its initial weights too, not only in batch order and attack
-        # starts (without a seed of its own, the shield starts from the process's RNG state).
-        torch.manual_seed(spec.seed)
+    # The initial weights come from the seed too (a replicate's own seed, else the config's),
+    # never from whatever the process's RNG held: that depended on the cells a worker had run
+    # before, so the same target trained different shields from run to run.
+    torch.manual_seed(seed)
     autoencoder = create_model(spec.autoencoder).to(runner.device)
     train_set = runner.train_subset(spec.train_limit)
     val = runner.val.subset(spec.val_n, seed=1)
