@@ -6,6 +6,7 @@ Both checkpoint while they train; re-running the same command resumes from the c
 from __future__ import annotations
 
 import click
+import torch
 
 _DATASETS = click.Choice(["mnist", "fashion-mnist"])
 
@@ -42,6 +43,7 @@ def register(main: click.Group, train: click.Group) -> None:
         if train_limit:
             data = data.subset(train_limit, seed=seed)
         val = load_dataset(dataset, "val").subset(1000, seed=1)
+        torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the model
         model = create_model(vae)
         cfg = PuVAETrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                                ce_weight=ce_weight, seed=seed)
@@ -79,6 +81,7 @@ def register(main: click.Group, train: click.Group) -> None:
         if train_limit:
             data = data.subset(train_limit, seed=seed)
         val = load_dataset(dataset, "val").subset(1000, seed=1)
+        torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the model
         model = create_model(autoencoder)
         cfg = MagNetTrainConfig(noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
         path = Path(out).with_suffix(".safetensors")

@@ -231,6 +231,7 @@ def _train(runner: "Runner", spec: PuVAESpec, path: Path) -> None:
                 logger.info("PuVAE %s: reusing the VAE trained for %s", path.name, side.name)
                 return
     classifier = runner.classifier(spec.against[0])
+    torch.manual_seed(runner.config.seed)  # the initial weights, not the process's RNG state
     vae = create_model(spec.vae).to(runner.device)
     train_set = runner.train_subset(spec.train_limit)
     val = runner.val.subset(spec.val_n, seed=1)

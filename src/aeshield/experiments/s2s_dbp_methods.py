@@ -52,6 +52,7 @@ def _stage1(runner: "Runner", spec: S2SNetSpec) -> nn.Module:
         model, _ = load_weights(path, architecture=spec.autoencoder, device=runner.device)
         return model
     start = time.perf_counter()
+    torch.manual_seed(runner.config.seed)  # the initial weights, not the process's RNG state
     model = create_model(spec.autoencoder).to(runner.device)
     train = runner.train_subset(spec.train_limit)
     val = runner.val.subset(spec.val_n, seed=1)
