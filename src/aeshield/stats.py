@@ -1,10 +1,11 @@
 """Confidence intervals: accuracies (Wilson), paired accuracy differences (Newcombe), means
-(normal) and ratios of paired means (bootstrap)."""
+(Student t) and ratios of paired means (bootstrap)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import torch
 
@@ -26,15 +27,56 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
 
 def _z_value(confidence: float) -> float:
-    # Inverse normal CDF by bisection on erf: no SciPy needed for one number.
-    target = 1 - (1 - confidence) / 2
-    lo, hi = 0.0, 10.0
-    for _ in range(80):
+    return NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), on the side where it converges fast."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _regularized_beta(1 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) - (
+        math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The Student t distribution's quantile (no SciPy needed for one number): bisection on
+    its CDF, ``1 - I_{df / (df + t^2)}(df / 2, 1 / 2) / 2`` for t > 0."""
+    if not 0.5 <= probability < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= probability < 1 and df >= 1, got {probability}, {df}")
+
+    def cdf(t: float) -> float:
+        return 1 - 0.5 * _regularized_beta(df / (df + t * t), df / 2, 0.5)
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < probability:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
         mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < target:
+        if cdf(mid) < probability:
             lo = mid
         else:
             hi = mid
+        if hi - lo < 1e-13 * hi:
+            break
     return (lo + hi) / 2
 
 
@@ -76,7 +118,14 @@ def paired_difference_interval(first: torch.Tensor, second: torch.Tensor,
     l1, u1 = wilson_interval(both + only_first, n, confidence)
     l2, u2 = wilson_interval(both + only_second, n, confidence)
     margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
-    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    # Newcombe's correlation estimate: AD - BC, shrunk by N/2 towards 0 when positive (and 0
+    # inside that band), as his method 10 and its worked examples use it.
+    association = both * neither - only_first * only_second
+    if association > n / 2:
+        association -= n / 2
+    elif association >= 0:
+        association = 0
+    phi = association / math.sqrt(margins) if margins else 0.0
     diff = p1 - p2
     lo = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     hi = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
@@ -85,14 +134,15 @@ def paired_difference_interval(first: torch.Tensor, second: torch.Tensor,
             "ci_method": "Newcombe paired score interval (method 10)"}
 
 
-def mean_interval(values: Sequence[float] | torch.Tensor, confidence_z: float = 1.96) -> dict:
-    """Mean, standard deviation and a normal-approximation 95% interval of the mean."""
+def mean_interval(values: Sequence[float] | torch.Tensor, confidence: float = 0.95) -> dict:
+    """Mean, standard deviation and the Student t interval of the mean (``n - 1`` degrees of
+    freedom: honest for a few seeds, and the normal interval's twin for many values)."""
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     n = v.numel()
     if n == 0:
         raise ValueError("mean_interval needs at least one value")
     mean = float(v.mean())
     std = float(v.std()) if n > 1 else 0.0
-    half = confidence_z * std / math.sqrt(n) if n > 1 else float("nan")
+    half = t_quantile(1 - (1 - confidence) / 2, n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": mean, "std": std, "n": n, "ci95": [mean - half, mean + half],
-            "ci_method": "normal approximation, mean +- 1.96 sd / sqrt(n)"}
+            "ci_method": f"Student t, mean +- t({1 - (1 - confidence) / 2:g}, n-1) sd / sqrt(n)"}
