@@ -23,7 +23,8 @@ from aeshield.eval.audit import (
     reference_attack,
     with_budget,
 )
-from aeshield.eval.harness import ATTACKS
+from aeshield.attacks import get_attack, registry
+from aeshield.attacks.registry import replace_run
 from aeshield.records import Accuracy
 from aeshield.threat import ThreatModel
 
@@ -305,13 +306,15 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
     model = Shielded(Quantize(), trained_mlp)
     budget = with_budget(TINY, sanity_n=50)
     calls = {"fab-t": 0, "pgd": 0}
-    real_fab, real_pgd, real_longer = ATTACKS["fab-t"], ATTACKS["pgd"], sanity.longer_records
+    real_fab, real_pgd, real_longer = get_attack("fab-t").run, get_attack("pgd").run, sanity.longer_records
+    # The attacks swapped below live in a copy of the registry that monkeypatch puts back.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     def crash_at_fab(*args, **kw):
         raise KeyboardInterrupt("simulated kill during the cascade")
 
     out = tmp_path / "resumed"
-    monkeypatch.setitem(ATTACKS, "fab-t", crash_at_fab)
+    replace_run("fab-t", crash_at_fab)
     with pytest.raises(KeyboardInterrupt):
         audit(model, x, y, LINF, budget=budget, out=out, progress=False)
     assert (out / ".audit-cascade.json").exists()
@@ -319,7 +322,7 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
     def crash_in_checks(*args, **kw):
         raise KeyboardInterrupt("simulated kill during the checks")
 
-    monkeypatch.setitem(ATTACKS, "fab-t", real_fab)
+    replace_run("fab-t", real_fab)
     monkeypatch.setattr(sanity, "longer_records", crash_in_checks)
     with pytest.raises(KeyboardInterrupt):
         audit(model, x, y, LINF, budget=budget, out=out, progress=False)
@@ -332,8 +335,8 @@ def test_interrupted_audit_resumes_to_the_same_result(trained_mlp, data, tmp_pat
         return run
 
     monkeypatch.setattr(sanity, "longer_records", real_longer)
-    monkeypatch.setitem(ATTACKS, "fab-t", counting("fab-t", real_fab))
-    monkeypatch.setitem(ATTACKS, "pgd", counting("pgd", real_pgd))
+    replace_run("fab-t", counting("fab-t", real_fab))
+    replace_run("pgd", counting("pgd", real_pgd))
     monkeypatch.setattr(sanity, "sweep_records", lambda *a, **k: pytest.fail("finished checks re-ran"))
     monkeypatch.setattr(sanity, "gradient_statistics", lambda *a, **k: pytest.fail("re-ran"))
     resumed = audit(model, x, y, LINF, budget=budget, out=out, progress=False)

@@ -45,8 +45,8 @@ def test_record_fields_and_roundtrip(trained_mlp, eval_data, tmp_path):
 
 
 def test_checkpoint_resumes_to_same_result(trained_mlp, eval_data, tmp_path):
-    from aeshield.attacks import fgsm, pgd
-    from aeshield.eval.harness import ATTACKS, register_attack
+    from aeshield.attacks import fgsm, pgd, register, unregister
+    from aeshield.attacks.registry import Untyped
 
     x, y = eval_data
     threat = ThreatModel("Linf", 0.05)
@@ -61,8 +61,8 @@ def test_checkpoint_resumes_to_same_result(trained_mlp, eval_data, tmp_path):
             raise KeyboardInterrupt("simulated kill")
         return pgd(model, xb, yb, eps=threat.eps, steps=5, step_size=0.02, generator=gen)
 
-    register_attack("counting-fgsm", counting_fgsm)
-    register_attack("flaky-pgd", flaky_pgd)
+    register("counting-fgsm", settings=Untyped, reference="test")(counting_fgsm)
+    register("flaky-pgd", settings=Untyped, reference="test")(flaky_pgd)
     specs = [AttackSpec("counting-fgsm"), AttackSpec("flaky-pgd")]
     try:
         ckpt = tmp_path / "state.json"
@@ -76,8 +76,8 @@ def test_checkpoint_resumes_to_same_result(trained_mlp, eval_data, tmp_path):
         assert resumed.robust_flags == full.robust_flags
         assert [a.newly_fooled for a in resumed.attacks] == [a.newly_fooled for a in full.attacks]
     finally:
-        ATTACKS.pop("counting-fgsm")
-        ATTACKS.pop("flaky-pgd")
+        unregister("counting-fgsm")
+        unregister("flaky-pgd")
 
 
 def test_wilson_interval_known_values():
@@ -136,15 +136,17 @@ def test_rejected_adversarial_input_is_handled(trained_mlp, eval_data):
 
 
 def test_attack_leaving_threat_model_is_caught(trained_mlp, eval_data):
-    from aeshield.eval.harness import register_attack, ATTACKS
+    from aeshield.attacks import register, unregister
+    from aeshield.attacks.registry import Untyped
 
-    register_attack("broken", lambda model, x, y, threat, gen: (x + 0.5).clamp(0, 1))
+    register("broken", settings=Untyped, reference="test")(
+        lambda model, x, y, threat, gen: (x + 0.5).clamp(0, 1))
     try:
         with pytest.raises(RuntimeError, match="left its threat model"):
             evaluate(trained_mlp, *eval_data, [AttackSpec("broken")], ThreatModel("Linf", 0.1),
                      progress=False)
     finally:
-        ATTACKS.pop("broken")
+        unregister("broken")
 
 
 def test_component_attacks_are_skipped_where_they_do_not_apply(trained_mlp, eval_data):

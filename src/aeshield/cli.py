@@ -149,8 +149,30 @@ def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, 
 
 
 # ---- attack / eval ------------------------------------------------------------------------
-ATTACK_CHOICES = ["fgsm", "bim", "pgd", "cw-l2", "recon-pgd", "latent-pgd", "apgd-ce", "apgd-t",
-                  "fab-t", "square"]
+class RegisteredAttack(click.Choice):
+    """The registered attacks' names, read each time click asks (parsing, help, completion), so
+    that an attack registered after this module was imported is a choice too."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from .attacks import attack_names
+
+        return tuple(attack_names())
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass  # click.Choice.__init__ assigns the fixed list this class replaces
+
+
+def _attack_settings(name: str, options: dict) -> dict:
+    """The eval command's shared options (--steps, --step-size, --restarts) that attack ``name``
+    takes, as its settings dataclass declares them."""
+    from .attacks import get_attack
+
+    return {key: options[key] for key in getattr(get_attack(name).settings, "command_line", ())}
 
 
 @main.command("eval")
@@ -158,7 +180,7 @@ ATTACK_CHOICES = ["fgsm", "bim", "pgd", "cw-l2", "recon-pgd", "latent-pgd", "apg
 @click.option("--shield", default=None, help="Optional shield (shipped name or path) in front of it.")
 @click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
               help="Dataset whose test split is attacked.")
-@click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACK_CHOICES),
+@click.option("--attack", "attacks", multiple=True, type=RegisteredAttack(),
               default=["pgd"], show_default=True, help="Attack(s), run as a cascade; repeatable.")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True,
               help="Threat model norm.")
@@ -186,7 +208,8 @@ def eval_cmd(classifier, shield, dataset, attacks, norm, eps, steps, step_size, 
     clf = load_classifier(classifier)
     model = Shielded(load_shield(shield), clf) if shield else clf
     test = load_dataset(dataset, "test").subset(n, seed=seed)
-    specs = [AttackSpec(a, _attack_params(a, steps, step_size, restarts), wrap=None if wrap == "none" else wrap)
+    shared = {"steps": steps, "step_size": step_size, "restarts": restarts}
+    specs = [AttackSpec(a, _attack_settings(a, shared), wrap=None if wrap == "none" else wrap)
              for a in attacks]
     threat = ThreatModel(norm, eps)
     record = evaluate(model, test.images, test.labels, specs, threat, batch_size=batch_size,
@@ -226,19 +249,6 @@ def _register_plugins() -> None:
 
 
 _register_plugins()
-
-
-def _attack_params(name: str, steps: int, step_size: float, restarts: int) -> dict:
-    if name in ("pgd", "recon-pgd", "latent-pgd"):
-        params = {"steps": steps, "step_size": step_size}
-        if name == "pgd":
-            params["restarts"] = restarts
-        return params
-    if name == "bim":
-        return {"steps": steps, "step_size": step_size}
-    if name == "cw-l2":
-        return {"steps": steps}
-    return {}
 
 
 # ---- report / reproduce -------------------------------------------------------------------

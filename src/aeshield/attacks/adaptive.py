@@ -11,13 +11,17 @@ They know that the model is ``Shielded(purifier, classifier)`` and use its parts
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .eot import EOT
-from .gradient import pgd
+from .gradient import PGDSteps, pgd, step_size_rule
 from .losses import get_loss
+from .registry import AuditHook, Stage, ball, register
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -196,3 +200,88 @@ def orthogonal_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: 
         return surrogate - surrogate.detach() + progress, shown
 
     return pgd(model, x, y, objective=objective, **pgd_settings)
+
+
+# ---- registration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReconstructionSettings(PGDSteps):
+    beta: float = 0.05
+    # The eval command has always run the component attacks with one restart.
+    command_line: ClassVar[tuple[str, ...]] = ("steps", "step_size")
+
+
+@dataclass(frozen=True)
+class LatentSettings(PGDSteps):
+    command_line: ClassVar[tuple[str, ...]] = ("steps", "step_size")
+
+
+@dataclass(frozen=True)
+class DetectorSettings(PGDSteps):
+    weight: float = 10.0
+    loss: str = "ce"
+    early_stop: bool = True
+
+
+@dataclass(frozen=True)
+class OrthogonalSettings(DetectorSettings):
+    orthogonal: bool = True
+
+
+def has_purifier(model: nn.Module) -> bool:
+    """A ``Shielded`` pipeline with a purifier (not the identity)."""
+    purifier = getattr(model, "purifier", None)
+    return (purifier is not None and not isinstance(purifier, nn.Identity)
+            and getattr(model, "classifier", None) is not None)
+
+
+def has_encoder(model: nn.Module) -> bool:
+    """A purifier with a latent space: ``encode`` exists only where it makes sense (a MagNet
+    ensemble of random members has none)."""
+    return has_purifier(model) and callable(getattr(model.purifier, "encode", None))
+
+
+def has_detector(model: nn.Module) -> bool:
+    return getattr(model, "detector", None) is not None
+
+
+def _adaptive_settings(budget, threat) -> dict:
+    return {"steps": budget.adaptive_steps,
+            "step_size": step_size_rule(threat.eps, budget.adaptive_steps, budget.step_factor),
+            "restarts": 1}
+
+
+def _detector_settings(budget, threat) -> dict:
+    return {"loss": "ce", "steps": budget.adaptive_steps,
+            "step_size": step_size_rule(threat.eps, budget.adaptive_steps, budget.step_factor),
+            "restarts": budget.pgd_restarts}
+
+
+# The component attacks need the pipeline's parts, so they cannot go through EOT's wrapper.
+@register("recon-pgd", settings=ReconstructionSettings, applies=has_purifier,
+          reference="Tramer, Carlini, Brendel and Madry 2020 (reconstruction-augmented loss)",
+          audit=AuditHook(Stage.ADAPTIVE, _adaptive_settings, through_eot=False))
+def _run_reconstruction(model, x, y, threat, generator, **settings):
+    return reconstruction_pgd(model, x, y, **ball(threat), generator=generator, **settings)
+
+
+@register("latent-pgd", settings=LatentSettings, applies=has_encoder,
+          reference="Sabour, Cao, Faghri and Fleet 2016 (feature adversaries)",
+          audit=AuditHook(Stage.ADAPTIVE, _adaptive_settings, through_eot=False))
+def _run_latent(model, x, y, threat, generator, **settings):
+    return latent_pgd(model, x, y, **ball(threat), generator=generator, **settings)
+
+
+@register("detector-pgd", settings=DetectorSettings, applies=has_detector,
+          reference="Carlini and Wagner 2017 (adversarial examples are not easily detected)",
+          audit=AuditHook(Stage.ADAPTIVE, _detector_settings))
+def _run_detector(model, x, y, threat, generator, **settings):
+    return detector_pgd(model, x, y, **ball(threat), generator=generator, **settings)
+
+
+# Neither detector-aware attack dominates the other: on MagNet-MNIST the orthogonal one fools
+# twice as many, on PuVAE's RMSE detector the weighted sum does better.
+@register("orthogonal-pgd", settings=OrthogonalSettings, applies=has_detector,
+          reference="Bryniarski, Hingun, Pachuca, Wang and Carlini 2022",
+          audit=AuditHook(Stage.ADAPTIVE, _detector_settings))
+def _run_orthogonal(model, x, y, threat, generator, **settings):
+    return orthogonal_pgd(model, x, y, **ball(threat), generator=generator, **settings)

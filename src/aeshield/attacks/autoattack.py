@@ -10,11 +10,14 @@ them in its cascade and report what each one contributed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..threat import ThreatModel
+from .registry import AuditHook, Stage, register
 
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -75,3 +78,60 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         adversary.square.n_queries = square_queries
     x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
     return ThreatModel(norm, eps).project(x_adv.to(x.device), x).detach()
+
+
+# ---- registration: each part on its own, so that the harness's cascade reports what it added ----
+@dataclass(frozen=True)
+class APGDCESettings:
+    apgd_iters: int | None = None
+    apgd_restarts: int | None = None
+    batch_size: int = 500
+    command_line: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class APGDTSettings:
+    apgd_iters: int | None = None
+    batch_size: int = 500
+    command_line: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class FABTSettings:
+    fab_iters: int | None = None
+    batch_size: int = 500
+    command_line: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class SquareSettings:
+    square_queries: int | None = None
+    batch_size: int = 500
+    command_line: ClassVar[tuple[str, ...]] = ()
+
+
+def _part(part: str):
+    def run(model, x, y, threat, generator, **settings):
+        # The reference code seeds itself; its seed comes from the cascade's generator.
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        return autoattack(model, x, y, eps=threat.eps, norm=threat.norm.value, attacks=[part],
+                          seed=seed, **settings)
+    run.__name__ = run.__qualname__ = f"_run_{part.replace('-', '_')}"
+    return run
+
+
+_WHITE_BOX = "Croce and Hein 2020 (AutoAttack)"
+register("apgd-ce", settings=APGDCESettings, reference=_WHITE_BOX,
+         audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {
+             "apgd_iters": budget.apgd_iters, "apgd_restarts": budget.apgd_restarts}))(_part("apgd-ce"))
+register("apgd-t", settings=APGDTSettings, reference=_WHITE_BOX,
+         audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {
+             "apgd_iters": budget.apgd_iters}))(_part("apgd-t"))
+register("fab-t", settings=FABTSettings, reference=_WHITE_BOX,
+         audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {
+             "fab_iters": budget.apgd_iters}))(_part("fab-t"))
+# Square only queries the pipeline's outputs, so the audit runs it on the pipeline as it is.
+register("square", settings=SquareSettings,
+         reference="Andriushchenko, Croce, Flammarion and Hein 2020 (Square Attack)",
+         audit=AuditHook(Stage.BLACK_BOX, lambda budget, threat: {"square_queries": budget.square_queries},
+                         through_eot=False))(_part("square"))

@@ -11,10 +11,15 @@ threat model ``ThreatModel("L2", max_l2)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from ..threat import Norm
 from .gradient import _check_inputs
+from .registry import AuditHook, Stage, register
 
 
 def _to_tanh_space(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -82,3 +87,20 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 100.
             c_low = torch.where(found, c_low, torch.maximum(c_low, c_now))
             c_now = torch.where(torch.isinf(c_high), c_now * 10, (c_low + c_high) / 2)
     return best
+
+
+@dataclass(frozen=True)
+class CWSettings:
+    c: float = 100.0
+    steps: int = 100
+    lr: float = 0.01
+    kappa: float = 0.0
+    binary_search_steps: int = 1
+    command_line: ClassVar[tuple[str, ...]] = ("steps",)
+
+
+# The threat model's eps is the L2 success budget (``max_l2``): a point farther away is no success.
+@register("cw-l2", settings=CWSettings, reference="Carlini and Wagner 2017", norms=(Norm.L2,),
+          audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {"steps": budget.cw_steps}))
+def _run_cw(model, x, y, threat, generator, **settings):
+    return cw_l2(model, x, y, max_l2=threat.eps, bounds=threat.bounds, **settings)

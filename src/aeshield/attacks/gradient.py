@@ -8,12 +8,15 @@ wrapper such as BPDA or EOT) and its gradients. Every attack is a plain function
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..threat import Norm, ThreatModel
 from .losses import LossFn, get_loss, misclassified
+from .registry import ball, register
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -185,3 +188,57 @@ def pgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thr
         grad, _, _ = input_gradient(model, x_adv, y, objective)
         x_adv = threat.project(_step(x_adv, grad, step_size, threat.norm), x).detach()
     return x_adv
+
+
+def step_size_rule(eps: float, steps: int, factor: float = 2.5) -> float:
+    """PGD step size ``factor * eps / steps``: the common 2.5 eps / steps rule, so that the
+    steps together cross the ball 2.5 times; rounded so that records stay readable."""
+    return float(f"{factor * eps / max(steps, 1):.6g}")
+
+
+# ---- registration ---------------------------------------------------------------------------
+# The eval command's shared options (--steps, --step-size, --restarts) that each attack takes.
+@dataclass(frozen=True)
+class FGSMSettings:
+    loss: str = "ce"
+    command_line: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class BIMSettings:
+    step_size: float | None = None
+    steps: int = 10
+    loss: str = "ce"
+    command_line: ClassVar[tuple[str, ...]] = ("steps", "step_size")
+
+
+@dataclass(frozen=True)
+class PGDSteps:
+    """The settings of the PGD loop that every PGD-based attack takes."""
+
+    step_size: float = 0.01
+    steps: int = 40
+    restarts: int = 1
+    random_start: bool = True
+    command_line: ClassVar[tuple[str, ...]] = ("steps", "step_size", "restarts")
+
+
+@dataclass(frozen=True)
+class PGDSettings(PGDSteps):
+    loss: str = "ce"
+    early_stop: bool = True
+
+
+@register("fgsm", settings=FGSMSettings, reference="Goodfellow, Shlens and Szegedy 2015")
+def _run_fgsm(model, x, y, threat, generator, **settings):
+    return fgsm(model, x, y, **ball(threat), **settings)
+
+
+@register("bim", settings=BIMSettings, reference="Kurakin, Goodfellow and Bengio 2017")
+def _run_bim(model, x, y, threat, generator, **settings):
+    return bim(model, x, y, **ball(threat), **settings)
+
+
+@register("pgd", settings=PGDSettings, reference="Madry et al. 2018")
+def _run_pgd(model, x, y, threat, generator, **settings):
+    return pgd(model, x, y, **ball(threat), generator=generator, **settings)

@@ -12,7 +12,8 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,90 +21,65 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks import BPDA, EOT, autoattack, bim, cw_l2, fgsm, pgd
-from ..attacks.adaptive import detector_pgd, latent_pgd, orthogonal_pgd, reconstruction_pgd
+from ..attacks import BPDA, EOT, registry
 from ..defenses.base import Shielded
-from ..models.predict import REJECT, predict
-from ..threat import Norm, ThreatModel
-from ..records import AttackResult, Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string
 from ..io import write_json_atomic
+from ..models.predict import REJECT, predict
+from ..records import AttackResult, Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string
+from ..threat import ThreatModel
 
 logger = logging.getLogger(__name__)
 
 AttackFn = Callable[..., torch.Tensor]
 
 
-def _run_pgd(model, x, y, threat, gen, **kw):
-    return pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds, generator=gen, **kw)
+class _LegacyAttackTable(MutableMapping):
+    """``ATTACKS``, the name -> ``fn(model, x, y, threat, generator, **params)`` table of earlier
+    releases, as a view of the attack registry: reading gives a registered attack's adapter,
+    assigning replaces it (or registers an untyped attack), deleting unregisters it."""
+
+    def __getitem__(self, name: str) -> AttackFn:
+        try:
+            return registry.get_attack(name).run
+        except KeyError:
+            raise KeyError(name) from None
+
+    def __setitem__(self, name: str, fn: AttackFn) -> None:
+        if name in registry.attack_names():
+            registry.replace_run(name, fn)
+        else:
+            registry.register(name, settings=registry.Untyped, reference="")(fn)
+
+    def __delitem__(self, name: str) -> None:
+        try:
+            registry.unregister(name)
+        except KeyError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.attack_names())
+
+    def __len__(self) -> int:
+        return len(registry.attack_names())
 
 
-def _run_fgsm(model, x, y, threat, gen, **kw):
-    return fgsm(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds, **kw)
-
-
-def _run_bim(model, x, y, threat, gen, **kw):
-    return bim(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds, **kw)
-
-
-def _run_cw(model, x, y, threat, gen, **kw):
-    if threat.norm is not Norm.L2:
-        raise ValueError("cw-l2 needs an L2 threat model (its eps is the L2 success budget)")
-    return cw_l2(model, x, y, max_l2=threat.eps, bounds=threat.bounds, **kw)
-
-
-def _autoattack_part(part: str) -> AttackFn:
-    def run(model, x, y, threat, gen, **kw):
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        return autoattack(model, x, y, eps=threat.eps, norm=threat.norm.value, attacks=[part],
-                          seed=seed, **kw)
-    return run
-
-
-def _run_recon(model, x, y, threat, gen, **kw):
-    return reconstruction_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
-                              generator=gen, **kw)
-
-
-def _run_latent(model, x, y, threat, gen, **kw):
-    return latent_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
-                      generator=gen, **kw)
-
-
-def _run_detector(model, x, y, threat, gen, **kw):
-    return detector_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
-                        generator=gen, **kw)
-
-
-def _run_orthogonal(model, x, y, threat, gen, **kw):
-    return orthogonal_pgd(model, x, y, eps=threat.eps, norm=threat.norm, bounds=threat.bounds,
-                          generator=gen, **kw)
-
-
-ATTACKS: dict[str, AttackFn] = {
-    "recon-pgd": _run_recon, "latent-pgd": _run_latent, "detector-pgd": _run_detector,
-    "orthogonal-pgd": _run_orthogonal,
-    "fgsm": _run_fgsm, "bim": _run_bim, "pgd": _run_pgd, "cw-l2": _run_cw,
-    "apgd-ce": _autoattack_part("apgd-ce"), "apgd-t": _autoattack_part("apgd-t"),
-    "fab-t": _autoattack_part("fab-t"), "square": _autoattack_part("square"),
-}
-
-
-def _has_purifier(model: nn.Module) -> bool:
-    return isinstance(model, Shielded) and not isinstance(model.purifier, nn.Identity)
-
-
-# Attacks that only exist for some pipelines; elsewhere they are recorded as not applicable.
-APPLIES: dict[str, Callable[[nn.Module], bool]] = {
-    "recon-pgd": _has_purifier,
-    "latent-pgd": lambda m: _has_purifier(m) and hasattr(m.purifier, "encode"),
-    "detector-pgd": lambda m: getattr(m, "detector", None) is not None,
-    "orthogonal-pgd": lambda m: getattr(m, "detector", None) is not None,
-}
+_LEGACY_ATTACKS = _LegacyAttackTable()
 
 
 def register_attack(name: str, fn: AttackFn) -> None:
-    """Make ``fn(model, x, y, threat, generator, **params)`` available to configs and the CLI."""
-    ATTACKS[name] = fn
+    """Deprecated: register ``fn(model, x, y, threat, generator, **params)`` as an untyped attack;
+    use ``aeshield.attacks.register`` (typed settings, norms, a reference)."""
+    warnings.warn("aeshield.eval.register_attack is deprecated; use aeshield.attacks.register",
+                  DeprecationWarning, stacklevel=2)
+    _LEGACY_ATTACKS[name] = fn
+
+
+def __getattr__(name: str):
+    if name == "ATTACKS":
+        warnings.warn("aeshield.eval.ATTACKS is deprecated; use aeshield.attacks.run_attack, "
+                      "get_attack and register", DeprecationWarning, stacklevel=2)
+        return _LEGACY_ATTACKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -172,11 +148,8 @@ def attack_generator(seed: int, index: int, batch: int) -> torch.Generator:
 
 def craft(attack_model: nn.Module, spec: AttackSpec, x: torch.Tensor, y: torch.Tensor,
           threat: ThreatModel, gen: torch.Generator) -> torch.Tensor:
-    """``spec``'s adversarial inputs for one batch, checked to lie inside ``threat``."""
-    x_adv = ATTACKS[spec.name](attack_model, x, y, threat, gen, **spec.params)
-    if not threat.contains(x_adv, x).all():
-        raise RuntimeError(f"attack {spec.title} left its threat model; this is a bug")
-    return x_adv
+    """``spec``'s adversarial inputs for one batch, inside ``threat`` (the registry checks)."""
+    return registry.run_attack(spec.name, attack_model, x, y, threat, gen, **spec.params)
 
 
 def _peak_rss_mb() -> float:
@@ -223,10 +196,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                         Accuracy(**{k: r["accuracy_after"][k] for k in ("correct", "n")}),
                                         r["seconds"], r.get("peak_memory_mb")))
             continue
-        if spec.name not in ATTACKS:
-            raise KeyError(f"unknown attack {spec.name!r}; known: {sorted(ATTACKS)}")
-        applies = APPLIES.get(spec.name)
-        if applies is not None and not applies(model):
+        if not registry.get_attack(spec.name).applies_to(model):
             results.append(AttackResult(spec.title, {**spec.params, "wrap": spec.wrap,
                                                      "skipped": "not applicable to this pipeline"},
                                         attack_threat.to_dict(), 0, Accuracy.from_flags(robust), 0.0))

@@ -288,7 +288,8 @@ def detector_analysis(runner: "Runner", figure: dict, out: Path) -> dict:
                                                  else bool(calibrated / 2 <= fp.value <= 2 * calibrated))})
         model = _pipeline(runner, figure["rmse_shield"], classifier)
         test = runner.test.subset(n_rmse, seed=runner.config.seed)
-        from ..eval.harness import ATTACKS, adapt_model
+        from ..attacks import run_attack
+        from ..eval.harness import adapt_model
 
         rmse = {}
         with torch.no_grad():
@@ -300,7 +301,7 @@ def detector_analysis(runner: "Runner", figure: dict, out: Path) -> dict:
             threat = ThreatModel("Linf", 0.3)
             attack_model = adapt_model(model, spec_a)
             gen = torch.Generator().manual_seed(runner.config.seed)
-            advs = [ATTACKS[spec_a.name](attack_model, xb, yb, threat, gen, **spec_a.params)
+            advs = [run_attack(spec_a.name, attack_model, xb, yb, threat, gen, **spec_a.params)
                     for xb, yb in zip(test.images.split(500), test.labels.split(500))]
             with torch.no_grad():
                 scores = torch.cat([model.purifier.min_rmse(x) for x in advs])
@@ -391,14 +392,15 @@ def figure6(runner: "Runner", figure: dict, out: Path) -> dict:
             "seed": runner.config.seed}
 
     def compute() -> dict:
-        from ..eval.harness import ATTACKS, adapt_model
+        from ..attacks import run_attack
+        from ..eval.harness import adapt_model
 
         model = _pipeline(runner, shield, classifier)
         test = runner.test.subset(index + 1, seed=runner.config.seed + 11)
         x, y = test.images[index:index + 1], test.labels[index:index + 1]
         a = _attack(attack, eps)
         gen = torch.Generator().manual_seed(runner.config.seed)
-        x_adv = ATTACKS[a.name](adapt_model(model, a), x, y, ThreatModel("Linf", eps), gen, **a.params)
+        x_adv = run_attack(a.name, adapt_model(model, a), x, y, ThreatModel("Linf", eps), gen, **a.params)
         panels = []
         for name, inp in (("clean", x), ("adversarial", x_adv)):
             with torch.no_grad():

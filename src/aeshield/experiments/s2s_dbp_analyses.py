@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attacks import EOT, bim, cw_l2, fgsm
+from ..attacks import EOT, fgsm, run_attack
 from ..attacks.adaptive import other_class_targets
 from ..attacks.autoencoder import autoencoder_attack, c_values
 from ..defenses.base import Shielded, predict
@@ -107,13 +107,16 @@ def _dissimilarity(x: torch.Tensor, x_adv: torch.Tensor) -> float:
 
 def _craft(attack: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float,
            settings: dict) -> torch.Tensor:
+    unused = torch.Generator().manual_seed(0)  # none of the three draws random numbers
     if attack == "fgsm":
-        return fgsm(model, x, y, eps=strength)
+        return run_attack("fgsm", model, x, y, ThreatModel("Linf", strength), unused)
     if attack == "bim":
-        return bim(model, x, y, eps=strength, steps=int(settings.get("steps", 10)))
+        return run_attack("bim", model, x, y, ThreatModel("Linf", strength), unused,
+                          steps=int(settings.get("steps", 10)))
     if attack == "cw":
-        return cw_l2(model, x, y, max_l2=strength, c=float(settings.get("c", 10.0)),
-                     steps=int(settings.get("steps", 100)), lr=float(settings.get("lr", 0.05)))
+        return run_attack("cw-l2", model, x, y, ThreatModel("L2", strength), unused,
+                          c=float(settings.get("c", 10.0)), steps=int(settings.get("steps", 100)),
+                          lr=float(settings.get("lr", 0.05)))
     raise ValueError(f"s2s-curves knows fgsm, bim and cw, not {attack!r}")
 
 
