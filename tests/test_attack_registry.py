@@ -187,7 +187,7 @@ def test_settings_defaults_are_the_attack_functions_defaults():
 
 
 def test_the_cli_passes_each_attack_the_options_it_always_did():
-    from aeshield.cli import _attack_settings
+    from aeshield.cli.evaluate import _attack_settings
 
     shared = {"steps": 7, "step_size": 0.02, "restarts": 3}
     before = {"pgd": shared, "recon-pgd": {"steps": 7, "step_size": 0.02},

@@ -383,7 +383,7 @@ def test_battery_adapts_to_the_pipeline(trained_mlp):
 
 # ---- the command -------------------------------------------------------------------------------
 def test_cli_every_option_has_help():
-    from aeshield.eval.audit_cli import audit_cmd
+    from aeshield.cli.audit import audit_cmd
 
     assert all(p.help for p in audit_cmd.params if p.name != "help")
 
@@ -391,7 +391,7 @@ def test_cli_every_option_has_help():
 def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from aeshield.eval.audit_cli import audit_cmd
+    from aeshield.cli.audit import audit_cmd
     from aeshield.models import create_model
     from aeshield.models.io import save_weights
 
@@ -449,7 +449,7 @@ def test_cli_audits_saved_weights_and_all_shipped(tmp_path, monkeypatch):
 
 
 def test_all_shipped_audits_each_shield_at_the_eps_it_was_trained_at():
-    from aeshield.eval.audit_cli import _training_eps
+    from aeshield.cli.audit import _training_eps
     from aeshield.models.io import shipped_dir
 
     assert _training_eps({"config": {"eps": 0.3}}) == 0.3               # aeshield train
@@ -490,7 +490,7 @@ def test_a_purifier_without_a_single_latent_space_gets_no_latent_attack(trained_
 def test_the_audit_attacks_shipped_puvae_and_magnet_with_their_detectors():
     import aeshield
     from aeshield.defenses.puvae import PuVAE
-    from aeshield.eval.audit_cli import _deployed, _deployment
+    from aeshield.cli.audit import _deployed, _deployment
 
     clf = aeshield.load_classifier("mnist-b")
     x = torch.rand(3, 1, 28, 28)

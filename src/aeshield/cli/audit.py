@@ -1,7 +1,4 @@
-"""``aeshield audit``: the robustness audit as a command (a thin layer over ``eval.audit.audit``).
-
-Registered in ``aeshield.cli`` with ``main.add_command(audit_cmd, name="audit")``.
-"""
+"""``aeshield audit``: the robustness audit as a command (a thin layer over ``eval.audit.audit``)."""
 
 from __future__ import annotations
 
@@ -14,11 +11,11 @@ from pathlib import Path
 import click
 import torch
 
-from .audit import BUDGETS, measures_as_current_protocol
+from .options import dataset_choice
+from ..eval.audit import BUDGETS, measures_as_current_protocol
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ["mnist", "fashion-mnist", "cifar10"]
 # The radii the literature reports for each dataset (Madry et al.; Croce and Hein; RobustBench).
 DEFAULT_EPS = {("mnist", "Linf"): 0.3, ("fashion-mnist", "Linf"): 0.1, ("cifar10", "Linf"): 8 / 255,
                ("mnist", "L2"): 2.0, ("fashion-mnist", "L2"): 1.5, ("cifar10", "L2"): 0.5}
@@ -70,7 +67,7 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
     from .. import load_classifier
     from ..data import load_dataset
     from ..threat import ThreatModel
-    from .audit import audit
+    from ..eval.audit import audit
 
     clf = load_classifier(classifier, device=device)
     model = _deployed(shield, clf, dataset, device) if shield else clf
@@ -156,7 +153,7 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
               help="Shield (shipped name or path) put in front of the classifier; omit to audit the bare classifier.")
 @click.option("--surrogate", default=None,
               help="An independently trained classifier (name or path) for a transfer attack.")
-@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+@click.option("--dataset", type=dataset_choice(), default=None,
               help="Test set to audit on (required unless --all-shipped, which reads it from each shield).")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True,
               help="Threat model norm.")

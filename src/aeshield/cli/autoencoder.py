@@ -1,4 +1,4 @@
-"""CLI commands of the S2SNet / DBP work: ``aeshield ae-attack`` (AUDDC of an autoencoder)."""
+"""``aeshield ae-attack``: the AUDDC of an autoencoder (the S2SNet / DBP work)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import json
 
 import click
 
-
-def register(main: click.Group, train: click.Group) -> None:
-    main.add_command(ae_attack_cmd, name="ae-attack")
+from .options import dataset_choice
 
 
 @click.command("ae-attack")
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
-@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist"]),
+@click.option("--dataset", required=True, type=dataset_choice(image_size=(28, 28)),
               help="Dataset whose test split supplies the (original, target) pairs.")
 @click.option("--mode", type=click.Choice(["output", "latent"]), default="output", show_default=True,
               help="Attack the reconstruction (output) or the latent posterior (latent).")
@@ -29,14 +27,14 @@ def register(main: click.Group, train: click.Group) -> None:
 def ae_attack_cmd(weights, dataset, mode, pairs, c_count, steps, lr, seed, json_out) -> None:
     """Attack the autoencoder in WEIGHTS (an aeshield .safetensors file: a DBP VAE, whose
     sidecar says `method: dbp`, or a registry autoencoder) and print its mean AUDDC."""
-    from .attacks.adaptive import other_class_targets
-    from .attacks.autoencoder import autoencoder_attack, c_values
-    from .data import load_dataset
-    from .defenses.dbp import VAE
-    from .eval.auddc import auddc_batch
-    from .stats import mean_interval
-    from .io import write_json_atomic
-    from .models.io import load_weights, read_sidecar
+    from ..attacks.adaptive import other_class_targets
+    from ..attacks.autoencoder import autoencoder_attack, c_values
+    from ..data import load_dataset
+    from ..defenses.dbp import VAE
+    from ..eval.auddc import auddc_batch
+    from ..stats import mean_interval
+    from ..io import write_json_atomic
+    from ..models.io import load_weights, read_sidecar
 
     side = read_sidecar(weights)
     if side.get("method") == "dbp":

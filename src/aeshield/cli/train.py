@@ -1,0 +1,170 @@
+"""``aeshield train``: classifiers and shields, checkpointed (re-run the same command to resume).
+
+Every hyperparameter option is a field of the trainer's config dataclass (``config_option``):
+its type and default are defined there once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from ..defenses.aaa import AAAConfig
+from ..defenses.magnet import MagNetTrainConfig
+from ..defenses.puvae import PuVAETrainConfig
+from ..train.classifier import ClassifierConfig
+from .options import config_option, dataset_choice
+
+_OUT_HELP = "Output .safetensors path (a .json sidecar, and a .ckpt checkpoint while training, go beside it)."
+
+
+@click.group()
+def train() -> None:
+    """Train classifiers and shields (checkpointed; re-run the same command to resume)."""
+
+
+@train.command("classifier")
+@click.option("--model", "model_name", required=True, help="Architecture name (see `aeshield models`).")
+@click.option("--dataset", required=True, type=dataset_choice(), help="Training dataset.")
+@config_option(ClassifierConfig, "epochs", help="Passes over the training split.")
+@config_option(ClassifierConfig, "batch_size", help="Mini-batch size.")
+@config_option(ClassifierConfig, "lr", help="Learning rate.")
+@config_option(ClassifierConfig, "optimizer", type=click.Choice(["adam", "sgd"]),
+               help="Adam, or SGD with Nesterov momentum 0.9.")
+@config_option(ClassifierConfig, "seed", help="Seed of initialization and data order.")
+@config_option(ClassifierConfig, "train_limit", help="Use only N training images.")
+@config_option(ClassifierConfig, "augment", help="Random crop (pad 4) and horizontal flip, for CIFAR-10.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
+def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer, seed, train_limit,
+                         augment, out) -> None:
+    """Naturally train a zoo classifier and save it with its sidecar."""
+    from ..models import MODELS
+    from ..train.classifier import train_classifier
+
+    if model_name not in MODELS:
+        raise click.BadParameter(f"unknown model; choose from {', '.join(sorted(MODELS))}",
+                                 param_hint="--model")
+    cfg = ClassifierConfig(model=model_name, dataset=dataset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, optimizer=optimizer, seed=seed, train_limit=train_limit,
+                           augment=augment)
+    _, info = train_classifier(cfg, out)
+    click.echo(f"saved {out}: clean test accuracy {100 * info['clean_accuracy']:.2f}%")
+
+
+@train.command("aaa")
+@click.option("--classifier", "classifiers", multiple=True, required=True,
+              help="Frozen classifier(s) to train against: shipped name or path; repeat for an ensemble.")
+@click.option("--dataset", required=True, type=dataset_choice(),
+              help="Training dataset (the classifiers' sidecars must name it).")
+@click.option("--autoencoder", default="conv-ae", show_default=True, help="Autoencoder architecture.")
+@config_option(AAAConfig, "loss", type=click.Choice(["xent", "mse", "xent+mse"]),
+               help="Outer loss of the saddle point.")
+@config_option(AAAConfig, "lam", help="Weight of the mse term in xent+mse.")
+@config_option(AAAConfig, "eps", help="L-inf radius of the training attack.")
+@config_option(AAAConfig, "step_size", help="Training PGD step size.")
+@config_option(AAAConfig, "attack_steps", help="Training PGD steps.")
+@config_option(AAAConfig, "epochs", help="Epochs.")
+@click.option("--train-limit", type=int, default=None, help="Use only N training images.")
+@config_option(AAAConfig, "seed", help="Seed of the initial weights, data order and attack starts.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
+def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
+                  train_limit, seed, out) -> None:
+    """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
+    from ..data import load_dataset
+    from ..defenses.aaa import train_aaa
+    from ..models import create_model
+    from ..models.io import load_weights, save_weights
+
+    frozen = [load_weights(c, dataset=dataset)[0] for c in classifiers]
+    train_set = load_dataset(dataset, "train")
+    if train_limit:
+        train_set = train_set.subset(train_limit, seed=seed)
+    val = load_dataset(dataset, "val").subset(500, seed=1)
+    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the shield
+    g = create_model(autoencoder)
+    cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
+                    epochs=epochs, seed=seed)
+    out_path = Path(out).with_suffix(".safetensors")
+    result = train_aaa(g, frozen, train_set.images, train_set.labels, cfg, x_val=val.images,
+                       y_val=val.labels, checkpoint=out_path.with_suffix(".ckpt"))
+    save_weights(g, out_path, architecture=autoencoder, dataset=dataset, kind="shield", method="aaa",
+                 trained_against=list(classifiers), config=result.config, history=result.history,
+                 data_hash=train_set.sha256)
+    out_path.with_suffix(".ckpt").unlink(missing_ok=True)
+    click.echo(f"saved shield {out_path}")
+
+
+@train.command("puvae")
+@click.option("--dataset", required=True, type=dataset_choice(image_size=(28, 28)), help="Training dataset.")
+@click.option("--classifier", required=True,
+              help="The frozen classifier: a shipped name (e.g. mnist-b) or a .safetensors path.")
+@click.option("--vae", default="cvae-mnist-quick", show_default=True,
+              help="Conditional VAE architecture (see `aeshield models --kind autoencoder`).")
+@config_option(PuVAETrainConfig, "epochs", help="Passes over the training images.")
+@config_option(PuVAETrainConfig, "batch_size", help="Mini-batch size.")
+@config_option(PuVAETrainConfig, "lr", help="Adam learning rate.")
+@config_option(PuVAETrainConfig, "kl_weight", help="Weight of the KL term.")
+@config_option(PuVAETrainConfig, "ce_weight", help="Weight of the classifier's cross-entropy on the reconstruction.")
+@click.option("--train-limit", type=int, default=None, help="Use only this many training images.")
+@config_option(PuVAETrainConfig, "seed", help="Seed of the initial weights, shuffling and sampling.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help=_OUT_HELP)
+def train_puvae_cmd(dataset, classifier, vae, epochs, batch_size, lr, kl_weight, ce_weight,
+                    train_limit, seed, out) -> None:
+    """Train PuVAE's conditional VAE against a frozen classifier (recon + KL + CE)."""
+    from ..data import load_dataset
+    from ..defenses.puvae import train_puvae
+    from ..models import create_model
+    from ..models.io import load_weights, save_weights
+
+    frozen_classifier, _ = load_weights(classifier, dataset=dataset)
+    data = load_dataset(dataset, "train")
+    if train_limit:
+        data = data.subset(train_limit, seed=seed)
+    val = load_dataset(dataset, "val").subset(1000, seed=1)
+    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the model
+    model = create_model(vae)
+    cfg = PuVAETrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, kl_weight=kl_weight,
+                           ce_weight=ce_weight, seed=seed)
+    path = Path(out).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = train_puvae(model, frozen_classifier, data.images, data.labels, cfg, x_val=val.images,
+                         y_val=val.labels, checkpoint=path.with_suffix(".ckpt"))
+    save_weights(model, path, architecture=vae, dataset=dataset, kind="shield", method="puvae",
+                 trained_against=str(classifier), history=result.history, train_n=len(data))
+    click.echo(f"saved {path}")
+
+
+@train.command("magnet")
+@click.option("--dataset", required=True, type=dataset_choice(image_size=(28, 28)), help="Training dataset.")
+@click.option("--autoencoder", default="conv-ae-small", show_default=True,
+              help="Autoencoder architecture (see `aeshield models --kind autoencoder`).")
+@config_option(MagNetTrainConfig, "noise", help="Standard deviation of the Gaussian noise added to training inputs.")
+@config_option(MagNetTrainConfig, "epochs", help="Passes over the training images.")
+@config_option(MagNetTrainConfig, "batch_size", help="Mini-batch size.")
+@config_option(MagNetTrainConfig, "lr", help="Adam learning rate.")
+@click.option("--train-limit", type=int, default=None, help="Use only this many training images.")
+@config_option(MagNetTrainConfig, "seed", help="Seed of the initial weights, shuffling and noise.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help=_OUT_HELP)
+def train_magnet_cmd(dataset, autoencoder, noise, epochs, batch_size, lr, train_limit, seed, out) -> None:
+    """Train a MagNet autoencoder on noisy clean images (no classifier involved)."""
+    from ..data import load_dataset
+    from ..defenses.magnet import train_magnet_autoencoder
+    from ..models import create_model
+    from ..models.io import save_weights
+
+    data = load_dataset(dataset, "train")
+    if train_limit:
+        data = data.subset(train_limit, seed=seed)
+    val = load_dataset(dataset, "val").subset(1000, seed=1)
+    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the model
+    model = create_model(autoencoder)
+    cfg = MagNetTrainConfig(noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    path = Path(out).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = train_magnet_autoencoder(model, data.images, cfg, x_val=val.images,
+                                      checkpoint=path.with_suffix(".ckpt"))
+    save_weights(model, path, architecture=autoencoder, dataset=dataset, kind="shield",
+                 method="magnet", history=result.history, train_n=len(data))
+    click.echo(f"saved {path}")

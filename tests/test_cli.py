@@ -1,0 +1,49 @@
+"""The CLI's structure: one module per verb group, choices from the registries, training options
+from the trainers' config dataclasses."""
+
+import dataclasses
+
+import click
+import click.testing
+import pytest
+
+from aeshield.cli import main
+from aeshield.cli.options import config_option
+from aeshield.data import DATASETS
+from aeshield.defenses.aaa import AAAConfig
+from aeshield.defenses.magnet import MagNetTrainConfig
+from aeshield.defenses.puvae import PuVAETrainConfig
+from aeshield.train.classifier import ClassifierConfig
+
+TRAINERS = {"classifier": ClassifierConfig, "aaa": AAAConfig, "puvae": PuVAETrainConfig,
+            "magnet": MagNetTrainConfig}
+
+
+@pytest.mark.parametrize("command", sorted(TRAINERS))
+def test_training_options_are_the_config_fields(command):
+    config = TRAINERS[command]
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    options = [p for p in main.commands["train"].commands[command].params if isinstance(p, click.Option)]
+    shared = [p for p in options if p.name in fields and not p.required]
+    assert len(shared) >= 4, command
+    for option in shared:
+        assert option.default == fields[option.name].default, (command, option.name)
+
+
+def test_a_float_option_is_a_float():
+    @click.command()
+    @config_option(AAAConfig, "lam", help="lambda")
+    def show(lam):
+        click.echo(repr(lam))
+
+    assert click.testing.CliRunner().invoke(show, ["--lam", "1e-2"]).output.strip() == "0.01"
+    result = click.testing.CliRunner().invoke(show, ["--lam", "much"])
+    assert result.exit_code == 2 and "not a valid float" in result.output
+
+
+def test_dataset_choices_come_from_the_registry():
+    fetch = main.commands["data"].commands["fetch"]
+    assert list(fetch.params[0].type.choices) == list(DATASETS)
+    puvae = main.commands["train"].commands["puvae"]
+    dataset = next(p for p in puvae.params if p.name == "dataset")
+    assert set(dataset.type.choices) == {n for n, d in DATASETS.items() if d.shape[1:] == (28, 28)}
