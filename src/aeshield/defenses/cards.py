@@ -130,3 +130,12 @@ def migrate_folder(folder: str | Path, audit_dirs: Sequence[str | Path] | None =
         if migrate_sidecar(side, evaluated):
             changed.append(side)
     return changed
+
+
+if __name__ == "__main__":  # python -m aeshield.defenses.cards [AUDIT_DIR ...]
+    import sys
+
+    from ..models.io import shipped_dir
+
+    for changed in migrate_folder(shipped_dir(), sys.argv[1:] or None):
+        print(f"migrated {changed.name}")
