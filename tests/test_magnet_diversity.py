@@ -11,7 +11,7 @@ from aeshield.attacks.adaptive import detector_pgd, orthogonal_pgd
 from aeshield.defenses.magnet import (DiverseAutoencoder, MagNetTrainConfig, diversity_loss, magnet,
                                       train_diverse_autoencoders)
 from aeshield.experiments.config import spec_dict
-from aeshield.defenses.magnet import MagNetSpec
+from aeshield.experiments.methods.magnet import MagNetSpec
 from aeshield.models.autoencoders import ConvAutoencoder
 from aeshield.models.io import load_weights, save_weights
 from aeshield.threat import ThreatModel

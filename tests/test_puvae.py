@@ -193,7 +193,7 @@ def test_kl_warmup_grows_the_kl_weight_linearly_then_holds_it(monkeypatch):
 
 
 def test_kl_warmup_at_its_default_keeps_the_training_key():
-    from aeshield.defenses.puvae import PuVAESpec
+    from aeshield.experiments.methods.puvae import PuVAESpec
     from aeshield.experiments.config import spec_dict
 
     spec = PuVAESpec(method="puvae", vae="cvae-mnist", against=("F",))

@@ -28,20 +28,10 @@ def load_classifier(name_or_path: str, device: str = "cpu"):
 
 
 def load_shield(name_or_path: str, device: str = "cpu") -> Purifier:
-    """A trained shield as a purifier: a shipped name (e.g. ``"aaa-mnist"``) or a path. A PuVAE
-    comes back as its class-conditional purifier; detectors need calibration data, so they are
-    not part of it (the audit and the runner calibrate them)."""
-    from .models.io import load_weights
+    """A trained shield as a purifier: a shipped name (e.g. ``"aaa-mnist"``) or a path, rebuilt
+    from the card in its sidecar (``aeshield.defenses.cards``) by its registered defense. A
+    PuVAE comes back as its class-conditional purifier; detectors need calibration data, so
+    they are not part of it (the audit and the runner calibrate them)."""
+    from .defenses.registry import load_shield as _load_shield
 
-    model, side = load_weights(name_or_path, device=device)
-    if side.get("kind") != "shield":
-        raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a shield")
-    if side.get("method") == "puvae":  # class-conditional: one reconstruction per class
-        from .defenses.puvae import PuVAE
-
-        return PuVAE(model, sample=bool((side.get("shield_spec") or {}).get("sample"))).eval()
-    if side.get("members") is not None:  # MagNet diversity: one member at random per example
-        from .defenses.magnet import DiverseAutoencoder
-
-        model = DiverseAutoencoder(model)
-    return AutoencoderPurifier(model).eval()
+    return _load_shield(name_or_path, device=device)

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.gradient import pgd_train
-from .adversarial_training import cosine_lr, total_updates
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
-from .base import Shielded
+from .adversarial_training import cosine_lr, total_updates
+from .base import AutoencoderPurifier, Shielded
+from .registry import Defense, Trained, pick, seeded_build
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +204,45 @@ def validate_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.
         out[f"val_adv_acc_{k}"] = float((logits.argmax(1) == y).float().mean())
     out["val_adv_loss"] = sum(adv_losses) / len(adv_losses)
     return out
+
+
+# ---- the defense: config, build, train ------------------------------------------------------
+@dataclass(frozen=True)
+class AAAShieldConfig:
+    """An AAA shield: the autoencoder (a model-zoo name) and how it is trained."""
+
+    architecture: str = "conv-ae"
+    training: AAAConfig = field(default_factory=AAAConfig)
+
+
+def build(config: AAAShieldConfig) -> nn.Module:
+    from ..models import create_model
+
+    return create_model(config.architecture)
+
+
+def train(config: AAAShieldConfig, classifiers: list[nn.Module], data, *, val=None,
+          checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
+    """A new autoencoder (its initial weights from the training seed too) trained by
+    ``train_aaa`` against ``classifiers``."""
+    autoencoder = seeded_build(build, config, config.training.seed, device)
+    result = train_aaa(autoencoder, list(classifiers), data.images, data.labels, config.training,
+                       x_val=None if val is None else val.images,
+                       y_val=None if val is None else val.labels, checkpoint=checkpoint,
+                       progress=progress)
+    return Trained(autoencoder, result.history, {"visits": result.visits})
+
+
+def _from_sidecar(side: dict) -> AAAShieldConfig:
+    # A cached file keeps the training config; a shipped one the experiment's shield spec.
+    return AAAShieldConfig(architecture=side["architecture"],
+                           training=pick(AAAConfig, side.get("config"), side.get("shield_spec")))
+
+
+DEFENSE = Defense(
+    name="aaa", config=AAAShieldConfig, train=train, build=build,
+    purifier=lambda module, config: AutoencoderPurifier(module),
+    training_threat=lambda config: ThreatModel("Linf", config.training.eps),
+    from_sidecar=_from_sidecar,
+    reference="Vaishnavi et al., Towards Model-Agnostic Adversarial Defenses using "
+              "Adversarially Trained Autoencoders")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from ..attacks.gradient import pgd_train
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
+from .registry import Defense, Trained, pick
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,47 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  checkpoint=checkpoint, progress=progress)
     model.eval()
     return result
+
+
+# ---- the defense: config, build, train ------------------------------------------------------
+@dataclass(frozen=True)
+class AdversarialTrainingDefenseConfig:
+    """A classifier (a model-zoo name) adversarially trained: not a shield, the classifier
+    itself is the defended model."""
+
+    architecture: str
+    training: AdversarialTrainingConfig = field(default_factory=AdversarialTrainingConfig)
+
+
+def build(config: AdversarialTrainingDefenseConfig) -> nn.Module:
+    from ..models import create_model
+
+    return create_model(config.architecture)
+
+
+def train(config: AdversarialTrainingDefenseConfig, classifiers: list[nn.Module], data, *, val=None,
+          checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
+    """Start from the weights of ``classifiers[0]`` (a natural classifier of
+    ``config.architecture``; none: from scratch) and train with ``adversarial_training``."""
+    model = build(config).to(device)
+    if classifiers:
+        model.load_state_dict(classifiers[0].state_dict())
+    result = adversarial_training(model, data.images, data.labels, config.training,
+                                  x_val=None if val is None else val.images,
+                                  y_val=None if val is None else val.labels,
+                                  checkpoint=checkpoint, progress=progress)
+    return Trained(model, result.history)
+
+
+def _from_sidecar(side: dict) -> AdversarialTrainingDefenseConfig:
+    return AdversarialTrainingDefenseConfig(
+        architecture=side["architecture"],
+        training=pick(AdversarialTrainingConfig, side.get("config"), side.get("adversarial_training")))
+
+
+DEFENSE = Defense(
+    name="adversarial_training", config=AdversarialTrainingDefenseConfig, train=train, build=build,
+    purifier=None, training_threat=lambda config: ThreatModel("Linf", config.training.eps),
+    from_sidecar=_from_sidecar,
+    reference="Madry, Makelov, Schmidt, Tsipras and Vladu (2018), Towards Deep Learning Models "
+              "Resistant to Adversarial Attacks")

@@ -19,7 +19,7 @@ any module with ``elbo_terms(x, generator) -> (logits, kl)`` and a deterministic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,10 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train.loop import LoopConfig, LoopResult, fit
+from .base import AutoencoderPurifier
 from ..models.draw import DRAW
+from .registry import Defense, Trained, pick, seeded_build
 
-__all__ = ["DRAW", "VAE", "DBPConfig", "PENALTIES", "jacobian_frobenius", "jacobian_penalty",
-           "recon_grad_penalty", "reconstruction_error", "train_vae", "vae_loss"]
+__all__ = ["ARCHITECTURES", "DEFENSE", "DRAW", "VAE", "DBPConfig", "DBPShieldConfig", "PENALTIES",
+           "build", "jacobian_frobenius", "jacobian_penalty", "recon_grad_penalty",
+           "reconstruction_error", "train", "train_vae", "vae_loss"]
 
 PENALTIES = ("recon-grad", "jacobian")
 
@@ -191,3 +194,57 @@ def train_vae(vae: nn.Module, x: torch.Tensor, config: DBPConfig, *, x_val: torc
     dummy = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     return fit({"vae": vae}, optimizer, step, x, dummy, loop, val_fn=validate,
                checkpoint=checkpoint, progress=progress)
+
+
+# ---- the defense: config, build, train ------------------------------------------------------
+ARCHITECTURES = ("vae", "draw", "draw-attn")
+
+
+@dataclass(frozen=True)
+class DBPShieldConfig:
+    """A VAE or DRAW purifier and its training (``training.lambda2 > 0``: the DBP penalty).
+
+    ``architecture``: ``vae`` (fully connected; ``hidden`` units, ``latent`` codes), ``draw``
+    or ``draw-attn`` (``glimpses`` steps, LSTMs of ``hidden`` units, ``latent`` codes per
+    step, ``read_n`` / ``write_n`` attention grids for ``draw-attn``).
+    """
+
+    architecture: str = "vae"
+    latent: int = 16
+    hidden: int = 512
+    glimpses: int = 64
+    read_n: int = 2
+    write_n: int = 5
+    training: DBPConfig = field(default_factory=DBPConfig)
+
+
+def build(config: DBPShieldConfig) -> nn.Module:
+    if config.architecture == "vae":
+        return VAE(latent=config.latent, hidden=config.hidden)
+    if config.architecture in ("draw", "draw-attn"):
+        return DRAW(glimpses=config.glimpses, hidden=config.hidden, latent=config.latent,
+                    attention=config.architecture == "draw-attn", read_n=config.read_n,
+                    write_n=config.write_n)
+    raise ValueError(f"dbp architecture must be one of {ARCHITECTURES}, got {config.architecture!r}")
+
+
+def train(config: DBPShieldConfig, classifiers: list[nn.Module], data, *, val=None,
+          checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
+    """A new VAE (its weights from ``init_seed``, if given) trained by ``train_vae`` on
+    ``data``'s images; no classifier is involved."""
+    vae = seeded_build(build, config, config.training.seed, device)
+    result = train_vae(vae, data.images, config.training, x_val=None if val is None else val.images,
+                       checkpoint=checkpoint, progress=progress)
+    return Trained(vae, result.history)
+
+
+def _from_sidecar(side: dict) -> DBPShieldConfig:
+    spec = side.get("shield_spec") or {}
+    return pick(DBPShieldConfig, spec, training=pick(DBPConfig, side.get("config"), spec))
+
+
+DEFENSE = Defense(
+    name="dbp", config=DBPShieldConfig, train=train, build=build,
+    purifier=lambda module, config: AutoencoderPurifier(module), from_sidecar=_from_sidecar,
+    reference="Sun, Chen and Huang (2020), Double backpropagation for training autoencoders "
+              "against adversarial attack")

@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..train.loop import LoopConfig, LoopResult, fit
 from .base import AutoencoderPurifier, Detector, Shielded
-
-if TYPE_CHECKING:
-    from ..experiments.runner import Runner
+from .registry import Defense, Trained, pick, seeded_build
 
 logger = logging.getLogger(__name__)
 
@@ -319,113 +316,71 @@ def _fit_unlabelled(name: str, module: nn.Module, step, validate, x: torch.Tenso
     return result
 
 
-# ---- runner method ---------------------------------------------------------------------------
+# ---- the defense: config, build, train ------------------------------------------------------
 @dataclass(frozen=True)
-class MagNetSpec:
-    """A MagNet shield in a config; ``fpr`` is per detector, on clean validation images."""
+class MagNetConfig:
+    """A MagNet defense: ``diversity`` autoencoders of ``architecture`` (a model-zoo name),
+    their training, and how they are deployed: the ``detectors`` (``l1``, ``l2``, ``jsd<T>``),
+    each calibrated at ``fpr`` on clean images, and whether the reformer is used."""
 
-    method: str
-    autoencoder: str = "conv-ae-small"
-    noise: float = 0.1
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    train_limit: int | None = None
-    val_n: int = 1000
+    architecture: str = "conv-ae-small"
+    diversity: int = 1
+    training: MagNetTrainConfig = field(default_factory=MagNetTrainConfig)
     detectors: tuple[str, ...] = ("l1", "l2", "jsd10", "jsd40")
     fpr: float = 0.001
     reformer: bool = True
-    # Diversity: K autoencoders, one at random per example. Left out of the artifact hash at
-    # their defaults, so single-autoencoder specs (and their shipped weights) keep their hash.
-    diversity: int = field(default=1, metadata={"hash_if_default": False})
-    eta: float = field(default=0.1, metadata={"hash_if_default": False})
-    surrogate_member: int = field(default=0, metadata={"hash_if_default": False})
 
 
-def _train(runner: "Runner", spec: MagNetSpec, path: Path) -> None:
+def build(config: MagNetConfig) -> nn.Module:
+    """One autoencoder, or an ``nn.ModuleList`` of ``diversity`` of them."""
     from ..models import create_model
-    from ..models.io import save_weights
 
-    if spec.diversity < 1:
-        raise ValueError(f"MagNet diversity must be >= 1 autoencoders, got {spec.diversity}")
-    torch.manual_seed(runner.config.seed)  # the members' initializations
-    autoencoders = nn.ModuleList(create_model(spec.autoencoder) for _ in range(spec.diversity)).to(runner.device)
-    train_set = runner.train_subset(spec.train_limit)
-    cfg = MagNetTrainConfig(noise=spec.noise, epochs=spec.epochs, batch_size=spec.batch_size,
-                            lr=spec.lr, seed=runner.config.seed, eta=spec.eta)
-    x_val = runner.val.subset(spec.val_n, seed=1).images
-    ckpt = path.with_suffix(".ckpt")
-    if spec.diversity == 1:
+    if config.diversity < 1:
+        raise ValueError(f"MagNet diversity must be >= 1 autoencoders, got {config.diversity}")
+    if config.diversity == 1:
+        return create_model(config.architecture)
+    return nn.ModuleList(create_model(config.architecture) for _ in range(config.diversity))
+
+
+def train(config: MagNetConfig, classifiers: Sequence[nn.Module], data, *, val=None,
+          checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
+    """Autoencoders trained on clean images only (``classifiers`` are not used: MagNet's
+    autoencoders never see the classifier). ``init_seed`` seeds their initial weights."""
+    built = seeded_build(build, config, config.training.seed, device)  # every member's initialization
+    autoencoders = built if isinstance(built, nn.ModuleList) else nn.ModuleList([built])
+    x_val = None if val is None else val.images
+    if config.diversity == 1:
         (autoencoder,) = autoencoders
-        result = train_magnet_autoencoder(autoencoder, train_set.images, cfg, x_val=x_val, checkpoint=ckpt,
-                                          progress=runner.progress)
-        save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
-                     kind="shield", method="magnet", config=asdict(cfg), history=result.history,
-                     train_n=len(train_set), data_hash=runner.train.sha256)
-        return
-    result = train_diverse_autoencoders(autoencoders, train_set.images, cfg, x_val=x_val, checkpoint=ckpt,
-                                        progress=runner.progress)
-    save_weights(autoencoders, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
-                 kind="shield", method="magnet", config=asdict(cfg), history=result.history,
-                 train_n=len(train_set), data_hash=runner.train.sha256)
+        result = train_magnet_autoencoder(autoencoder, data.images, config.training, x_val=x_val,
+                                          checkpoint=checkpoint, progress=progress)
+        return Trained(autoencoder, result.history)
+    result = train_diverse_autoencoders(autoencoders, data.images, config.training, x_val=x_val,
+                                        checkpoint=checkpoint, progress=progress)
+    return Trained(autoencoders, result.history)
 
 
-def _load(runner: "Runner", spec: MagNetSpec, path: Path) -> nn.Module:
-    from ..models.io import load_weights
-
-    model, side = load_weights(path, architecture=spec.autoencoder, dataset=runner.config.dataset,
-                               device=runner.device)
-    if side.get("members", 1) != spec.diversity:
-        raise ValueError(f"{path} holds {side.get('members', 1)} autoencoder(s), the spec asks for "
-                         f"diversity {spec.diversity}")
-    return model
-
-
-def _autoencoder(spec: MagNetSpec, module: nn.Module, member: int | None = None) -> nn.Module:
-    """The loaded module as MagNet's autoencoder: a ``DiverseAutoencoder`` for several."""
+def as_autoencoder(module: nn.Module, member: int | None = None) -> nn.Module:
+    """The trained module as MagNet's autoencoder: a ``DiverseAutoencoder`` for several."""
     if isinstance(module, nn.ModuleList):
         return DiverseAutoencoder(module, member=member)
     return module
 
 
-def deploy(spec: MagNetSpec, module: nn.Module, classifier: nn.Module, val, seed: int) -> Shielded:
-    """The configured pipeline, its detectors calibrated on the clean ``val`` images."""
-    return magnet(_autoencoder(spec, module), classifier, detectors=spec.detectors, fpr=spec.fpr,
-                  calibration=val.images, reformer=spec.reformer, seed=seed)
+def _deploy(module: nn.Module, config: MagNetConfig, classifier: nn.Module,
+            calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
+    return magnet(as_autoencoder(module), classifier, detectors=config.detectors, fpr=config.fpr,
+                  calibration=calibration, reformer=config.reformer, seed=seed)
 
 
-def _pipeline(runner: "Runner", spec: MagNetSpec, module: nn.Module, classifier: str) -> nn.Module:
-    cache = runner.__dict__.setdefault("_purifier_pipelines", {})
-    key = ("magnet", id(module), classifier, spec.detectors, spec.fpr, spec.reformer)
-    if key not in cache:
-        cache[key] = deploy(spec, module, runner.classifier(classifier), runner.val, runner.config.seed)
-    return cache[key]
+def _from_sidecar(side: dict) -> MagNetConfig:
+    spec = side.get("shield_spec") or {}
+    return pick(MagNetConfig, spec, architecture=side["architecture"],
+                diversity=side.get("members") or spec.get("diversity") or 1,
+                training=pick(MagNetTrainConfig, side.get("config"), spec))
 
 
-def gray_box_surrogate(runner: "Runner", spec: MagNetSpec, module: nn.Module, classifier: str) -> nn.Module:
-    """The gray-box attacker's model (Meng and Chen): the same pipeline with one fixed member,
-    ``spec.surrogate_member``, its detectors calibrated on that member alone."""
-    if not isinstance(module, nn.ModuleList):
-        return _pipeline(runner, spec, module, classifier)
-    cache = runner.__dict__.setdefault("_purifier_pipelines", {})
-    key = ("magnet-surrogate", id(module), classifier, spec.detectors, spec.fpr, spec.reformer,
-           spec.surrogate_member)
-    if key not in cache:
-        cache[key] = magnet(_autoencoder(spec, module, spec.surrogate_member), runner.classifier(classifier),
-                            detectors=spec.detectors, fpr=spec.fpr, calibration=runner.val.images,
-                            reformer=spec.reformer, seed=runner.config.seed)
-    return cache[key]
-
-
-def _method():
-    from ..experiments.methods import Method
-
-    # The autoencoder never sees the classifier, so no classifier enters its artifact hash.
-    return Method(name="magnet", spec=MagNetSpec, train=_train, load=_load, pipeline=_pipeline,
-                  depends_on=lambda spec: (), surrogate=gray_box_surrogate, deploy=deploy)
-
-
-def __getattr__(name: str):
-    if name == "METHOD":
-        return _method()
-    raise AttributeError(name)
+DEFENSE = Defense(
+    name="magnet", config=MagNetConfig, train=train, build=build,
+    purifier=lambda module, config: AutoencoderPurifier(as_autoencoder(module)),
+    deploy=_deploy, from_sidecar=_from_sidecar,
+    reference="Meng and Chen (2017), MagNet: a Two-Pronged Defense against Adversarial Examples")

@@ -21,9 +21,8 @@ pipeline, L-inf.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +32,7 @@ from ..train.loop import LoopConfig, LoopResult, fit
 from .aaa import frozen
 from .adversarial_training import ramp
 from .base import Detector, Purifier, Shielded
-
-if TYPE_CHECKING:
-    from ..experiments.runner import Runner
+from .registry import Defense, Trained, pick, seeded_build
 
 logger = logging.getLogger(__name__)
 
@@ -155,105 +152,6 @@ def train_puvae(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch
     return result
 
 
-# ---- runner method ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PuVAESpec:
-    """A PuVAE shield in a config. ``detector``, ``fpr`` and ``sample`` only change how the
-    trained VAE is used, so rows that differ only in them share one training run."""
-
-    method: str
-    vae: str
-    against: tuple[str, ...]
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    kl_weight: float = 1.0
-    ce_weight: float = 10.0
-    train_limit: int | None = None
-    val_n: int = 1000
-    detector: bool = True
-    fpr: float = 0.001
-    sample: bool = False
-    calibration_n: int | None = None  # clean validation images for the threshold (None: all)
-    kl_warmup_steps: int = field(default=0, metadata={"hash_if_default": False})
-
-
-_USE_FIELDS = ("detector", "fpr", "sample", "calibration_n")
-
-
-def training_key(spec: PuVAESpec, runner: "Runner") -> str:
-    from ..records import config_hash
-    from ..experiments.config import spec_dict
-
-    train_fields = {k: v for k, v in spec_dict(spec).items() if k not in _USE_FIELDS}
-    return config_hash({"puvae": train_fields, "against": runner.classifier_specs(spec.against),
-                        "data": runner.train.sha256})
-
-
-def _same_training(meta: dict, key: str, spec: PuVAESpec, runner: "Runner") -> bool:
-    """A stored VAE is this spec's training run: same training key, or (a shipped file, whose
-    sidecar keeps the shield spec instead) same target, dataset and training fields."""
-    if meta.get("training_key") == key:
-        return True
-    stored = meta.get("shield_spec")
-    if not stored or meta.get("source_target") != runner.config.name or \
-            meta.get("dataset") != runner.config.dataset:
-        return False
-    from ..experiments.config import spec_dict
-
-    mine = {k: v for k, v in spec_dict(spec).items() if k not in _USE_FIELDS}
-    theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items()
-              if k not in _USE_FIELDS}
-    return mine == theirs
-
-
-def _train(runner: "Runner", spec: PuVAESpec, path: Path) -> None:
-    import json
-    import shutil
-
-    from ..models import create_model
-    from ..models.io import save_weights, shipped_dir
-
-    if len(spec.against) != 1:
-        raise ValueError(f"PuVAE trains against exactly one classifier, got {spec.against}")
-    key = training_key(spec, runner)
-    # Another row of the same config (or a shipped file) may hold this very training run.
-    for folder in (runner.artifacts, shipped_dir()):
-        for side in sorted(folder.glob("*.json")) if folder.exists() else ():
-            try:
-                meta = json.loads(side.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if meta.get("method") == "puvae" and _same_training(meta, key, spec, runner) and \
-                    side.with_suffix(".safetensors").exists() and side.with_suffix(".safetensors") != path:
-                shutil.copyfile(side.with_suffix(".safetensors"), path)
-                shutil.copyfile(side, path.with_suffix(".json"))
-                logger.info("PuVAE %s: reusing the VAE trained for %s", path.name, side.name)
-                return
-    classifier = runner.classifier(spec.against[0])
-    torch.manual_seed(runner.config.seed)  # the initial weights, not the process's RNG state
-    vae = create_model(spec.vae).to(runner.device)
-    train_set = runner.train_subset(spec.train_limit)
-    val = runner.val.subset(spec.val_n, seed=1)
-    cfg = PuVAETrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                           kl_weight=spec.kl_weight, ce_weight=spec.ce_weight, seed=runner.config.seed,
-                           kl_warmup_steps=spec.kl_warmup_steps)
-    result = train_puvae(vae, classifier, train_set.images, train_set.labels, cfg, x_val=val.images,
-                         y_val=val.labels, checkpoint=path.with_suffix(".ckpt"), progress=runner.progress)
-    save_weights(vae, path, architecture=spec.vae, dataset=runner.config.dataset, kind="shield",
-                 method="puvae", training_key=key, config=asdict(cfg),
-                 trained_against=runner.classifier_specs(spec.against), history=result.history,
-                 train_n=len(train_set), data_hash=runner.train.sha256)
-
-
-def _load(runner: "Runner", spec: PuVAESpec, path: Path) -> nn.Module:
-    from ..models.io import load_weights
-
-    vae, _ = load_weights(path, architecture=spec.vae, dataset=runner.config.dataset,
-                          device=runner.device)
-    return vae
-
-
 def build_pipeline(vae: nn.Module, classifier: nn.Module, *, detector: bool, sample: bool,
                    fpr: float, calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
     """``Shielded(PuVAE, classifier[, RMSEDetector calibrated to fpr on calibration])``."""
@@ -268,30 +166,53 @@ def build_pipeline(vae: nn.Module, classifier: nn.Module, *, detector: bool, sam
     return model.eval()
 
 
-def deploy(spec: PuVAESpec, module: nn.Module, classifier: nn.Module, val, seed: int) -> Shielded:
-    """The configured pipeline, its detector calibrated on ``val`` (or a seeded subset of it)."""
-    calib = val.subset(spec.calibration_n, seed=2) if spec.calibration_n else val
-    return build_pipeline(module, classifier, detector=spec.detector, sample=spec.sample,
-                          fpr=spec.fpr, calibration=calib.images, seed=seed)
+# ---- the defense: config, build, train ------------------------------------------------------
+@dataclass(frozen=True)
+class PuVAEConfig:
+    """A PuVAE defense: the conditional VAE (a model-zoo name), its training, and how it is
+    deployed: sampled or mean decoding, and the RMSE detector calibrated at ``fpr``."""
+
+    architecture: str = "cvae-mnist"
+    training: PuVAETrainConfig = field(default_factory=PuVAETrainConfig)
+    detector: bool = True
+    fpr: float = 0.001
+    sample: bool = False
 
 
-def _pipeline(runner: "Runner", spec: PuVAESpec, module: nn.Module, classifier: str) -> nn.Module:
-    cache = runner.__dict__.setdefault("_purifier_pipelines", {})
-    key = ("puvae", id(module), classifier, spec.detector, spec.sample, spec.fpr, spec.calibration_n)
-    if key not in cache:
-        cache[key] = deploy(spec, module, runner.classifier(classifier), runner.val, runner.config.seed)
-    return cache[key]
+def build(config: PuVAEConfig) -> nn.Module:
+    from ..models import create_model
+
+    return create_model(config.architecture)
 
 
-def _method():
-    from ..experiments.methods import Method
+def train(config: PuVAEConfig, classifiers: list[nn.Module], data, *, val=None,
+          checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
+    """A new VAE trained by ``train_puvae`` in front of the one frozen classifier."""
+    if len(classifiers) != 1:
+        raise ValueError(f"PuVAE trains against exactly one classifier, got {len(classifiers)}")
+    vae = seeded_build(build, config, config.training.seed, device)
+    result = train_puvae(vae, classifiers[0], data.images, data.labels, config.training,
+                         x_val=None if val is None else val.images,
+                         y_val=None if val is None else val.labels, checkpoint=checkpoint,
+                         progress=progress)
+    return Trained(vae, result.history)
 
-    return Method(name="puvae", spec=PuVAESpec, train=_train, load=_load, pipeline=_pipeline,
-                  deploy=deploy)
+
+def _deploy(module: nn.Module, config: PuVAEConfig, classifier: nn.Module,
+            calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
+    return build_pipeline(module, classifier, detector=config.detector, sample=config.sample,
+                          fpr=config.fpr, calibration=calibration, seed=seed)
 
 
-def __getattr__(name: str):
-    # METHOD is built on first use so that importing the defense does not import the runner.
-    if name == "METHOD":
-        return _method()
-    raise AttributeError(name)
+def _from_sidecar(side: dict) -> PuVAEConfig:
+    spec = side.get("shield_spec") or {}
+    return pick(PuVAEConfig, spec, architecture=side["architecture"],
+                training=pick(PuVAETrainConfig, side.get("config"), spec))
+
+
+DEFENSE = Defense(
+    name="puvae", config=PuVAEConfig, train=train, build=build,
+    purifier=lambda module, config: PuVAE(module, sample=config.sample), deploy=_deploy,
+    from_sidecar=_from_sidecar,
+    reference="Hwang, Jeong, Lee, Yoon and Lee (2019), PuVAE: A Variational Autoencoder to "
+              "Purify Adversarial Examples")

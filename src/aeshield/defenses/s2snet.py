@@ -19,7 +19,7 @@ and gray-box (craft on ``F(S(.))``, evaluate ``F`` alone).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..train.loop import LoopConfig, LoopResult, fit
 from .base import Purifier
+from .registry import Defense, Trained, pick, seeded_build
 
 logger = logging.getLogger(__name__)
 
@@ -184,3 +185,66 @@ def train_stage2(autoencoder: nn.Module, classifier: nn.Module, x: torch.Tensor,
     finally:
         for p in encoder.parameters():
             p.requires_grad_(True)
+
+
+# ---- the defense: config, build, train ------------------------------------------------------
+@dataclass(frozen=True)
+class S2SNetConfig:
+    """An S2SNet: the autoencoder (a model-zoo name), its two training stages (``loss``:
+    ``ce`` or ``kl`` for stage 2, ``none`` for the plain stage-1 autoencoder) and the input
+    noise it is deployed behind (``noise``: one of ``NOISE_KINDS``, scale ``noise_scale``)."""
+
+    architecture: str = "conv-ae"
+    loss: str = "ce"
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=2))
+    noise: str = "none"
+    noise_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in (*STAGE2_LOSSES, "none"):
+            raise ValueError(f"s2snet stage2 must be ce, kl or none, got {self.loss!r}")
+
+
+def build(config: S2SNetConfig) -> nn.Module:
+    from ..models import create_model
+
+    return create_model(config.architecture)
+
+
+def train(config: S2SNetConfig, classifiers: list[nn.Module], data, *, val=None,
+          checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu",
+          autoencoder: nn.Module | None = None) -> Trained:
+    """Stage 1 on ``data``'s images (skipped when a trained stage-1 ``autoencoder`` is given,
+    which is then trained on in place), then, unless ``config.loss == "none"``, stage 2
+    against the one classifier."""
+    x_val = None if val is None else val.images
+    history: list[dict] = []
+    if autoencoder is None:
+        autoencoder = seeded_build(build, config, config.stage1.seed, device)
+        history = train_stage1(autoencoder, data.images, config.stage1, x_val=x_val,
+                               checkpoint=checkpoint, progress=progress).history
+    if config.loss != "none":
+        if len(classifiers) != 1:
+            raise ValueError(f"s2snet stage 2 is trained against exactly one classifier; got {len(classifiers)}")
+        history = train_stage2(autoencoder, classifiers[0], data.images, data.labels, config.stage2,
+                               loss=config.loss, x_val=x_val, y_val=None if val is None else val.labels,
+                               checkpoint=checkpoint, progress=progress).history
+    return Trained(autoencoder, history)
+
+
+def _from_sidecar(side: dict) -> S2SNetConfig:
+    spec = side.get("shield_spec") or {}
+    stage = {"batch_size": spec.get("batch_size")}
+    return S2SNetConfig(
+        architecture=side["architecture"], loss=spec.get("stage2", "ce"),
+        stage1=pick(StageConfig, stage, epochs=spec.get("epochs1"), lr=spec.get("lr1")),
+        stage2=pick(StageConfig, stage, epochs=spec.get("epochs2"), lr=spec.get("lr2")))
+
+
+DEFENSE = Defense(
+    name="s2snet", config=S2SNetConfig, train=train, build=build,
+    purifier=lambda module, config: S2SNet(module, InputNoise(config.noise, config.noise_scale)),
+    from_sidecar=_from_sidecar,
+    reference="Folz, Palacio, Hees and Dengel (2020), Adversarial Defense based on "
+              "Structure-to-Signal Autoencoders")

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..eval.harness import AttackSpec
-from ..threat import ThreatModel
+from ..threat import Norm, ThreatModel
 
 
 @dataclass(frozen=True)
@@ -319,8 +319,13 @@ def _check_training_eps(config: ExperimentConfig) -> None:
     linf = {round(s.threat.eps, 6) for s in config.suites if s.threat.norm.lower() == "linf"}
     if not linf:
         return
-    trained = [(f"shield {name!r}", spec.eps) for name, spec in config.shields.items()
-               if getattr(spec, "method", None) == "aaa"]
+    from .methods import get_method
+
+    trained = []
+    for name, spec in config.shields.items():
+        threat = get_method(spec.method).training_threat(spec)
+        if threat is not None and threat.norm is Norm.LINF:
+            trained.append((f"shield {name!r}", threat.eps))
     if config.adversarial_training is not None:
         trained.append(("adversarial_training", config.adversarial_training.eps))
     for what, eps in trained:

@@ -255,7 +255,7 @@ class Runner:
                 against = method.depends_on(spec)
 
                 def pipeline(c: str) -> nn.Module:
-                    if spec.method == "aaa":
+                    if method.plain_pipeline:
                         return Shielded(reloaded, as_shipped.get(c) or self.classifier(c))
                     return method.pipeline(self, spec, reloaded, c)
 
@@ -269,6 +269,8 @@ class Runner:
                                                 "the shipped float16 classifiers (or, for one not "
                                                 "shipped, the one this run trained)",
                          "test_n": len(self.test)}
+                extra["card"] = method.card(spec, self.config.seed, self.config.dataset,
+                                            extra["trained_against"])
             side = path.with_suffix(".json")
             write_json_atomic(side, {**json.loads(side.read_text()), **extra})
             written.append(path)
@@ -398,8 +400,8 @@ class Runner:
             return {"base": base, "at": asdict(self.config.adversarial_training)}
         if row.kind == "shield":
             spec = self.config.shields[row.shield]
-            return {"base": base, "shield": spec_dict(spec)} if spec.method == "aaa" else \
-                {"base": base, "shield": spec_dict(spec), "method": spec.method}
+            return {"base": base, "shield": spec_dict(spec), "method": spec.method} \
+                if get_method(spec.method).method_in_record_key else {"base": base, "shield": spec_dict(spec)}
         return {"base": base}
 
     def _measured_seconds(self) -> dict[str, float]:

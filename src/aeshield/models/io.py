@@ -98,8 +98,13 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
     side = {"format": FORMAT, "architecture": architecture, "dataset": dataset,
             "storage_dtype": "float16" if half else "float32", "versions": package_versions(),
             **metadata}
-    write_json_atomic(sidecar_path(path), side)
+    write_sidecar(sidecar_path(path), side)
     return path
+
+
+def write_sidecar(path: str | Path, side: dict) -> Path:
+    """Write a sidecar (atomically); the weights beside it are not touched."""
+    return write_json_atomic(sidecar_path(path), side)
 
 
 def read_sidecar(path: str | Path) -> dict:

@@ -1,0 +1,226 @@
+"""Every defense, registered once: its config dataclass, how to train it, how to build its
+untrained module, and how a trained module is deployed (as a purifier, with calibrated
+detectors).
+
+A defense module defines a frozen config dataclass, ``train(config, classifiers, data, ...)
+-> Trained`` and ``build(config) -> nn.Module``, and exposes them as ``DEFENSE = Defense(...)``.
+``BUILTIN`` below names the shipped ones (imported on first use, so importing one defense does
+not import the others); ``register`` adds one at run time (a test's, a user's).
+
+A trained shield is saved with a *card* in its sidecar (``defenses.cards``); ``load_shield``
+rebuilds it from the card alone: ``build(config)``, the stored weights, then ``purifier``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..threat import ThreatModel
+
+# name -> "module:attribute" of its Defense; one line registers a defense shipped with aeshield.
+BUILTIN: dict[str, str] = {
+    "aaa": "aeshield.defenses.aaa:DEFENSE",
+    "adversarial_training": "aeshield.defenses.adversarial_training:DEFENSE",
+    "magnet": "aeshield.defenses.magnet:DEFENSE",
+    "puvae": "aeshield.defenses.puvae:DEFENSE",
+    "s2snet": "aeshield.defenses.s2snet:DEFENSE",
+    "dbp": "aeshield.defenses.dbp:DEFENSE",
+}
+_REGISTERED: dict[str, "Defense"] = {}
+
+
+@dataclass
+class Trained:
+    """What a defense's ``train`` returns: the trained module (in eval mode), the training
+    loop's history, and anything else worth keeping in the sidecar (e.g. AAA's visits)."""
+
+    module: nn.Module
+    history: list[dict] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def seeded_build(build: Callable[[Any], nn.Module], config: Any, seed: int, device: str = "cpu") -> nn.Module:
+    """``build(config)`` with its initial weights drawn after ``torch.manual_seed(seed)``: a
+    training run is then fixed by its seed alone, never by whatever the process's RNG held
+    (which depended on the cells a worker had run before)."""
+    torch.manual_seed(seed)
+    return build(config).to(device)
+
+
+def _no_threat(config: Any) -> ThreatModel | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One defense.
+
+    - ``config``: its frozen config dataclass (nested dataclasses allowed); a field
+      ``architecture`` names the trained module's architecture in the sidecar.
+    - ``train(config, classifiers, data, *, val=None, checkpoint=None, progress=True,
+      device="cpu", **options) -> Trained``: ``data``/``val`` are labelled image sets
+      (``.images``, ``.labels``); ``classifiers`` the frozen models it is trained against.
+    - ``build(config) -> nn.Module``: the untrained module, the shape the weights load into.
+    - ``purifier(module, config) -> nn.Module``: the trained module as a purifier (images to
+      images); ``None`` for a defense that is not a shield (adversarial training makes a
+      classifier).
+    - ``deploy(module, config, classifier, calibration, seed)`` (optional): the whole pipeline
+      ``Shielded(purifier, classifier, detector)``, detectors calibrated on the clean
+      ``calibration`` images; without it the pipeline is ``Shielded(purifier, classifier)``.
+    - ``training_threat(config)``: the threat model it is trained against (None: clean data).
+    - ``from_sidecar(sidecar) -> config``: the config of weights saved before cards existed.
+    """
+
+    name: str
+    config: type
+    train: Callable[..., Trained]
+    build: Callable[[Any], nn.Module]
+    purifier: Callable[[nn.Module, Any], nn.Module] | None
+    deploy: Callable[..., nn.Module] | None = None
+    training_threat: Callable[[Any], ThreatModel | None] = _no_threat
+    from_sidecar: Callable[[dict], Any] | None = None
+    reference: str = ""
+
+    @property
+    def is_shield(self) -> bool:
+        return self.purifier is not None
+
+    def architecture(self, config: Any) -> str:
+        return str(getattr(config, "architecture", self.name))
+
+    def pipeline(self, module: nn.Module, config: Any, classifier: nn.Module,
+                 calibration: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
+        """What attacks see: ``deploy``'s pipeline, or ``Shielded(purifier, classifier)``."""
+        from .base import Shielded
+
+        if self.deploy is not None:
+            return self.deploy(module, config, classifier, calibration, seed)
+        if self.purifier is None:
+            raise TypeError(f"{self.name} is not a shield; its trained module is the classifier")
+        return Shielded(self.purifier(module, config), classifier).eval()
+
+
+def register(defense: Defense, *, replace: bool = False) -> Defense:
+    """Add ``defense`` under its name (an error if the name is taken, unless ``replace``)."""
+    if not replace and (defense.name in _REGISTERED or defense.name in BUILTIN):
+        raise ValueError(f"a defense named {defense.name!r} is already registered")
+    _REGISTERED[defense.name] = defense
+    return defense
+
+
+def unregister(name: str) -> None:
+    _REGISTERED.pop(name, None)
+
+
+def get_defense(name: str) -> Defense:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in BUILTIN:
+        raise ValueError(f"unknown defense {name!r}; known: {list_defenses()}")
+    module, attr = BUILTIN[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def list_defenses() -> list[str]:
+    return sorted(set(BUILTIN) | set(_REGISTERED))
+
+
+# ---- configs as JSON ---------------------------------------------------------------------
+def config_to_dict(config: Any) -> dict:
+    """A config dataclass (nested ones included) as JSON-able values."""
+    return json_safe(dataclasses.asdict(config))
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def config_from_dict(cls: type, data: dict) -> Any:
+    """``cls`` from ``config_to_dict``'s output: nested dataclasses rebuilt, lists as tuples,
+    unknown keys an error (a card written by a newer aeshield should not load silently)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def pick(cls: type, *sources: dict | None, **overrides: Any) -> Any:
+    """``cls`` from the fields of ``sources`` it knows (the first source holding a field wins,
+    ``None`` values skipped, lists as tuples), then ``overrides``: how a defense reads the
+    config of weights saved before cards, from their sidecar's ``config``/``shield_spec``."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        for source in sources:
+            if source and source.get(f.name) is not None:
+                value = source[f.name]
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+                break
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+# ---- saving and loading trained defenses --------------------------------------------------
+def save_defense(module: nn.Module, path: str | Path, *, defense: str, config: Any, dataset: str,
+                 trained_against: Sequence[str] = (), evaluated: Sequence[dict] = (),
+                 half: bool = False, **metadata: Any) -> Path:
+    """Write ``module``'s weights and a sidecar carrying its card (``defenses.cards``)."""
+    from ..models.io import save_weights
+    from .cards import make_card
+
+    info = get_defense(defense)
+    card = make_card(info, config, dataset, trained_against=trained_against, evaluated=evaluated)
+    return save_weights(module, path, architecture=info.architecture(config), dataset=dataset,
+                        half=half, kind="shield" if info.is_shield else "classifier",
+                        method=defense, card=card.to_dict(), **metadata)
+
+
+def load_defense(name_or_path: str | Path, device: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, Any, Defense, dict]:
+    """``(trained module, config, defense, sidecar)`` of a saved defense, from its card (an
+    old sidecar without one is migrated on read)."""
+    from ..models.io import load_weights, read_sidecar, resolve_weights
+    from .cards import read_card
+
+    path = resolve_weights(name_or_path)
+    side = read_sidecar(path)
+    card = read_card(side)
+    info = get_defense(card.defense)
+    config = config_from_dict(info.config, card.config)
+    module, side = load_weights(path, model=info.build(config), device=device)
+    return module, config, info, side
+
+
+def load_shield(name_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A trained shield as its purifier, from its card alone."""
+    from ..models.io import read_sidecar, resolve_weights
+
+    side = read_sidecar(resolve_weights(name_or_path))
+    if side.get("kind") != "shield":
+        raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a shield")
+    module, config, info, _ = load_defense(name_or_path, device=device)
+    if info.purifier is None:
+        raise ValueError(f"{name_or_path} holds a {info.name} model, which is not a shield")
+    return info.purifier(module, config).eval()

@@ -1,0 +1,56 @@
+"""AAA as a runner method: train the autoencoder against the frozen classifiers it names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ...defenses import aaa
+from ...defenses.base import Shielded
+from ...models.io import load_weights, save_weights
+from ...train.classifier import accuracy
+from ..config import ShieldSpec
+from . import Method
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+
+def config(spec: ShieldSpec, seed: int) -> aaa.AAAShieldConfig:
+    """The defense's config; a spec's own ``seed`` (a replicate) overrides the target's."""
+    return aaa.AAAShieldConfig(
+        architecture=spec.autoencoder,
+        training=aaa.AAAConfig(loss=spec.loss, lam=spec.lam, eps=spec.eps, step_size=spec.step_size,
+                               attack_steps=spec.attack_steps, epochs=spec.epochs,
+                               batch_size=spec.batch_size, lr=spec.lr,
+                               seed=seed if spec.seed is None else spec.seed,
+                               warmup_steps=spec.warmup_steps, cosine_lr=spec.cosine_lr))
+
+
+def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
+    classifiers = [runner.classifier(c) for c in spec.against]
+    cfg = config(spec, runner.config.seed)
+    train_set = runner.train_subset(spec.train_limit)
+    val = runner.val.subset(spec.val_n, seed=1)
+    trained = aaa.train(cfg, classifiers, train_set, val=val, checkpoint=path.with_suffix(".ckpt"),
+                        progress=runner.progress, device=runner.device)
+    autoencoder = trained.module
+    native_clean = {c: accuracy(Shielded(autoencoder, runner.classifier(c)), runner.test.images,
+                                runner.test.labels) for c in spec.against}
+    save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
+                 kind="shield", method="aaa", trained_against=runner.classifier_specs(spec.against),
+                 config=asdict(cfg.training), clean_accuracy=native_clean, history=trained.history,
+                 visits=trained.details["visits"], data_hash=runner.train.sha256)
+
+
+def load(runner: "Runner", spec: ShieldSpec, path: Path) -> nn.Module:
+    model, _ = load_weights(path, architecture=spec.autoencoder, dataset=runner.config.dataset,
+                            device=runner.device)
+    return model
+
+
+METHOD = Method(name="aaa", spec=ShieldSpec, train=train, load=load, artifact_kind="shield",
+                config=config, plain_pipeline=True, method_in_record_key=False)
