@@ -204,7 +204,8 @@ def run_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args, parts: lis
 
     # ---- 2. cascade ---------------------------------------------------------------------------
     print(f"\n## 2. cascade {' -> '.join(parts)} at the same budget")
-    print("| implementation                              | robust acc | time s | valid | both robust | ref only | ta only |")
+    print("| implementation                              | robust acc | time s | valid | both robust "
+          "| ref only | ta only |")
     print("|---------------------------------------------|------------|--------|-------|-------------|----------|---------|")
 
     def via_wrapper(a, b):
@@ -235,7 +236,8 @@ def run_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args, parts: lis
         flags, valid = flags_of(model, x_adv, x, y, args.eps)
         cascade[name] = flags
         ref = cascade.get("pyautoattack direct (ref)")
-        agree = agreement(ref, flags).split("|") if ref is not None and name != "pyautoattack direct (ref)" else ["", "", ""]
+        compared = ref is not None and name != "pyautoattack direct (ref)"
+        agree = agreement(ref, flags).split("|") if compared else ["", "", ""]
         print(f"| {name:43s} | {flags.float().mean():10.2%} | {dt:6.1f} | {'yes' if valid else 'NO':5s} | "
               f"{agree[0].strip():>11s} | {agree[1].strip():>8s} | {agree[2].strip():>7s} |")
     print("wrapper: aeshield.autoattack(apgd_iters, apgd_restarts=1, square_queries) as written; it "

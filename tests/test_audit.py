@@ -258,14 +258,18 @@ def test_longer_attack_check_fires_when_the_budget_is_too_short(trained_mlp, dat
 
 # ---- judgements on synthetic numbers ----------------------------------------------------------
 def test_monotone_judgement_allows_sampling_noise():
-    a = lambda c: Accuracy(c, 200)
+    def a(correct):
+        return Accuracy(correct, 200)
+
     assert not sanity.judge_monotone("m", "eps", [0.1, 0.2, 0.3], [a(100), a(60), a(62)]).flagged
     assert sanity.judge_monotone("m", "eps", [0.1, 0.2, 0.3], [a(100), a(60), a(90)]).flagged
     assert sanity.judge_monotone("m", "eps", [0.3], [a(1)]).verdict == sanity.SKIP
 
 
 def test_longer_judgement_uses_a_sign_test():
-    a = lambda c: Accuracy(c, 200)
+    def a(correct):
+        return Accuracy(correct, 200)
+
     assert sanity.judge_longer(a(50), a(40), only_long=10, only_short=0, factor=10).flagged
     assert not sanity.judge_longer(a(50), a(48), only_long=4, only_short=2, factor=10).flagged
     assert not sanity.judge_longer(a(50), a(50), only_long=0, only_short=0, factor=10).flagged
@@ -371,14 +375,14 @@ def test_battery_adapts_to_the_pipeline(trained_mlp):
             return x
 
     bare = [s.label for s in build_battery(trained_mlp, ThreatModel("L2", 1.5), TINY)]
-    assert "cw-l2" in bare and "square" in bare and not any(l.startswith("bpda") for l in bare)
+    assert "cw-l2" in bare and "square" in bare and not any(label.startswith("bpda") for label in bare)
     shielded = [s.label for s in build_battery(Shielded(Encoding(), trained_mlp), LINF, TINY,
                                                 surrogate=trained_mlp)]
     for label in ("bpda-pgd-ce", "recon-pgd", "latent-pgd", "transfer-classifier", "transfer-surrogate"):
         assert label in shielded
     assert "cw-l2" not in shielded
-    blackbox_first = min(shielded.index(l) for l in ("square", "transfer-classifier"))
-    assert all(shielded.index(l) < blackbox_first for l in ("pgd-ce", "fab-t", "bpda-pgd-ce", "recon-pgd"))
+    blackbox_first = min(shielded.index(label) for label in ("square", "transfer-classifier"))
+    assert all(shielded.index(label) < blackbox_first for label in ("pgd-ce", "fab-t", "bpda-pgd-ce", "recon-pgd"))
 
 
 # ---- the command -------------------------------------------------------------------------------

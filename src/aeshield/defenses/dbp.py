@@ -6,8 +6,8 @@ trained with
     L = reconstruction + KL(q(z|x) || N(0, I)) + lambda_2 * penalty(x)
 
 where the paper's penalty is ``||d recon_loss / d x||^2``, the squared norm of the input
-gradient of the reconstruction loss (the clean target held fixed); it is differentiated once more w.r.t. the weights (double
-backpropagation, ``create_graph=True``). ``penalty="jacobian"`` instead penalizes the squared
+gradient of the reconstruction loss (the clean target held fixed); it is differentiated once more
+w.r.t. the weights (double backpropagation, ``create_graph=True``). ``penalty="jacobian"`` instead penalizes the squared
 Frobenius norm of the reconstruction's Jacobian ``d x' / d x``, estimated without bias by
 random projections: ``E_v ||v^T J||^2 = ||J||_F^2`` for ``v ~ N(0, I)``.
 
@@ -173,7 +173,8 @@ def vae_loss(vae: nn.Module, x: torch.Tensor, config: DBPConfig, generator: torc
 
 def train_vae(vae: nn.Module, x: torch.Tensor, config: DBPConfig, *, x_val: torch.Tensor | None = None,
               checkpoint: str | Path | None = None, progress: bool = True) -> LoopResult:
-    """Train ``vae`` (a :class:`VAE` or :class:`DRAW`) on images ``x`` with the VAE loss plus, if ``lambda2 > 0``, the DBP penalty."""
+    """Train ``vae`` (a :class:`VAE` or :class:`DRAW`) on images ``x`` with the VAE loss plus, if
+    ``lambda2 > 0``, the DBP penalty."""
     if config.penalty not in PENALTIES:
         raise ValueError(f"unknown DBP penalty {config.penalty!r}; use one of {PENALTIES}")
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)

@@ -123,7 +123,8 @@ def resolve_weights(name_or_path: str | Path) -> Path:
     """A path to a .safetensors file, or the name of a weight file shipped with aeshield."""
     candidate = Path(name_or_path)
     if candidate.suffix != ".safetensors":
-        candidate = candidate.with_suffix(".safetensors") if candidate.suffix == "" and candidate.parent != Path(".") else candidate
+        if candidate.suffix == "" and candidate.parent != Path("."):
+            candidate = candidate.with_suffix(".safetensors")
     if candidate.exists() and candidate.is_file():
         return candidate
     for c in (Path(str(name_or_path) + ".safetensors"), shipped_dir() / f"{name_or_path}.safetensors"):

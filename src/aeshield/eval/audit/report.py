@@ -157,7 +157,9 @@ class AuditReport:
         if r.clean_reject_rate is not None:
             lines.append(f"- Clean reject rate (detector): {100 * r.clean_reject_rate:.1f} %. "
                          "Rejected adversarial inputs count as robust.")
-        lines.append(f"- Randomness: {'random, so every gradient attack ran through EOT with ' + str(self.budget.eot_samples) + ' samples' if self.random else 'deterministic'}.")
+        randomness = (f"random, so every gradient attack ran through EOT with {self.budget.eot_samples} samples"
+                      if self.random else "deterministic")
+        lines.append(f"- Randomness: {randomness}.")
         q = self.sweeps.get("one_query")
         if q:
             lo, hi = q["expected_interval"]
