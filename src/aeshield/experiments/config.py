@@ -85,7 +85,7 @@ class SuiteSpec:
     # attack measuring clean accuracy on the whole test split); the first n of the same subset.
     n: int | None = None
 
-    def applies_to(self, row: "RowSpec") -> bool:
+    def applies_to(self, row: RowSpec) -> bool:
         return not self.shields or (row.kind == "shield" and row.shield in self.shields)
 
 

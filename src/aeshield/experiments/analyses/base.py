@@ -51,7 +51,7 @@ class MeanInterval:
     ci95: tuple[float, float]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MeanInterval":
+    def from_dict(cls, d: dict[str, Any]) -> MeanInterval:
         return cls(float(d["mean"]), float(d["std"]), int(d["n"]), (d["ci95"][0], d["ci95"][1]))
 
 

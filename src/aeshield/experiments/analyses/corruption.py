@@ -22,6 +22,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ...eval.corruptions import (
     ALL_CORRUPTIONS,
     COMMON_CORRUPTIONS,
@@ -174,8 +176,6 @@ def render(config: ExperimentConfig, test, figure: dict, results: dict, out: Pat
 
 def plot_relative(config: ExperimentConfig, test, figure: dict, results: dict, out: Path) -> Path:
     """AAA paper Figure 1: accuracy change vs the natural classifier, per corruption."""
-    import numpy as np
-
     plt = pyplot()
     corruptions, severities, rows, classifiers = _selection(config, figure)
     base_label = figure.get("baseline") or next(r.label for r in rows if r.kind == "natural")
