@@ -97,5 +97,5 @@ def test_every_shipped_artifact_is_found_under_the_key_its_target_looks_up(targe
             path, key = runner.adversarially_trained_artifact(what["adversarially_trained"])
         else:
             path, key = runner.shield_artifact(what["shield"])
-        found = runner._find(path, key)
+        found = runner.store.find(path, key)
         assert found is not None and found.parent == shipped_dir(), f"{target}: {ship_name} not found"

@@ -3,20 +3,30 @@
 A target (``aeshield reproduce NAME``) is one YAML file in ``aeshield/configs``. Its
 ``profiles`` section holds the numbers that differ between the ``quick`` (CPU, minutes) and
 ``paper`` (published protocol, GPU) profiles; they are deep-merged over the base.
+
+Values are typed: YAML is read with YAML 1.2's floats (``1e-2`` is the float 0.01, where
+PyYAML's YAML 1.1 reads a string), and every value is checked against its dataclass field's
+type when the config is built (``_typed``); a mismatch is a ``ValueError`` naming the target,
+the key and the expected type.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+import functools
+import re
+import types
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from ..eval.harness import AttackSpec
 from ..threat import Norm, ThreatModel
+from .methods import get_method
+from .smoke import SUFFIX, smoke_config, smoke_spec
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class SuiteSpec:
     # attack measuring clean accuracy on the whole test split); the first n of the same subset.
     n: int | None = None
 
-    def applies_to(self, row: "RowSpec") -> bool:
+    def applies_to(self, row: RowSpec) -> bool:
         return not self.shields or (row.kind == "shield" and row.shield in self.shields)
 
 
@@ -150,19 +160,111 @@ class ExperimentConfig:
     raw: dict = field(default_factory=dict, compare=False)
 
 
-def _build(cls, data: dict):
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float syntax: ``1e-2`` and ``1E3`` are floats (YAML
+    1.1 wants a dot in the mantissa, so PyYAML reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in get_args(hint))
+    if get_origin(hint) is tuple:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    if get_origin(hint) is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as a field of type ``hint`` holds it, or ``_Mismatch``.
+
+    An int is a valid float and stays an int: spec hashes are computed from the values as
+    written (``lambda2: 2`` hashes as 2, not 2.0), and changing them would orphan every trained
+    artifact. Lists become tuples for tuple fields, as the hashes always saw them (JSON lists)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise _Mismatch
+    return value
+
+
+def _typed(cls: type, data: dict, where: str) -> dict:
+    """``data`` with every value checked against its field's type (a key that is no field of
+    ``cls`` passes through, for the constructor to refuse)."""
+    hints = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        if key not in hints:
+            out[key] = value
+            continue
+        try:
+            out[key] = _coerce(value, hints[key])
+        except _Mismatch:
+            name = f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+            raise ValueError(f"{name}: expected {_type_name(hints[key])}, got {value!r} "
+                             f"({type(value).__name__})") from None
+    return out
+
+
+def _build(cls, data: dict, where: str | None = None):
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-    return cls(**data)
+    return cls(**_typed(cls, data, where or cls.__name__))
 
 
-def _attack(d: dict) -> AttackSpec:
+def _attack(d: dict, where: str = "attack") -> AttackSpec:
     d = dict(d)
     if "threat" in d and d["threat"] is not None:
         d["threat"] = ThreatModel(**d["threat"])
-    return _build(AttackSpec, d)
+    return _build(AttackSpec, d, where)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -192,46 +294,66 @@ def load_config(target: str | Path, profile: str = "quick", smoke: bool = False)
         path = config_dir() / f"{target}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"unknown target {target!r}; known targets: {', '.join(list_targets())}")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path.read_text())
     profiles = raw.pop("profiles", {}) or {}
     if profile not in profiles:
         raise ValueError(f"target {raw.get('name', path.stem)!r} has no profile {profile!r}; "
                          f"choose from {sorted(profiles)}")
     data = deep_merge(raw, profiles[profile] or {})
     if smoke:
-        from .smoke import smoke_experiment
-
         return smoke_experiment(data, profile)
     return from_dict(data, profile)
+
+
+def smoke_experiment(data: dict[str, Any], profile: str) -> ExperimentConfig:
+    """The typed config of a resolved profile dict, as a smoke run named ``<profile>-smoke``:
+    every size capped, those the config states (``smoke_config``) and those its specs leave at
+    their dataclass defaults (``smoke_spec``)."""
+    config = from_dict(smoke_config(data), profile + SUFFIX)
+    return replace(
+        config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks))
+                             for s in config.suites),
+        classifiers={k: smoke_spec(v) for k, v in config.classifiers.items()},
+        shields={k: smoke_spec(v) for k, v in config.shields.items()},
+        adversarial_training=config.adversarial_training and smoke_spec(config.adversarial_training))
 
 
 def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
     d = dict(data)
     resolved = copy.deepcopy(d)
-    classifiers = {k: _build(ClassifierSpec, v) for k, v in (d.pop("classifiers", {}) or {}).items()}
+    target = str(d.get("name", "config"))
+    classifiers = {k: _build(ClassifierSpec, v, f"{target}: classifiers.{k}")
+                   for k, v in (d.pop("classifiers", {}) or {}).items()}
     at = d.pop("adversarial_training", None)
     shields = {}
     for k, v in (d.pop("shields", {}) or {}).items():
-        shields[k] = shield_spec(v)
-    suites = tuple(SuiteSpec(s["name"], ThreatModel(**s["threat"]), tuple(_attack(a) for a in s["attacks"]),
-                             tuple(s.get("shields", ()) or ()), s.get("n")) for s in d.pop("suites", []))
-    rows = tuple(_build(RowSpec, r) for r in d.pop("rows", []))
-    groups = tuple(GroupSpec(g["label"], tuple(g["classifiers"])) for g in d.pop("groups", []))
-    columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))})
-                    for c in d.pop("columns", []))
+        shields[k] = shield_spec(v, f"{target}: shields.{k}")
+    suites = tuple(_suite(s, f"{target}: suites.{s.get('name', i)}") for i, s in enumerate(d.pop("suites", [])))
+    rows = tuple(_build(RowSpec, r, f"{target}: rows.{i}") for i, r in enumerate(d.pop("rows", [])))
+    groups = tuple(_build(GroupSpec, g, f"{target}: groups.{i}") for i, g in enumerate(d.pop("groups", [])))
+    columns = tuple(_build(ColumnSpec, {**c, "suites": tuple(c.get("suites", ()))}, f"{target}: columns.{i}")
+                    for i, c in enumerate(d.pop("columns", [])))
     figures = tuple(d.pop("figures", []) or [])
     selections = {k: _build(SelectionSpec, {**v, "among": tuple(v["among"]),
                                             "threat": ThreatModel(**v["threat"]),
-                                            "attack": _attack(v["attack"])})
+                                            "attack": _attack(v["attack"], f"{target}: selections.{k}.attack")},
+                            f"{target}: selections.{k}")
                   for k, v in (d.pop("selections", {}) or {}).items()}
     d.pop("ship", None)  # read by Runner.ship from the raw config
+    at_spec = _build(AdvTrainSpec, at, f"{target}: adversarial_training") if at else None
     config = ExperimentConfig(
-        profile=profile, classifiers=classifiers,
-        adversarial_training=_build(AdvTrainSpec, at) if at else None, shields=shields,
+        profile=profile, classifiers=classifiers, adversarial_training=at_spec, shields=shields,
         selections=selections, suites=suites, rows=rows, groups=groups, columns=columns,
-        figures=figures, raw=resolved, **d)
+        figures=figures, raw=resolved, **_typed(ExperimentConfig, d, f"{target}:"))
     _check(config)
     return config
+
+
+def _suite(s: dict, where: str) -> SuiteSpec:
+    attacks = tuple(_attack(a, f"{where}.attacks.{i}") for i, a in enumerate(s["attacks"]))
+    fields_ = {"name": s["name"], "threat": ThreatModel(**s["threat"]), "attacks": attacks,
+               "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n")}
+    return SuiteSpec(**_typed(SuiteSpec, fields_, where))
 
 
 def spec_dict(spec: Any) -> dict:
@@ -244,14 +366,12 @@ def spec_dict(spec: Any) -> dict:
     return out
 
 
-def shield_spec(entry: dict) -> Any:
+def shield_spec(entry: dict, where: str | None = None) -> Any:
     """The typed spec of one ``shields`` entry, chosen by its ``method``."""
-    from .methods import get_method
-
     v = {k: tuple(x) if isinstance(x, list) else x for k, x in dict(entry).items()}
     if "method" not in v:
         raise ValueError(f"shield entry {entry} needs a `method`")
-    return _build(get_method(v["method"]).spec, v)
+    return _build(get_method(v["method"]).spec, v, where)
 
 
 def _check(config: ExperimentConfig) -> None:

@@ -21,12 +21,12 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
+from ..store import ArtifactStore
+from .config import ExperimentConfig
 from .methods import get_method
-
-if TYPE_CHECKING:
-    from .runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,30 @@ class Task:
         return f"{self.kind}:{self.name}"
 
 
+class Runner(Protocol):
+    """What the scheduler reads of a runner, and what a worker's runner does per task (the
+    runner's class is handed to the workers, so this module does not import it)."""
+
+    config: ExperimentConfig
+    out_root: Path
+    store: ArtifactStore
+    use_shipped: bool
+    device: str
+    row_aliases: dict[str, str]
+    timings: dict[str, float]
+
+    def __init__(self, config: ExperimentConfig, out_root: str | Path, *, artifacts: str | Path | None,
+                 use_shipped: bool, progress: bool, device: str) -> None: ...
+    def classifier_artifact(self, name: str) -> tuple[Path, str]: ...
+    def adversarially_trained_artifact(self, name: str) -> tuple[Path, str]: ...
+    def shield_artifact(self, name: str) -> tuple[Path, str]: ...
+    def record_path(self, row_label: str, classifier: str, suite: str) -> Path: ...
+    def classifier(self, name: str) -> Any: ...
+    def adversarially_trained(self, name: str) -> Any: ...
+    def shield(self, name: str) -> Any: ...
+    def evaluate_cell(self, row: Any, classifier: str, suite: Any) -> dict: ...
+
+
 def default_jobs(device: str = "cpu") -> int:
     """One worker per core on CPU (capped: each worker holds its own copy of the data); one
     process on an accelerator, where the device, not the cores, is the limit."""
@@ -53,11 +77,11 @@ def default_jobs(device: str = "cpu") -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def plan(runner: "Runner") -> list[Task]:
+def plan(runner: Runner) -> list[Task]:
     """Every task the target still needs, with the artifacts each one waits for."""
     config = runner.config
     tasks = [Task("classifier", name) for name in config.classifiers
-             if runner._find(*runner.classifier_artifact(name)) is None]
+             if runner.store.find(*runner.classifier_artifact(name)) is None]
     missing = {t.name for t in tasks}
 
     def needs(*classifiers: str) -> tuple[str, ...]:
@@ -66,11 +90,11 @@ def plan(runner: "Runner") -> list[Task]:
     at_needed = {c for row in config.rows if row.kind == "adversarial-training"
                  for group in config.groups for c in group.classifiers}
     for name in sorted(at_needed):
-        if runner._find(*runner.adversarially_trained_artifact(name)) is None:
+        if runner.store.find(*runner.adversarially_trained_artifact(name)) is None:
             tasks.append(Task("adversarial-training", name, needs(name)))
     shields_needed = {row.shield for row in config.rows if row.kind == "shield"}
     for name in sorted(shields_needed):
-        if runner._find(*runner.shield_artifact(name)) is None:
+        if runner.store.find(*runner.shield_artifact(name)) is None:
             # A method trains against exactly the classifiers it declares: their specs are in
             # the shield's hash, so a method that used another one would be a keying bug.
             spec = config.shields[name]
@@ -103,7 +127,7 @@ def plan(runner: "Runner") -> list[Task]:
 _FIRST_GUESS = {"shield": 0.3, "adversarial-training": 0.2, "natural": 0.1}
 
 
-def _previous_cost(runner: "Runner", row_label: str, classifier: str, suite: str) -> float:
+def _previous_cost(runner: Runner, row_label: str, classifier: str, suite: str) -> float:
     """Seconds the cell's attacks took when it was last measured (0 if never)."""
     path = runner.record_path(row_label, classifier, suite)
     try:
@@ -112,15 +136,15 @@ def _previous_cost(runner: "Runner", row_label: str, classifier: str, suite: str
         return 0.0
 
 
-def run_parallel(runner: "Runner", jobs: int) -> dict[str, float]:
+def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
     """Fill the runner's cache and records with ``jobs`` worker processes; returns the
     workers' timings (training and evaluation seconds by task)."""
     tasks = plan(runner)
     if not tasks:
         return {}
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    settings = (runner.config, str(runner.out_root), str(runner.artifacts), runner.use_shipped,
-                runner.device)
+    settings = (type(runner), runner.config, str(runner.out_root), str(runner.store.root),
+                runner.use_shipped, runner.device)
     by_key = {t.key: t for t in tasks}
     timings: dict[str, float] = {}
     in_flight: dict[Future, Task] = {}
@@ -154,7 +178,7 @@ def run_parallel(runner: "Runner", jobs: int) -> dict[str, float]:
     return timings
 
 
-_WORKER_RUNNERS: dict[tuple, "Runner"] = {}
+_WORKER_RUNNERS: dict[tuple, Runner] = {}
 
 
 def _init_worker(threads: int, log_level: int) -> None:
@@ -165,13 +189,11 @@ def _init_worker(threads: int, log_level: int) -> None:
 
 
 def _run_task(settings: tuple, task: Task) -> dict[str, float]:
-    from .runner import Runner
-
-    config, out_root, artifacts, use_shipped, device = settings
+    runner_class, config, out_root, artifacts, use_shipped, device = settings
     key = (config.name, config.profile, out_root, artifacts, use_shipped, device)
     runner = _WORKER_RUNNERS.get(key)
     if runner is None:
-        runner = Runner(config, out_root, artifacts=artifacts, use_shipped=use_shipped,
+        runner = runner_class(config, out_root, artifacts=artifacts, use_shipped=use_shipped,
                         progress=False, device=device)
         _WORKER_RUNNERS[key] = runner
     before = dict(runner.timings)

@@ -18,16 +18,14 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from ..eval.harness import evaluate
 from ..records import Accuracy
 from ..io import write_text_atomic
 from .config import ExperimentConfig, SelectionSpec
-from .methods import get_method
-
-if TYPE_CHECKING:
-    from .runner import Runner
+from .record_cache import RecordCache
+from .zoo import ModelZoo
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +40,21 @@ def choose(candidates: dict[str, dict], undefended_clean: float, max_clean_drop:
     return max(order, key=lambda c: (candidates[c]["clean"], -order.index(c)))
 
 
-def _measure(runner: "Runner", sel: SelectionSpec, model, defense: str, val) -> dict:
+def _measure(config: ExperimentConfig, sel: SelectionSpec, model, defense: str, val,
+             progress: bool) -> dict:
     record = evaluate(model, val.images, val.labels, [sel.attack], sel.threat,
-                      batch_size=runner.config.batch_size, seed=sel.seed, defense=defense,
-                      classifier=sel.classifier, dataset=runner.config.dataset,
-                      data_source=val.source, data_hash=val.sha256, progress=runner.progress)
+                      batch_size=config.batch_size, seed=sel.seed, defense=defense,
+                      classifier=sel.classifier, dataset=config.dataset,
+                      data_source=val.source, data_hash=val.sha256, progress=progress)
     return {"clean": record.clean.to_dict(), "robust": record.robust.to_dict()}
 
 
-def select(runner: "Runner", name: str) -> str:
+def select(name: str, zoo: ModelZoo, records: RecordCache, out: Path, progress: bool = True) -> str:
     """Measure every candidate of selection ``name`` on the validation images (each one a
-    cached record) and return the chosen shield; writes ``selection_<name>.md``."""
-    sel = runner.config.selections[name]
-    val = runner.val.subset(sel.n, seed=sel.seed)
+    cached record) and return the chosen shield; writes ``<out>/selection_<name>.md``."""
+    config = zoo.config
+    sel = config.selections[name]
+    val = zoo.val.subset(sel.n, seed=sel.seed)
     if val.split != "val":
         raise ValueError(f"selection {name!r} must be measured on validation images, got the "
                          f"{val.split!r} split")
@@ -63,35 +63,35 @@ def select(runner: "Runner", name: str) -> str:
             "attack": sel.attack.to_dict(), "n": sel.n, "seed": sel.seed, "split": val.split,
             "dataset_sha256": val.sha256,
             "positions_sha256": hashlib.sha256(json.dumps(positions).encode()).hexdigest()}
-    undefended = runner.classifier(sel.classifier)
-    weights = runner.weight_hashes([sel.classifier])
-    reference = runner.cached_record(
+    undefended = zoo.classifier(sel.classifier)
+    weights = zoo.weight_hashes([sel.classifier])
+    reference = records.get(
         f"selection-{name}-undefended", {**base, "weights": weights},
-        lambda: _measure(runner, sel, undefended, "none", val))
+        lambda: _measure(config, sel, undefended, "none", val, progress))
     candidates = {}
     for shield in sel.among:
-        spec = runner.config.shields[shield]
-        module = runner.shield(shield)
-        pipeline = get_method(spec.method).pipeline(runner, spec, module, sel.classifier)
-        spec_weights = runner.weight_hashes([f"shield-{shield}", sel.classifier])
-        rec = runner.cached_record(
+        spec = config.shields[shield]
+        pipeline = zoo.shield_pipeline(shield, sel.classifier)
+        spec_weights = zoo.weight_hashes([f"shield-{shield}", sel.classifier])
+        rec = records.get(
             f"selection-{name}-{shield}", {**base, "shield": shield, "weights": spec_weights},
-            lambda: _measure(runner, sel, pipeline, f"{spec.method} {shield}", val))
+            lambda: _measure(config, sel, pipeline, f"{spec.method} {shield}", val, progress))
         candidates[shield] = {"clean": rec["clean"]["accuracy"], "robust": rec["robust"]["accuracy"],
                               "record": rec}
     ref_clean = reference["clean"]["accuracy"]
     chosen = choose(candidates, ref_clean, sel.max_clean_drop)
-    _render(runner, name, sel, reference, candidates, chosen)
+    _render(config, out, name, sel, reference, candidates, chosen)
     logger.info("selection %s: chose %s", name, chosen)
     return chosen
 
 
-def resolve(runner: "Runner") -> ExperimentConfig:
-    """The runner's config with every ``select`` row pointing at its chosen shield."""
-    config = runner.config
+def resolve(zoo: ModelZoo, records: RecordCache, out: Path, progress: bool = True) -> ExperimentConfig:
+    """The zoo's config with every ``select`` row pointing at its chosen shield."""
+    config = zoo.config
     if not any(row.select for row in config.rows):
         return config
-    chosen = {name: select(runner, name) for name in dict.fromkeys(r.select for r in config.rows if r.select)}
+    names = dict.fromkeys(r.select for r in config.rows if r.select)
+    chosen = {name: select(name, zoo, records, out, progress) for name in names}
     rows = tuple(replace(row, shield=chosen[row.select]) if row.select else row for row in config.rows)
     return replace(config, rows=rows)
 
@@ -100,11 +100,11 @@ def _fmt(d: dict) -> str:
     return Accuracy(d["correct"], d["n"]).format()
 
 
-def _render(runner: "Runner", name: str, sel: SelectionSpec, reference: dict,
+def _render(config: ExperimentConfig, out: Path, name: str, sel: SelectionSpec, reference: dict,
             candidates: dict[str, dict], chosen: str) -> None:
     ref = reference["clean"]["accuracy"]
     lines = [f"# Selection `{name}`: which shield the table's selected row shows", "",
-             f"Target `{runner.config.name}`, profile `{runner.config.profile}`. Measured on "
+             f"Target `{config.name}`, profile `{config.profile}`. Measured on "
              f"n = {sel.n} validation images (training images held out from every model; seeded "
              f"subset, seed {sel.seed}), never on test images. Classifier {sel.classifier}. "
              f"Attack: {sel.attack.title}, threat model {sel.threat.describe()} (white-box, "
@@ -120,7 +120,7 @@ def _render(runner: "Runner", name: str, sel: SelectionSpec, reference: dict,
         rec = c["record"]
         lines.append(f"| {shield} | {_fmt(rec['clean'])} | {100 * (c['clean'] - ref):+.1f} | "
                      f"{_fmt(rec['robust'])} | {'yes' if shield == chosen else ''} |")
-    write_text_atomic(runner.out / f"selection_{name}.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / f"selection_{name}.md", "\n".join(lines) + "\n")
 
 
 __all__ = ["choose", "resolve", "select"]

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
+from typing import Any
 
 # Each key, wherever it appears in a resolved config, is capped at this value (never raised).
 CAPS: dict[str, int] = {
@@ -29,21 +26,6 @@ CAPS: dict[str, int] = {
 TRAIN_IMAGES = 64  # every classifier, baseline and shield trains (and a detector calibrates) on these
 DATA_LIMIT = 256  # images kept per split: enough for a 5-component GMM per class (fit_limit)
 SUFFIX = "-smoke"
-
-
-def smoke_experiment(data: dict[str, Any], profile: str) -> "ExperimentConfig":
-    """The typed config of a resolved profile dict, as a smoke run named ``<profile>-smoke``:
-    every size capped, those the config states (``smoke_config``) and those its specs leave at
-    their dataclass defaults (``smoke_spec``)."""
-    from .config import from_dict
-
-    config = from_dict(smoke_config(data), profile + SUFFIX)
-    return replace(
-        config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks))
-                             for s in config.suites),
-        classifiers={k: smoke_spec(v) for k, v in config.classifiers.items()},
-        shields={k: smoke_spec(v) for k, v in config.shields.items()},
-        adversarial_training=config.adversarial_training and smoke_spec(config.adversarial_training))
 
 
 def smoke_config(data: dict[str, Any]) -> dict[str, Any]:
@@ -83,4 +65,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_experiment", "smoke_spec"]
+__all__ = ["CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_spec"]

@@ -113,29 +113,3 @@ def get_method(name: str) -> Method:
     module, attr = METHODS[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
-
-# Figure / analysis kinds for a config's ``figures`` list: fn(runner, figure_dict, out_dir).
-# Analyses that measure something write their numbers through ``Runner.cached_record`` first
-# and draw only from what they wrote.
-FIGURES: dict[str, str] = {
-    "reconstructions": "aeshield.experiments.report:reconstructions_figure",
-    "puvae-sweep": "aeshield.experiments.puvae_analyses:eps_sweep",
-    "puvae-figure6": "aeshield.experiments.puvae_analyses:figure6",
-    "puvae-detectors": "aeshield.experiments.puvae_analyses:detector_analysis",
-    "puvae-sampling": "aeshield.experiments.puvae_analyses:sampling_analysis",
-    "puvae-paper-table": "aeshield.experiments.puvae_analyses:paper_table",
-    "s2s-curves": "aeshield.experiments.s2s_dbp_analyses:strength_curves",
-    "s2s-noise": "aeshield.experiments.s2s_dbp_analyses:noise_sweep",
-    "s2s-gradients": "aeshield.experiments.s2s_dbp_analyses:gradient_similarity",
-    "dbp-smoothness": "aeshield.experiments.s2s_dbp_analyses:smoothness",
-    "dbp-auddc": "aeshield.experiments.s2s_dbp_analyses:auddc_analysis",
-    "gmm-latent": "aeshield.experiments.s2s_dbp_analyses:gmm_analysis",
-    "corruptions": "aeshield.experiments.corruption_analyses:corruptions_figure",
-}
-
-
-def get_figure(kind: str) -> Callable[..., Any]:
-    if kind not in FIGURES:
-        raise ValueError(f"unknown figure kind {kind!r}; known: {sorted(FIGURES)}")
-    module, attr = FIGURES[kind].split(":")
-    return getattr(importlib.import_module(module), attr)

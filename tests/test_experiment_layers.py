@@ -1,0 +1,166 @@
+"""The experiments layer: typed YAML values, the artifact store, analyses without a runner,
+and no import cycle inside ``aeshield.experiments``."""
+
+import ast
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from aeshield.experiments.config import from_dict, load_config, read_yaml
+from aeshield.store import ArtifactStore
+
+TINY_YAML = """
+name: typed
+title: typed values
+dataset: mnist
+n: 8
+classifiers:
+  C: {model: mnist-c, epochs: 1, lr: LR}
+shields:
+  s: {method: aaa, autoencoder: conv-ae-small, against: [C], lam: LAM, eps: 0.3}
+suites:
+  - {name: linf, threat: {norm: Linf, eps: 0.3}, attacks: [{name: pgd, params: {steps: 1}}]}
+rows: [{label: natural}]
+groups: [{label: g, classifiers: [C]}]
+columns: [{label: clean, value: clean}]
+"""
+
+
+def _config(lam: str = "1e-2", lr: str = "0.001"):
+    return from_dict(read_yaml(TINY_YAML.replace("LAM", lam).replace("LR", lr)), "quick")
+
+
+def test_an_exponent_without_a_dot_loads_as_a_float():
+    config = _config(lam="1e-2", lr="1E-3")
+    assert config.shields["s"].lam == 0.01 and isinstance(config.shields["s"].lam, float)
+    assert config.classifiers["C"].lr == 0.001
+    assert read_yaml("a: 1e3\nb: '1e3'\nc: 12\nd: 0.5") == {"a": 1000.0, "b": "1e3", "c": 12, "d": 0.5}
+
+
+def test_a_string_for_a_float_field_is_refused_naming_target_key_and_type():
+    with pytest.raises(ValueError, match=r"typed: shields\.s\.lam: expected float, got 'a lot'"):
+        _config(lam="'a lot'")
+    with pytest.raises(ValueError, match=r"typed: classifiers\.C\.lr: expected float, got '1e-3'"):
+        _config(lr="'1e-3'")  # quoted: a string on purpose
+
+
+def test_other_mismatches_are_refused_and_an_int_for_a_float_keeps_its_hash():
+    with pytest.raises(ValueError, match=r"typed: n: expected int, got 8.5"):
+        from_dict({**read_yaml(TINY_YAML.replace("LAM", "0.01").replace("LR", "0.001")), "n": 8.5}, "quick")
+    with pytest.raises(ValueError, match=r"shields\.s\.against: expected a list of str"):
+        from_dict(read_yaml(TINY_YAML.replace("LAM", "0.01").replace("LR", "0.001")
+                            .replace("against: [C]", "against: C")), "quick")
+    # An int is a float: it stays an int, so specs written `lam: 1` hash as they always did.
+    assert _config(lam="1").shields["s"].lam == 1 and type(_config(lam="1").shields["s"].lam) is int
+
+
+def test_every_shipped_config_reads_the_same_with_the_typed_loader():
+    import yaml
+
+    from aeshield.experiments.config import config_dir, list_targets
+
+    for target in list_targets():
+        text = (config_dir() / f"{target}.yaml").read_text()
+        assert read_yaml(text) == yaml.safe_load(text), target
+        load_config(target, "quick")
+
+
+def test_store_keys_paths_and_finds_the_shipped_copy_first(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr("aeshield.models.io.shipped_dir", lambda: shipped)
+    store = ArtifactStore(tmp_path / "cache", data_hash="d" * 64)
+    path, key = store.path("classifier", {"model": "x"})
+    assert path == tmp_path / "cache" / f"classifier-{key}.safetensors"
+    assert key == ArtifactStore(tmp_path / "other", "d" * 64).key("classifier", {"model": "x"})
+    assert key != ArtifactStore(tmp_path / "cache", "e" * 64).key("classifier", {"model": "x"})
+    assert store.find(path, key) is None
+    model = nn.Linear(2, 2)
+    store.save_weights(model, path, architecture="mnist-c", dataset="mnist")
+    store.stamp(path, key)
+    assert store.find(path, key) == path
+    (shipped / "named.json").write_text(json.dumps({"spec_hash": key}))
+    assert store.find(path, key) == shipped / "named.safetensors"
+    assert ArtifactStore(tmp_path / "cache", "d" * 64, use_shipped=False).find(path, key) == path
+    store.remember("C", model, path)
+    assert store.loaded("C") is model and store.file_of("C") == path
+    assert store.sources["C"]["origin"] == "trained (cache)" and len(store.weight_hashes(["C", "D"])["C"]) == 16
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that ``path`` imports, at any depth of the file (lazy included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            name = f"{base}.{node.module}" if node.module else base
+            found.add(name)
+            found.update(f"{name}.{a.name}" for a in node.names)
+    return found
+
+
+def test_the_analyses_and_the_runner_modules_form_no_import_cycle():
+    root = Path(__import__("aeshield.experiments").experiments.__file__).parent
+    ours = ["config", "smoke", "selection", "record_cache", "zoo", "parallel", "runner", "analyses"]
+    modules = {}
+    for path in list(root.glob("*.py")) + list((root / "analyses").glob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        name = ".".join(["aeshield", "experiments", *parts])
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        modules[name] = {m for m in _imports(path, package) if m.startswith("aeshield.experiments")}
+    graph = {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()
+             if m.count(".") >= 2 and m.split(".")[2] in ours}
+    # Depth-first search for a cycle among the modules above.
+    state: dict[str, int] = {}
+
+    def visit(m, trail):
+        state[m] = 1
+        for d in graph.get(m, ()):
+            assert state.get(d) != 1, f"import cycle: {' -> '.join(trail + [m, d])}"
+            if d not in state:
+                visit(d, trail + [m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+def test_old_analysis_modules_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    for name in ("puvae_analyses", "s2s_dbp_analyses", "corruption_analyses", "report"):
+        sys.modules.pop(f"aeshield.experiments.{name}", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(f"aeshield.experiments.{name}")
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught), name
+        assert all(callable(getattr(module, n)) or isinstance(getattr(module, n), (str, tuple))
+                   for n in module.__all__)
+
+
+def test_an_analysis_runs_from_its_inputs_alone_and_returns_a_typed_result(tmp_path):
+    from aeshield.experiments.analyses import AnalysisContext, get_analysis
+    from aeshield.experiments.analyses.figures import figure6  # noqa: F401 (the registry's entry)
+    from aeshield.experiments.analyses.tables import PairedDifference, table_cells
+    from aeshield.experiments.record_cache import RecordCache
+
+    assert get_analysis("puvae-sweep").__module__.endswith("analyses.curves")
+    with pytest.raises(ValueError, match="unknown figure kind"):
+        get_analysis("nope")
+    config = _config()
+    assert table_cells(config, []) == []
+    assert PairedDifference(0.1, (0.0, 0.2), 10).format() == "+10.0 [+0.0, +20.0]"
+    records = RecordCache(tmp_path / "records", "h", {"target": "t"})
+    calls = []
+    first = records.get("r", {"a": 1}, lambda: calls.append(1) or {"x": torch.tensor(1.0).item()})
+    again = records.get("r", {"a": 1}, lambda: calls.append(1) or {"x": 2.0})
+    assert first == again and first["x"] == 1.0 and first["target"] == "t" and calls == [1]
+    assert records.get("r", {"a": 2}, lambda: {"x": 2.0})["x"] == 2.0
+    assert AnalysisContext.__dataclass_fields__.keys() >= {"config", "data", "zoo", "records", "out"}
