@@ -220,7 +220,7 @@ def load_shield(name_or_path: str | Path, device: str | torch.device = "cpu") ->
     side = read_sidecar(resolve_weights(name_or_path))
     if side.get("kind") != "shield":
         raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a shield")
-    if "card" not in side and side.get("method") not in list_defenses():
+    if "card" not in side and side.get("method") is not None and side["method"] not in list_defenses():
         # An autoencoder saved before cards by a method aeshield does not know: a plain purifier,
         # as load_shield always loaded such files.
         from ..models.io import load_weights
