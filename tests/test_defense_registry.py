@@ -5,6 +5,7 @@ shield loads from its card and answers exactly as it did before cards existed.""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -235,3 +236,45 @@ def test_no_defense_imports_evaluation_or_experiments():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 assert not (node.module or "").startswith(tuple(f"aeshield.{a}" for a in above)), \
                     (source.name, node.module)
+
+
+
+@pytest.mark.parametrize("shield", ["magnet-mnist", "puvae-mnist"])
+def test_a_shipped_detector_defense_deploys_from_its_card_as_its_target_did(shield):
+    """``load_pipeline`` needs no experiment YAML: the card's deployment gives the same
+    calibrated pipeline as the reproduce runner's method built from the target's spec."""
+    from aeshield.data import load_dataset
+    from aeshield.defenses.registry import load_pipeline
+    from aeshield.experiments.config import shield_spec
+    from aeshield.experiments.methods import get_method
+    from aeshield.models.predict import REJECT, predict
+
+    side = json.loads((shipped_dir() / f"{shield}.json").read_text())
+    assert side["card"]["deployment"] == {"calibration_split": "val", "seed": 0}
+    classifier = aeshield.load_classifier("mnist-b")
+    module, _ = load_weights(shield)
+    by_target = get_method(side["method"]).deploy(shield_spec(side["shield_spec"]), module, classifier,
+                                                  load_dataset("mnist", "val"), 0)
+    by_card = load_pipeline(shield, classifier)
+    x = load_dataset("mnist", "test").subset(64, seed=5).images
+    x = torch.cat([x, (x + 0.5 * torch.randn_like(x)).clamp(0, 1)])  # noisy ones are rejected
+    labels = predict(by_card, x)
+    assert (labels == REJECT).any() and (labels != REJECT).any()
+    assert torch.equal(labels, predict(by_target, x))
+
+
+def test_puvae_calibration_subset_is_part_of_its_config():
+    from aeshield.data import load_dataset
+    from aeshield.defenses import puvae
+    from aeshield.defenses.registry import load_defense
+
+    module, config, _, _ = load_defense("puvae-mnist")
+    classifier = aeshield.load_classifier("mnist-b")
+    val = load_dataset("mnist", "val")
+    subset = dataclasses.replace(config, calibration_n=300)
+    by_config = puvae.DEFENSE.pipeline(module, subset, classifier, val.images, 0)
+    by_hand = puvae.build_pipeline(module, classifier, detector=True, sample=False, fpr=config.fpr,
+                                   calibration=val.subset(300, seed=2).images)
+    everything = puvae.DEFENSE.pipeline(module, config, classifier, val.images, 0)
+    assert torch.equal(by_config.detector.threshold, by_hand.detector.threshold)
+    assert not torch.equal(by_config.detector.threshold, everything.detector.threshold)

@@ -70,7 +70,7 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
     from ..eval.audit import audit
 
     clf = load_classifier(classifier, device=device)
-    model = _deployed(shield, clf, dataset, device) if shield else clf
+    model = _deployed(shield, clf, device) if shield else clf
     sur = load_classifier(surrogate, device=device) if surrogate else None
     test = load_dataset(dataset, "test").subset(n, seed=seed).to(device)
     threat = ThreatModel(norm, eps)
@@ -84,46 +84,35 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
                                                  "deployment": _deployment(shield)})
 
 
-def _deploying_method(shield: str):
-    """The shipped shield's sidecar and, when its method deploys more than
-    ``Shielded(module, classifier)`` (calibrated detectors), that method; else None."""
-    from ..experiments.methods import METHODS, get_method
-    from ..models.io import read_sidecar, resolve_weights
-
-    side = read_sidecar(resolve_weights(shield))
-    name = side.get("method")
-    method = get_method(name) if name in METHODS and side.get("shield_spec") else None
-    return side, (method if method is not None and method.deploy is not None else None)
-
-
 def _deployment(shield: str | None) -> str | None:
     """What besides the weights defines the audited pipeline (None: shield + classifier)."""
     if not shield:
         return None
-    side, method = _deploying_method(shield)
-    if method is None:
+    from ..defenses.cards import read_card
+    from ..defenses.registry import get_defense, list_defenses
+    from ..models.io import read_sidecar, resolve_weights
+
+    side = read_sidecar(resolve_weights(shield))
+    method = side.get("method")
+    if method not in list_defenses() or get_defense(method).deploy is None:
         return None
-    return f"{side['method']} as configured in {side.get('source_target')}, detectors calibrated there"
+    if side.get("source_target"):
+        return f"{method} as configured in {side['source_target']}, detectors calibrated there"
+    deployment = read_card(side).deployment or {}
+    return f"{method} as its card configures it, detectors calibrated on {deployment.get('calibration_split')}"
 
 
-def _deployed(shield: str, classifier, dataset: str, device: str):
-    """``shield`` in front of ``classifier`` as its target deploys it: a shipped PuVAE or MagNet
-    comes with the detectors its config names, calibrated by the method's own ``deploy`` on the
-    same validation split, false-positive rate and seed, so the audit attacks the whole defense
-    and not its autoencoder alone."""
+def _deployed(shield: str, classifier, device: str):
+    """``shield`` in front of ``classifier`` as its card deploys it: a shipped PuVAE or MagNet
+    comes with its detectors, calibrated on the card's clean split with its seed, so the audit
+    attacks the whole defense and not its autoencoder alone."""
     from .. import load_shield
-    from ..data import load_dataset
     from ..defenses.base import Shielded
-    from ..experiments.config import load_config, shield_spec
-    from ..models.io import load_weights
+    from ..defenses.registry import load_pipeline
 
-    side, method = _deploying_method(shield)
-    if method is None:
-        return Shielded(load_shield(shield, device=device), classifier)
-    module, _ = load_weights(shield, device=device)
-    seed = load_config(side["source_target"], "quick").seed
-    return method.deploy(shield_spec(side["shield_spec"]), module, classifier,
-                         load_dataset(dataset, "val").to(device), seed)
+    if _deployment(shield) is None:  # no detectors (or an old file of a method aeshield lacks)
+        return Shielded(load_shield(shield, device=device), classifier).eval()
+    return load_pipeline(shield, classifier, device=device)
 
 
 def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str | None, norm: str,

@@ -33,12 +33,16 @@ class Card:
     # Each: {"classifier", "threat", "clean", "robust", "n", "budget", "source"}.
     evaluated: tuple[dict, ...] = ()
     version: int = CARD_VERSION
+    # For a defense with calibrated detectors (``Defense.deploy``): the split of ``dataset`` whose
+    # clean images calibrate them, and the seed of the calibration, {"calibration_split", "seed"}.
+    deployment: dict | None = None
 
     def to_dict(self) -> dict:
         return {"version": self.version, "defense": self.defense, "config": json_safe(self.config),
                 "dataset": self.dataset, "input_shape": list(self.input_shape),
                 "trained_against": list(self.trained_against),
-                "training_threat": self.training_threat, "evaluated": [dict(e) for e in self.evaluated]}
+                "training_threat": self.training_threat, "evaluated": [dict(e) for e in self.evaluated],
+                **({"deployment": dict(self.deployment)} if self.deployment is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Card":
@@ -49,17 +53,29 @@ class Card:
                    input_shape=tuple(data["input_shape"]),
                    trained_against=tuple(data.get("trained_against") or ()),
                    training_threat=data.get("training_threat"),
-                   evaluated=tuple(data.get("evaluated") or ()), version=data["version"])
+                   evaluated=tuple(data.get("evaluated") or ()), version=data["version"],
+                   deployment=data.get("deployment"))
+
+
+def default_deployment(defense: Defense, config: dict) -> dict | None:
+    """How a defense with detectors was deployed when its card did not say: on the clean
+    validation split, with the training seed (the reproduce runner deploys with the target's
+    seed, which is also the seed it trains with)."""
+    if defense.deploy is None:
+        return None
+    return {"calibration_split": "val", "seed": int((config.get("training") or {}).get("seed", 0))}
 
 
 def make_card(defense: Defense, config: Any, dataset: str, *, trained_against: Sequence[str] = (),
-              evaluated: Sequence[dict] = ()) -> Card:
+              evaluated: Sequence[dict] = (), deployment: dict | None = None) -> Card:
     threat = defense.training_threat(config)
-    return Card(defense=defense.name, config=config_to_dict(config), dataset=dataset,
+    config_dict = config_to_dict(config)
+    return Card(defense=defense.name, config=config_dict, dataset=dataset,
                 input_shape=tuple(DATASETS[dataset].shape) if dataset in DATASETS else (),
                 trained_against=tuple(trained_against),
                 training_threat=threat.to_dict() if threat is not None else None,
-                evaluated=tuple(evaluated))
+                evaluated=tuple(evaluated),
+                deployment=deployment if deployment is not None else default_deployment(defense, config_dict))
 
 
 def card_from_sidecar(side: dict) -> Card:
@@ -77,8 +93,16 @@ def card_from_sidecar(side: dict) -> Card:
 
 
 def read_card(side: dict) -> Card:
-    """The sidecar's card, or one migrated from its older keys."""
-    return Card.from_dict(side["card"]) if "card" in side else card_from_sidecar(side)
+    """The sidecar's card, or one migrated from its older keys (a card written before cards
+    named their deployment gets the default one)."""
+    if "card" not in side:
+        return card_from_sidecar(side)
+    card = Card.from_dict(side["card"])
+    if card.deployment is None:
+        deployment = default_deployment(get_defense(card.defense), card.config)
+        if deployment is not None:
+            card = Card(**{**card.__dict__, "deployment": deployment})
+    return card
 
 
 def with_card(side: dict, evaluated: Sequence[dict] | None = None) -> dict:

@@ -177,6 +177,9 @@ class PuVAEConfig:
     detector: bool = True
     fpr: float = 0.001
     sample: bool = False
+    # Clean images the detector's threshold is calibrated on: the first n of the calibration
+    # set's seeded permutation (seed 2), or all of it (None).
+    calibration_n: int | None = None
 
 
 def build(config: PuVAEConfig) -> nn.Module:
@@ -200,6 +203,11 @@ def train(config: PuVAEConfig, classifiers: list[nn.Module], data, *, val=None,
 
 def _deploy(module: nn.Module, config: PuVAEConfig, classifier: nn.Module,
             calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
+    if calibration is not None and config.calibration_n:
+        from ..data import stable_permutation
+
+        keep = stable_permutation(len(calibration), 2)[: config.calibration_n]
+        calibration = calibration[torch.from_numpy(keep).to(calibration.device)]
     return build_pipeline(module, classifier, detector=config.detector, sample=config.sample,
                           fpr=config.fpr, calibration=calibration, seed=seed)
 

@@ -185,13 +185,15 @@ def pick(cls: type, *sources: dict | None, **overrides: Any) -> Any:
 # ---- saving and loading trained defenses --------------------------------------------------
 def save_defense(module: nn.Module, path: str | Path, *, defense: str, config: Any, dataset: str,
                  trained_against: Sequence[str] = (), evaluated: Sequence[dict] = (),
-                 half: bool = False, **metadata: Any) -> Path:
-    """Write ``module``'s weights and a sidecar carrying its card (``defenses.cards``)."""
+                 deployment: dict | None = None, half: bool = False, **metadata: Any) -> Path:
+    """Write ``module``'s weights and a sidecar carrying its card (``defenses.cards``);
+    ``deployment`` ({"calibration_split", "seed"}) for a defense with calibrated detectors."""
     from ..models.io import save_weights
     from .cards import make_card
 
     info = get_defense(defense)
-    card = make_card(info, config, dataset, trained_against=trained_against, evaluated=evaluated)
+    card = make_card(info, config, dataset, trained_against=trained_against, evaluated=evaluated,
+                     deployment=deployment)
     return save_weights(module, path, architecture=info.architecture(config), dataset=dataset,
                         half=half, kind="shield" if info.is_shield else "classifier",
                         method=defense, card=card.to_dict(), **metadata)
@@ -231,3 +233,26 @@ def load_shield(name_or_path: str | Path, device: str | torch.device = "cpu") ->
     if info.purifier is None:
         raise ValueError(f"{name_or_path} holds a {info.name} model, which is not a shield")
     return info.purifier(module, config).eval()
+
+
+def load_pipeline(name_or_path: str | Path, classifier: nn.Module, *,
+                  calibration: torch.Tensor | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The whole deployed defense in front of ``classifier``, from the shield's card alone: a
+    plain shield gives ``Shielded(purifier, classifier)``; one with detectors (MagNet, PuVAE)
+    gets them calibrated as its card says, on the clean images of the card's calibration split
+    (or on ``calibration`` when given)."""
+    from .cards import read_card
+
+    module, config, info, side = load_defense(name_or_path, device=device)
+    if info.deploy is None:
+        return info.pipeline(module, config, classifier)
+    deployment = read_card(side).deployment or {}
+    if calibration is None:
+        from ..data import load_dataset
+
+        split = deployment.get("calibration_split")
+        if split is None:
+            raise ValueError(f"{name_or_path}: its card names no calibration split for the detectors; "
+                             "pass calibration= clean images")
+        calibration = load_dataset(side["dataset"], split).images
+    return info.pipeline(module, config, classifier, calibration.to(device), deployment.get("seed", 0))

@@ -57,7 +57,7 @@ def config(spec: PuVAESpec, seed: int) -> puvae.PuVAEConfig:
         training=puvae.PuVAETrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                                         kl_weight=spec.kl_weight, ce_weight=spec.ce_weight, seed=seed,
                                         kl_warmup_steps=spec.kl_warmup_steps),
-        detector=spec.detector, fpr=spec.fpr, sample=spec.sample)
+        detector=spec.detector, fpr=spec.fpr, sample=spec.sample, calibration_n=spec.calibration_n)
 
 
 def training_key(spec: PuVAESpec, runner: "Runner") -> str:
@@ -118,8 +118,7 @@ def _load(runner: "Runner", spec: PuVAESpec, path: Path) -> nn.Module:
 
 def deploy(spec: PuVAESpec, module: nn.Module, classifier: nn.Module, val, seed: int) -> Shielded:
     """The configured pipeline, its detector calibrated on ``val`` (or a seeded subset of it)."""
-    calib = val.subset(spec.calibration_n, seed=2) if spec.calibration_n else val
-    return puvae.DEFENSE.pipeline(module, config(spec, seed), classifier, calib.images, seed)
+    return puvae.DEFENSE.pipeline(module, config(spec, seed), classifier, val.images, seed)
 
 
 def _pipeline(runner: "Runner", spec: PuVAESpec, module: nn.Module, classifier: str) -> nn.Module:
