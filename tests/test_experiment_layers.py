@@ -1,6 +1,7 @@
 """The experiments layer: typed YAML values, the artifact store, analyses without a runner,
 and no import cycle inside ``aeshield.experiments``."""
 
+import dataclasses
 import ast
 import json
 import warnings
@@ -164,3 +165,36 @@ def test_an_analysis_runs_from_its_inputs_alone_and_returns_a_typed_result(tmp_p
     assert first == again and first["x"] == 1.0 and first["target"] == "t" and calls == [1]
     assert records.get("r", {"a": 2}, lambda: {"x": 2.0})["x"] == 2.0
     assert AnalysisContext.__dataclass_fields__.keys() >= {"config", "data", "zoo", "records", "out"}
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def test_a_spec_field_that_feeds_a_defense_config_agrees_with_it_in_type_and_default():
+    """YAML keys are validated against the defense configs: a spec field named like a config
+    field (which ``from_spec`` copies into it) has the config's type and default, so a
+    hyperparameter means one thing whether it is set in YAML, on the CLI or in Python."""
+    import typing
+
+    from aeshield.defenses import aaa, dbp, magnet, puvae
+    from aeshield.defenses.adversarial_training import AdversarialTrainingConfig
+    from aeshield.experiments.config import AdvTrainSpec
+    from aeshield.experiments.methods import get_method
+
+    pairs = [(get_method("aaa").spec, aaa.AAAConfig), (get_method("puvae").spec, puvae.PuVAEConfig),
+             (get_method("puvae").spec, puvae.PuVAETrainConfig), (get_method("magnet").spec, magnet.MagNetConfig),
+             (get_method("magnet").spec, magnet.MagNetTrainConfig), (get_method("dbp").spec, dbp.DBPShieldConfig),
+             (get_method("dbp").spec, dbp.DBPConfig), (AdvTrainSpec, AdversarialTrainingConfig)]
+    shared = 0
+    for spec, config in pairs:
+        spec_fields = {f.name: f for f in dataclasses.fields(spec)}
+        spec_types, config_types = typing.get_type_hints(spec), typing.get_type_hints(config)
+        for f in dataclasses.fields(config):
+            if f.name in spec_fields and f.name != "seed":  # a spec's seed overrides the target's
+                shared += 1
+                assert spec_types[f.name] == config_types[f.name], (spec.__name__, f.name)
+                assert _default(spec_fields[f.name]) == _default(f), (spec.__name__, f.name)
+    assert shared >= 30

@@ -20,6 +20,36 @@ from .options import config_option, dataset_choice
 _OUT_HELP = "Output .safetensors path (a .json sidecar, and a .ckpt checkpoint while training, go beside it)."
 
 
+_TRAIN_LIMIT = click.option("--train-limit", type=click.IntRange(min=1), default=None,
+                            help="Use only this many training images (a seeded subset).")
+
+
+def _training_sets(dataset: str, train_limit: int | None, seed: int, val_n: int):
+    """The training images (all, or a seeded subset of ``train_limit``) and ``val_n`` seeded
+    validation images for early stopping."""
+    from ..data import load_dataset
+
+    data = load_dataset(dataset, "train")
+    if train_limit is not None:
+        data = data.subset(train_limit, seed=seed)
+    return data, load_dataset(dataset, "val").subset(val_n, seed=1)
+
+
+def _seeded_model(architecture: str, seed: int):
+    """A new zoo model whose initial weights ``seed`` alone fixes."""
+    from ..models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(architecture)
+
+
+def _weights_path(out: str) -> Path:
+    """``out`` as a .safetensors path, its folder created (not at the first checkpoint, minutes in)."""
+    path = Path(out).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @click.group()
 def train() -> None:
     """Train classifiers and shields (checkpointed; re-run the same command to resume)."""
@@ -66,27 +96,21 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @config_option(AAAConfig, "step_size", help="Training PGD step size.")
 @config_option(AAAConfig, "attack_steps", help="Training PGD steps.")
 @config_option(AAAConfig, "epochs", help="Epochs.")
-@click.option("--train-limit", type=int, default=None, help="Use only N training images.")
+@_TRAIN_LIMIT
 @config_option(AAAConfig, "seed", help="Seed of the initial weights, data order and attack starts.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
                   train_limit, seed, out) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
-    from ..data import load_dataset
     from ..defenses.aaa import train_aaa
-    from ..models import create_model
     from ..models.io import load_weights, save_weights
 
     frozen = [load_weights(c, dataset=dataset)[0] for c in classifiers]
-    train_set = load_dataset(dataset, "train")
-    if train_limit:
-        train_set = train_set.subset(train_limit, seed=seed)
-    val = load_dataset(dataset, "val").subset(500, seed=1)
-    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the shield
-    g = create_model(autoencoder)
+    train_set, val = _training_sets(dataset, train_limit, seed, val_n=500)
+    g = _seeded_model(autoencoder, seed)
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
                     epochs=epochs, seed=seed)
-    out_path = Path(out).with_suffix(".safetensors")
+    out_path = _weights_path(out)
     result = train_aaa(g, frozen, train_set.images, train_set.labels, cfg, x_val=val.images,
                        y_val=val.labels, checkpoint=out_path.with_suffix(".ckpt"))
     save_weights(g, out_path, architecture=autoencoder, dataset=dataset, kind="shield", method="aaa",
@@ -107,28 +131,21 @@ def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, 
 @config_option(PuVAETrainConfig, "lr", help="Adam learning rate.")
 @config_option(PuVAETrainConfig, "kl_weight", help="Weight of the KL term.")
 @config_option(PuVAETrainConfig, "ce_weight", help="Weight of the classifier's cross-entropy on the reconstruction.")
-@click.option("--train-limit", type=int, default=None, help="Use only this many training images.")
+@_TRAIN_LIMIT
 @config_option(PuVAETrainConfig, "seed", help="Seed of the initial weights, shuffling and sampling.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help=_OUT_HELP)
 def train_puvae_cmd(dataset, classifier, vae, epochs, batch_size, lr, kl_weight, ce_weight,
                     train_limit, seed, out) -> None:
     """Train PuVAE's conditional VAE against a frozen classifier (recon + KL + CE)."""
-    from ..data import load_dataset
     from ..defenses.puvae import train_puvae
-    from ..models import create_model
     from ..models.io import load_weights, save_weights
 
     frozen_classifier, _ = load_weights(classifier, dataset=dataset)
-    data = load_dataset(dataset, "train")
-    if train_limit:
-        data = data.subset(train_limit, seed=seed)
-    val = load_dataset(dataset, "val").subset(1000, seed=1)
-    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the model
-    model = create_model(vae)
+    data, val = _training_sets(dataset, train_limit, seed, val_n=1000)
+    model = _seeded_model(vae, seed)
     cfg = PuVAETrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                            ce_weight=ce_weight, seed=seed)
-    path = Path(out).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _weights_path(out)
     result = train_puvae(model, frozen_classifier, data.images, data.labels, cfg, x_val=val.images,
                          y_val=val.labels, checkpoint=path.with_suffix(".ckpt"))
     save_weights(model, path, architecture=vae, dataset=dataset, kind="shield", method="puvae",
@@ -144,25 +161,18 @@ def train_puvae_cmd(dataset, classifier, vae, epochs, batch_size, lr, kl_weight,
 @config_option(MagNetTrainConfig, "epochs", help="Passes over the training images.")
 @config_option(MagNetTrainConfig, "batch_size", help="Mini-batch size.")
 @config_option(MagNetTrainConfig, "lr", help="Adam learning rate.")
-@click.option("--train-limit", type=int, default=None, help="Use only this many training images.")
+@_TRAIN_LIMIT
 @config_option(MagNetTrainConfig, "seed", help="Seed of the initial weights, shuffling and noise.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help=_OUT_HELP)
 def train_magnet_cmd(dataset, autoencoder, noise, epochs, batch_size, lr, train_limit, seed, out) -> None:
     """Train a MagNet autoencoder on noisy clean images (no classifier involved)."""
-    from ..data import load_dataset
     from ..defenses.magnet import train_magnet_autoencoder
-    from ..models import create_model
     from ..models.io import save_weights
 
-    data = load_dataset(dataset, "train")
-    if train_limit:
-        data = data.subset(train_limit, seed=seed)
-    val = load_dataset(dataset, "val").subset(1000, seed=1)
-    torch.manual_seed(seed)  # the initial weights too, so that --seed alone fixes the model
-    model = create_model(autoencoder)
+    data, val = _training_sets(dataset, train_limit, seed, val_n=1000)
+    model = _seeded_model(autoencoder, seed)
     cfg = MagNetTrainConfig(noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    path = Path(out).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _weights_path(out)
     result = train_magnet_autoencoder(model, data.images, cfg, x_val=val.images,
                                       checkpoint=path.with_suffix(".ckpt"))
     save_weights(model, path, architecture=autoencoder, dataset=dataset, kind="shield",

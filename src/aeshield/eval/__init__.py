@@ -9,13 +9,8 @@ __all__ = ["ATTACKS", "Accuracy", "AttackSpec", "EvalRecord", "evaluate", "manif
            "register_attack", "wilson_interval", "write_json_atomic"]
 
 
+
 def __getattr__(name: str):
-    if name == "ATTACKS":
-        import warnings
+    from .harness import legacy_attribute
 
-        from .harness import _LEGACY_ATTACKS
-
-        warnings.warn("aeshield.eval.ATTACKS is deprecated; use aeshield.attacks.run_attack, "
-                      "get_attack and register", DeprecationWarning, stacklevel=2)
-        return _LEGACY_ATTACKS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return legacy_attribute(__name__, name)

@@ -74,12 +74,17 @@ def register_attack(name: str, fn: AttackFn) -> None:
     _LEGACY_ATTACKS[name] = fn
 
 
-def __getattr__(name: str):
+def legacy_attribute(module: str, name: str) -> "_LegacyAttackTable":
+    """The deprecated ``ATTACKS`` table of ``module`` (``aeshield.eval`` and its harness)."""
     if name == "ATTACKS":
         warnings.warn("aeshield.eval.ATTACKS is deprecated; use aeshield.attacks.run_attack, "
-                      "get_attack and register", DeprecationWarning, stacklevel=2)
+                      "get_attack and register", DeprecationWarning, stacklevel=3)
         return _LEGACY_ATTACKS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
+def __getattr__(name: str):
+    return legacy_attribute(__name__, name)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..models import create_model
 from ..store import ArtifactStore
 from ..train.classifier import ClassifierConfig, accuracy, train_classifier
 from .config import ExperimentConfig, RowSpec, spec_dict
-from .methods import get_method
+from .methods import from_spec, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ class ModelZoo:
             model.load_state_dict(self.classifier(name).state_dict())
             train = self.train_subset(spec.train_limit)
             val = self.val.subset(spec.val_n, seed=1)
-            cfg = AdversarialTrainingConfig(eps=spec.eps, step_size=spec.step_size,
-                                            attack_steps=spec.attack_steps, epochs=spec.epochs,
-                                            batch_size=spec.batch_size, lr=spec.lr, seed=self.config.seed,
-                                            eps_ramp_steps=spec.eps_ramp_steps,
-                                            cosine_lr=spec.cosine_lr)
+            cfg = from_spec(AdversarialTrainingConfig, spec, seed=self.config.seed)
             result = adversarial_training(model, train.images, train.labels, cfg, x_val=val.images,
                                           y_val=val.labels, checkpoint=path.with_suffix(".ckpt"),
                                           progress=self.progress)

@@ -27,6 +27,7 @@ A method provides:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,15 @@ def _shielded(runner: "Runner", spec: Any, module: nn.Module, classifier: str) -
 
 def _against(spec: Any) -> tuple[str, ...]:
     return tuple(getattr(spec, "against", ()) or ())
+
+
+def from_spec(cls: type, spec: Any, **overrides: Any) -> Any:
+    """The defense config ``cls`` filled from the spec's fields of the same names, then
+    ``overrides``: a hyperparameter is named once, in the defense's config, and the spec's
+    field of that name feeds it (tests check they agree in type and default)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name in names}
+    return cls(**{**values, **overrides})
 
 
 @dataclass(frozen=True)

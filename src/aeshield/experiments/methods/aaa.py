@@ -13,7 +13,7 @@ from ...defenses.base import Shielded
 from ...models.io import load_weights, save_weights
 from ...train.classifier import accuracy
 from ..config import ShieldSpec
-from . import Method
+from . import Method, from_spec
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -23,11 +23,7 @@ def config(spec: ShieldSpec, seed: int) -> aaa.AAAShieldConfig:
     """The defense's config; a spec's own ``seed`` (a replicate) overrides the target's."""
     return aaa.AAAShieldConfig(
         architecture=spec.autoencoder,
-        training=aaa.AAAConfig(loss=spec.loss, lam=spec.lam, eps=spec.eps, step_size=spec.step_size,
-                               attack_steps=spec.attack_steps, epochs=spec.epochs,
-                               batch_size=spec.batch_size, lr=spec.lr,
-                               seed=seed if spec.seed is None else spec.seed,
-                               warmup_steps=spec.warmup_steps, cosine_lr=spec.cosine_lr))
+        training=from_spec(aaa.AAAConfig, spec, seed=seed if spec.seed is None else spec.seed))
 
 
 def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:

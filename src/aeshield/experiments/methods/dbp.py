@@ -12,7 +12,7 @@ from torch import nn
 from ...defenses import dbp
 from ...defenses.base import AutoencoderPurifier, Shielded
 from ...models.io import load_weights, save_weights
-from . import Method
+from . import Method, from_spec
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -49,12 +49,7 @@ class DBPSpec:
 
 
 def config(spec: DBPSpec, seed: int) -> dbp.DBPShieldConfig:
-    return dbp.DBPShieldConfig(
-        architecture=spec.architecture, latent=spec.latent, hidden=spec.hidden,
-        glimpses=spec.glimpses, read_n=spec.read_n, write_n=spec.write_n,
-        training=dbp.DBPConfig(lambda2=spec.lambda2, penalty=spec.penalty,
-                               projections=spec.projections, beta=spec.beta, epochs=spec.epochs,
-                               batch_size=spec.batch_size, lr=spec.lr, seed=seed))
+    return from_spec(dbp.DBPShieldConfig, spec, training=from_spec(dbp.DBPConfig, spec, seed=seed))
 
 
 def train_dbp(runner: "Runner", spec: DBPSpec, path: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from ...defenses import magnet
 from ...defenses.base import Shielded
 from ...models.io import load_weights, save_weights
-from . import Method
+from . import Method, from_spec
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -42,12 +42,8 @@ class MagNetSpec:
 
 
 def config(spec: MagNetSpec, seed: int) -> magnet.MagNetConfig:
-    return magnet.MagNetConfig(
-        architecture=spec.autoencoder, diversity=spec.diversity,
-        training=magnet.MagNetTrainConfig(noise=spec.noise, epochs=spec.epochs,
-                                          batch_size=spec.batch_size, lr=spec.lr, seed=seed,
-                                          eta=spec.eta),
-        detectors=spec.detectors, fpr=spec.fpr, reformer=spec.reformer)
+    return from_spec(magnet.MagNetConfig, spec, architecture=spec.autoencoder,
+                     training=from_spec(magnet.MagNetTrainConfig, spec, seed=seed))
 
 
 def _train(runner: "Runner", spec: MagNetSpec, path: Path) -> None:

@@ -18,7 +18,7 @@ from ...defenses.base import Shielded
 from ...records import config_hash
 from ...models.io import load_weights, save_weights, shipped_dir
 from ..config import spec_dict
-from . import Method
+from . import Method, from_spec
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -52,12 +52,8 @@ _USE_FIELDS = ("detector", "fpr", "sample", "calibration_n")
 
 
 def config(spec: PuVAESpec, seed: int) -> puvae.PuVAEConfig:
-    return puvae.PuVAEConfig(
-        architecture=spec.vae,
-        training=puvae.PuVAETrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                                        kl_weight=spec.kl_weight, ce_weight=spec.ce_weight, seed=seed,
-                                        kl_warmup_steps=spec.kl_warmup_steps),
-        detector=spec.detector, fpr=spec.fpr, sample=spec.sample, calibration_n=spec.calibration_n)
+    return from_spec(puvae.PuVAEConfig, spec, architecture=spec.vae,
+                     training=from_spec(puvae.PuVAETrainConfig, spec, seed=seed))
 
 
 def training_key(spec: PuVAESpec, runner: "Runner") -> str:
