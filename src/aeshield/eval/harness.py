@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -157,8 +157,14 @@ def craft(attack_model: nn.Module, spec: AttackSpec, x: torch.Tensor, y: torch.T
     return registry.run_attack(spec.name, attack_model, x, y, threat, gen, **spec.params)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB; None where the OS does not report it."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
