@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import AeshieldError
 
-class InputError(ValueError):
+
+class InputError(AeshieldError, ValueError):
     """The input does not fit the model: the message says what was expected."""
 
 

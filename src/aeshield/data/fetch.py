@@ -45,6 +45,7 @@ from pathlib import Path, PurePosixPath
 
 import platformdirs
 
+from ..errors import AeshieldError
 from ..io import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ SOURCE_MARKER = ".aeshield-source.json"
 """Written next to an image-folder tree that aeshield extracted from a verified archive."""
 
 
-class DataError(Exception):
+
+class DataError(AeshieldError):
     """A dataset is unknown, missing, or fails verification.
 
     The message says what was tried and what the user can do about it.

@@ -22,11 +22,13 @@ from ..io import write_atomic, write_json_atomic
 from ..records import package_versions
 from .registry import MODELS, create_model
 
+from ..errors import WeightsError
+
 logger = logging.getLogger(__name__)
 FORMAT = "aeshield-weights-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsError):
     """Weights that do not fit the requested model, dataset or file format."""
 
 
