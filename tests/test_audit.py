@@ -501,9 +501,9 @@ def test_the_audit_attacks_shipped_puvae_and_magnet_with_their_detectors():
     assert isinstance(aeshield.load_shield("puvae-mnist"), PuVAE)  # not a plain AE purifier
     assert aeshield.load_shield("puvae-mnist")(x).shape == x.shape
     for name in ("puvae-mnist", "magnet-mnist"):
-        model = _deployed(name, clf, "mnist", "cpu")
+        model = _deployed(name, clf, "cpu")
         assert model.detector is not None and _deployment(name) is not None
-    assert _deployed("aaa-mnist", clf, "mnist", "cpu").detector is None and _deployment("aaa-mnist") is None
+    assert _deployed("aaa-mnist", clf, "cpu").detector is None and _deployment("aaa-mnist") is None
 
 
 def test_audit_of_a_pipeline_with_a_detector(trained_mlp, mnist_small):

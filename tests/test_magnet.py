@@ -94,7 +94,7 @@ def shipped_magnet():
     from aeshield import load_classifier
     from aeshield.cli.audit import _deployed
 
-    return _deployed("magnet-mnist", load_classifier("mnist-b"), "mnist", "cpu").eval()
+    return _deployed("magnet-mnist", load_classifier("mnist-b"), "cpu").eval()
 
 
 def test_orthogonal_pgd_is_stronger_than_the_weighted_sum_on_the_shipped_magnet(shipped_magnet, mnist_small):

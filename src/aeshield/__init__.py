@@ -23,8 +23,11 @@ def load_classifier(name_or_path: str, device: str = "cpu"):
 
     model, side = load_weights(name_or_path, device=device)
     if side.get("kind") not in (None, "classifier"):
-        raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a classifier")
-    return model
+        from .errors import WeightsError
+
+        raise WeightsError(f"{name_or_path} is a {side.get('kind')}, not a classifier; give it as the shield "
+                           "(or pick a classifier: `aeshield models`)")
+    return model.eval()
 
 
 def load_shield(name_or_path: str, device: str = "cpu") -> Purifier:

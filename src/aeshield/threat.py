@@ -27,7 +27,9 @@ class Norm(str, Enum):
                 return norm
         if lowered in {"inf", "linfinity", "l_inf"}:
             return cls.LINF
-        raise ValueError(f"unknown norm {value!r}; use one of: Linf, L2")
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown norm {value!r}; use one of: Linf, L2")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,17 @@ class ThreatModel:
     bounds: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
+        from .errors import ConfigError
+
         object.__setattr__(self, "norm", Norm.parse(self.norm))
-        if not (self.eps >= 0):
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (self.eps >= 0):
+            raise ConfigError(f"eps must be a number >= 0, got {self.eps!r}")
         lo, hi = self.bounds
         if not lo < hi:
-            raise ValueError(f"bounds must satisfy low < high, got {self.bounds}")
+            raise ConfigError(f"bounds must satisfy low < high, got {self.bounds}")
+        if self.norm is Norm.LINF and self.eps > hi - lo:
+            raise ConfigError(f"an L-inf eps of {self.eps} exceeds the pixel range [{lo}, {hi}]: every image "
+                              f"would be reachable; eps is in pixel units, e.g. 0.3 or 8/255")
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Nearest point (in the norm's sense) of the eps-ball around ``x``, clipped to bounds."""

@@ -17,8 +17,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..inputs import check_count, check_positive
 from ..threat import Norm
-from .gradient import _check_inputs
+from .gradient import _check_inputs, _checked_forward
 from .registry import AuditHook, Stage, register
 
 
@@ -41,7 +42,11 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 100.
     Returns, per example, the smallest-L2 adversarial input found (within ``max_l2`` if set),
     or ``x`` itself where none was found.
     """
-    _check_inputs(x, y)
+    y = _check_inputs(x, y, bounds)
+    check_count("steps", steps)
+    check_count("binary_search_steps", binary_search_steps)
+    check_positive("lr", lr)
+    check_positive("c", c)
     lo, hi = bounds
     x = x.detach()
     n = x.shape[0]
@@ -54,16 +59,18 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 100.
     w0 = _to_tanh_space(x, lo, hi)
     one_hot: torch.Tensor | None = None
 
-    for _ in range(max(1, binary_search_steps)):
+    for _ in range(binary_search_steps):
         w = w0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([w], lr=lr)
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         for _ in range(steps):
             with torch.enable_grad():
                 x_adv = _from_tanh_space(w, lo, hi)
-                logits = model(x_adv)
-                if one_hot is None:
+                if one_hot is None:  # the first forward checks the output and the labels' range
+                    logits = _checked_forward(model, x_adv, y)
                     one_hot = torch.nn.functional.one_hot(y, logits.shape[1]).bool()
+                else:
+                    logits = model(x_adv)
                 true = logits[one_hot]
                 other = logits.masked_fill(one_hot, float("-inf")).amax(1)
                 f = (true - other).clamp_min(-kappa)

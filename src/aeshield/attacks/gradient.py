@@ -14,18 +14,33 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..inputs import InputError, check_count, check_logits, check_positive, validate_images, validate_labels
 from ..threat import Norm, ThreatModel
 from .losses import LossFn, get_loss, misclassified
 from .registry import ball, register
 
 
-def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not torch.is_floating_point(x):
-        raise TypeError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
-    if y.dtype != torch.long or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must be int64 labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-    if torch.isnan(x).any():
-        raise ValueError("x contains NaN; clean the input before attacking it")
+def _check_inputs(x: torch.Tensor, y: torch.Tensor, bounds: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Raise ``InputError`` for images or labels an attack cannot take; returns int64 labels."""
+    validate_images(x, bounds=bounds)
+    return validate_labels(y, x.shape[0])
+
+
+def _checked_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, turning the errors of images or labels the model cannot take (another
+    channel count or size, a label beyond its classes) into one clear ``InputError``."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and x.dtype != weight.dtype:
+        raise InputError(f"x: dtype {x.dtype} does not match the model's {weight.dtype} weights; "
+                         f"convert the images with x.to({weight.dtype})")
+    try:
+        logits = model(x)
+    except RuntimeError as err:
+        raise InputError(f"x: the model cannot take images of shape {tuple(x.shape[1:])} (C, H, W): "
+                         f"{str(err).splitlines()[0]}") from err
+    check_logits(logits, x)
+    validate_labels(y, x.shape[0], num_classes=logits.shape[1])
+    return logits
 
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -34,9 +49,15 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 def logit_objective(loss: str | LossFn) -> Objective:
     """The usual objective: a per-example loss of the model's logits."""
     loss_fn = get_loss(loss)
+    checked = False
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        logits = model(x)
+        nonlocal checked
+        if checked:
+            logits = model(x)
+        else:  # the first call checks the model's output and the labels' range, once
+            logits = _checked_forward(model, x, y)
+            checked = True
         return loss_fn(logits, y), logits
     return objective
 
@@ -83,7 +104,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3
 
     For L2, one step of length ``eps`` along the normalized gradient.
     """
-    _check_inputs(x, y)
+    y = _check_inputs(x, y, bounds)
     threat = ThreatModel(norm, eps, bounds)
     if eps == 0:
         return x.clone()
@@ -116,9 +137,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     Example:
         >>> x_adv = pgd(model, x, y, eps=0.3, step_size=0.01, steps=40, restarts=5)
     """
-    _check_inputs(x, y)
+    y = _check_inputs(x, y, bounds)
+    check_count("steps", steps)
+    check_count("restarts", restarts)
+    check_positive("step_size", step_size, allow_zero=True)  # 0 with a random start: uniform noise in the ball
     threat = ThreatModel(norm, eps, bounds)
-    if eps == 0 or steps == 0:
+    if eps == 0:
         return x.clone()
     objective = objective or logit_objective(loss)
     gen = _default_generator(generator)
@@ -127,7 +151,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
-    for restart in range(max(1, restarts)):
+    for restart in range(restarts):
         active = (~fooled).nonzero().squeeze(1) if early_stop else torch.arange(x.shape[0], device=x.device)
         if active.numel() == 0:
             break
@@ -168,7 +192,8 @@ def bim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     ``step_size`` defaults to ``eps / steps``, so that the steps together just reach the
     edge of the ball.
     """
-    step = eps / max(steps, 1) if step_size is None else step_size
+    check_count("steps", steps)
+    step = eps / steps if step_size is None else step_size
     return pgd(model, x, y, eps=eps, norm=norm, step_size=step, steps=steps, restarts=1,
                random_start=False, loss=loss, bounds=bounds)
 

@@ -256,7 +256,7 @@ def _mismatch_message(path: Path, algorithm: str, expected: str, got: str, name:
     return (
         f"Checksum mismatch for {path}: expected {algorithm} {expected}, got {got}. "
         f"The file is corrupted or is not the expected {name} file. Delete it "
-        f"(rm '{path}') and run aeshield.data.fetch({name!r}) again to re-fetch it."
+        f"(rm '{path}') and fetch it again: `aeshield data fetch {name}` (Python: aeshield.data.fetch({name!r}))."
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..inputs import InputError, validate_images
+from ..inputs import InputError, check_logits, validate_images
 from ..models.predict import REJECT, predict
 
 __all__ = ["REJECT", "AutoencoderPurifier", "Detector", "InputError", "Purifier", "Shielded", "predict",
@@ -110,6 +110,11 @@ class Shielded(nn.Module):
         self.purifier = purifier if purifier is not None else nn.Identity()
         self.classifier = classifier
         self.detector = detector
+        # Built from parts loaded for use (all in eval mode), the pipeline is in eval mode too, so
+        # a library that restores the mode it found (torchattacks) cannot switch BatchNorm layers
+        # to training; a trainer (AAA trains G inside a Shielded) passes a part in training mode.
+        parts = [m for m in (purifier, classifier, detector) if m is not None]
+        self.training = any(m.training for m in parts)
 
     @property
     def in_shape(self) -> tuple[int, ...] | None:
@@ -128,7 +133,9 @@ class Shielded(nn.Module):
         validate_images(x, self.in_shape)
         out = []
         for batch in x.split(batch_size):
-            labels = self(batch).argmax(1)
+            logits = self(batch)
+            check_logits(logits, batch)
+            labels = logits.argmax(1)
             if self.detector is not None:
                 labels = labels.masked_fill(self.detector.rejects(batch), REJECT)
             out.append(labels)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import WeightsError
+from ..models.modes import frozen_for_use
 from ..threat import ThreatModel
 
 # name -> "module:attribute" of its Defense; one line registers a defense shipped with aeshield.
@@ -221,18 +223,19 @@ def load_shield(name_or_path: str | Path, device: str | torch.device = "cpu") ->
 
     side = read_sidecar(resolve_weights(name_or_path))
     if side.get("kind") != "shield":
-        raise ValueError(f"{name_or_path} is a {side.get('kind')}, not a shield")
+        raise WeightsError(f"{name_or_path} is a {side.get('kind')}, not a shield; give it as the classifier "
+                           "(or pick a shield: `aeshield models`)")
     if "card" not in side and side.get("method") is not None and side["method"] not in list_defenses():
         # An autoencoder saved before cards by a method aeshield does not know: a plain purifier,
         # as load_shield always loaded such files.
         from ..models.io import load_weights
         from .base import AutoencoderPurifier
 
-        return AutoencoderPurifier(load_weights(name_or_path, device=device)[0]).eval()
+        return frozen_for_use(AutoencoderPurifier(load_weights(name_or_path, device=device)[0]))
     module, config, info, _ = load_defense(name_or_path, device=device)
     if info.purifier is None:
-        raise ValueError(f"{name_or_path} holds a {info.name} model, which is not a shield")
-    return info.purifier(module, config).eval()
+        raise WeightsError(f"{name_or_path} holds a {info.name} model, which is not a shield")
+    return frozen_for_use(info.purifier(module, config))
 
 
 def load_pipeline(name_or_path: str | Path, classifier: nn.Module, *,
