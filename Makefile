@@ -1,34 +1,44 @@
 # Two entry points: `make demo` (the main job on its defaults) and `make test` (the suite).
-# Both create .venv and install aeshield into it first.
+# Both create .venv and install aeshield into it first: demo the core install (what it runs),
+# test and lint the `test` extra (the suite's own packages and the extras it exercises).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.aeshield-installed
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# One stamp per install; each is redone when pyproject.toml changes.
+CORE := $(VENV)/.aeshield-core
+TEST := $(VENV)/.aeshield-test
 
 .PHONY: demo test lint install bench audit clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(CORE): pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $(CORE)
 
-demo: $(STAMP)
+$(TEST): pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $(TEST)
+
+install: $(CORE)
+
+demo: $(CORE)
 	$(BIN)/aeshield data fetch mnist
 	$(BIN)/aeshield reproduce demo --profile quick --no-progress --out runs/results
 
-test: $(STAMP)
+test: $(TEST)
 	$(BIN)/aeshield data fetch mnist
 	$(BIN)/python -m pytest -q
 
 # The layer contract (pyproject's [tool.importlinter]) and the linter; CI runs both.
-lint: $(STAMP)
+lint: $(TEST)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+bench: $(CORE)
+	$(PIP) -e '.[bench]'
 	$(BIN)/python benchmarks/pgd_throughput.py
 
 clean:

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import require
 from ..threat import ThreatModel
 from .registry import AuditHook, Stage, register
 
@@ -23,12 +24,8 @@ AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 def _import_autoattack():
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("AutoAttack needs the reference implementation: "
-                          "pip install 'aeshield[attacks]' (or pip install pyautoattack)") from err
-    return AutoAttack
+    """The reference ``AutoAttack`` class; ``MissingExtraError`` without the ``attacks`` extra."""
+    return require("pyautoattack", extra="attacks", feature="AutoAttack").AutoAttack
 
 
 def _set_apgd_iters(attack, n_iter: int) -> None:
@@ -121,17 +118,17 @@ def _part(part: str):
 
 
 _WHITE_BOX = "Croce and Hein 2020 (AutoAttack)"
-register("apgd-ce", settings=APGDCESettings, reference=_WHITE_BOX,
+register("apgd-ce", settings=APGDCESettings, requires=_import_autoattack, reference=_WHITE_BOX,
          audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {
              "apgd_iters": budget.apgd_iters, "apgd_restarts": budget.apgd_restarts}))(_part("apgd-ce"))
-register("apgd-t", settings=APGDTSettings, reference=_WHITE_BOX,
+register("apgd-t", settings=APGDTSettings, requires=_import_autoattack, reference=_WHITE_BOX,
          audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {
              "apgd_iters": budget.apgd_iters}))(_part("apgd-t"))
-register("fab-t", settings=FABTSettings, reference=_WHITE_BOX,
+register("fab-t", settings=FABTSettings, requires=_import_autoattack, reference=_WHITE_BOX,
          audit=AuditHook(Stage.WHITE_BOX, lambda budget, threat: {
              "fab_iters": budget.apgd_iters}))(_part("fab-t"))
 # Square only queries the pipeline's outputs, so the audit runs it on the pipeline as it is.
-register("square", settings=SquareSettings,
+register("square", settings=SquareSettings, requires=_import_autoattack,
          reference="Andriushchenko, Croce, Flammarion and Hein 2020 (Square Attack)",
          audit=AuditHook(Stage.BLACK_BOX, lambda budget, threat: {"square_queries": budget.square_queries},
                          through_eot=False))(_part("square"))

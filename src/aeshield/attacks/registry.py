@@ -5,7 +5,8 @@ Each attack module registers its attacks once, with ``@register``: the name, an 
 ``run(model, x, y, threat, generator, **settings) -> x_adv`` over the attack's public function,
 a frozen settings dataclass (the keyword arguments besides the threat model, with their types
 and defaults), the norms it supports, the paper it comes from, where it applies (``applies``)
-and, optionally, how the robustness audit runs it (``AuditHook``). The harness, the audit, the
+and, optionally, how the robustness audit runs it (``AuditHook``) and the optional package it
+needs (``requires``: a loader that raises ``MissingExtraError``). The harness, the audit, the
 CLI and the experiment configs all go through ``run_attack``, which
 
 1. checks the settings against the dataclass (unknown keys and wrong types raise, naming the
@@ -86,6 +87,13 @@ class Attack:
     reference: str
     applies: Callable[[nn.Module], bool] | None = None
     audit: AuditHook | None = None
+    requires: Callable[[], Any] | None = None
+
+    def check_available(self) -> None:
+        """Raise ``MissingExtraError`` now if the attack needs an optional package that is not
+        installed (the harness asks before it runs anything, so a cascade fails at its start)."""
+        if self.requires is not None:
+            self.requires()
 
     def parse(self, settings: Mapping[str, Any]) -> Any:
         """The settings dataclass from keyword values, checked and converted."""
@@ -135,8 +143,11 @@ _REGISTRY: dict[str, Attack] = {}
 def register(name: str, *, settings: type, reference: str,
              norms: tuple[Norm, ...] = (Norm.LINF, Norm.L2),
              applies: Callable[[nn.Module], bool] | None = None,
-             audit: AuditHook | None = None) -> Callable[[AttackRun], AttackRun]:
-    """Decorator: register ``run(model, x, y, threat, generator, **settings)`` as attack ``name``."""
+             audit: AuditHook | None = None,
+             requires: Callable[[], Any] | None = None) -> Callable[[AttackRun], AttackRun]:
+    """Decorator: register ``run(model, x, y, threat, generator, **settings)`` as attack ``name``.
+    ``requires`` loads the optional package the attack needs, raising ``MissingExtraError``
+    (``aeshield.errors.require``) if it is missing."""
     if settings is not Untyped and not (dataclasses.is_dataclass(settings)
                                         and settings.__dataclass_params__.frozen):
         raise TypeError(f"attack {name!r}: settings must be a frozen dataclass, got {settings!r}")
@@ -146,7 +157,7 @@ def register(name: str, *, settings: type, reference: str,
             raise ValueError(f"attack {name!r} is already registered "
                              f"(by {_REGISTRY[name].run.__module__}); unregister it first")
         _REGISTRY[name] = Attack(name, run, settings, frozenset(Norm.parse(n) for n in norms),
-                                 reference, applies, audit)
+                                 reference, applies, audit, requires)
         return run
     return decorate
 

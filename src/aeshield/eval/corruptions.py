@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..data.cifar import save_npy_atomic
+from ..errors import require
 from ..models.predict import predict
 from ..records import Accuracy
 
@@ -60,13 +61,10 @@ def library_version() -> str:
         return "unknown"
 
 
-def _library():
-    try:
-        import imagecorruptions
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("corruptions need `imagecorruptions-imaug` (pip install "
-                          "imagecorruptions-imaug==1.1.5); it imports as `imagecorruptions`") from e
-    return imagecorruptions
+def library():
+    """The ``imagecorruptions`` module (installed by ``imagecorruptions-imaug``, the
+    ``corruptions`` extra); ``MissingExtraError`` naming the pip command if it is missing."""
+    return require("imagecorruptions", extra="corruptions", feature="corruption robustness")
 
 
 def check_corruption(name: str, severity: int) -> None:
@@ -118,7 +116,7 @@ def corrupt_array(images: np.ndarray, name: str, severity: int, seed: int = 0) -
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected NHWC uint8 images with 1 or 3 channels, got "
                          f"{images.dtype} {images.shape}")
-    ic = _library()
+    ic = library()
     padded, box = pad_to_min(images)
     out = np.empty_like(padded)
     grey = images.shape[-1] == 1

@@ -176,8 +176,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
     Returns an ``EvalRecord`` with clean and robust accuracy (Wilson 95% intervals), what each
     attack added, and per-example robust flags. ``checkpoint`` (a JSON path) stores the flags
-    after every attack so that an interrupted evaluation resumes where it stopped.
+    after every attack so that an interrupted evaluation resumes where it stopped. An attack
+    whose optional package is missing raises ``MissingExtraError`` before anything runs.
     """
+    for spec in attacks:
+        registry.get_attack(spec.name).check_available()
     model.eval()
     device = images.device
     labels = labels.to(device)

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..data import cache_dir
+from ..attacks.registry import get_attack
 from ..defenses.base import Shielded
 from ..eval.harness import evaluate
 from ..io import write_json_atomic
@@ -23,7 +24,7 @@ from ..records import EvalRecord, config_hash, manifest
 from ..models.io import shipped_dir
 from ..store import ArtifactStore
 from ..train.classifier import accuracy
-from .analyses import AnalysisContext, run_analyses
+from .analyses import AnalysisContext, check_available, run_analyses
 from .analyses.tables import render_tables
 from .config import ExperimentConfig, RowSpec, load_config, spec_dict
 from .methods import get_method
@@ -33,6 +34,16 @@ from .selection import resolve as resolve_selections
 from .zoo import ModelZoo, load_splits
 
 logger = logging.getLogger(__name__)
+
+
+def check_extras(config: ExperimentConfig) -> None:
+    """``MissingExtraError`` now, before anything trains, if one of the target's attacks or
+    figures needs an optional package that is not installed (e.g. the corruption targets)."""
+    specs = [a for suite in config.suites for a in suite.attacks]
+    specs += [selection.attack for selection in config.selections.values()]
+    for spec in specs:
+        get_attack(spec.name).check_available()
+    check_available(config.figures)
 
 
 class Runner:
@@ -271,6 +282,7 @@ class Runner:
     def run(self, jobs: int = 1) -> Path:
         """Train what is missing, evaluate every cell, render. ``jobs`` > 1 fills the cache and
         the records in that many worker processes first; the table is the same either way."""
+        check_extras(self.config)
         start = time.perf_counter()
         self.resolve_selections()
         if jobs > 1:
@@ -301,6 +313,7 @@ def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/
     if smoke and ship:
         raise ValueError("a smoke run measures nothing; it cannot ship weights")
     config = load_config(target, profile, smoke=smoke)
+    check_extras(config)
     artifacts = Path(out_root) / "artifacts" if smoke else None
     runner = Runner(config, out_root, artifacts=artifacts, use_shipped=use_shipped and not smoke,
                     progress=progress, device=device)

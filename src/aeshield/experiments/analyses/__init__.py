@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from ...eval.corruptions import library as corruption_library
 from .base import AnalysisContext, AnalysisResult
 from .corruption import corruptions_figure
 from .curves import eps_sweep, noise_sweep, strength_curves
@@ -45,6 +46,20 @@ ANALYSES: dict[str, Analysis] = {
 }
 
 
+# Kinds that need an optional package: kind -> a loader that raises MissingExtraError without it.
+REQUIRES: dict[str, Callable[[], object]] = {
+    "corruptions": corruption_library,
+}
+
+
+def check_available(figures: Iterable[dict]) -> None:
+    """``MissingExtraError`` now, before a run trains anything, if a figure needs a missing extra."""
+    for figure in figures:
+        loader = REQUIRES.get(figure.get("kind"))
+        if loader is not None:
+            loader()
+
+
 def get_analysis(kind: str | None) -> Analysis:
     if kind not in ANALYSES:
         raise ValueError(f"unknown figure kind {kind!r}; known: {sorted(ANALYSES)}")
@@ -57,4 +72,5 @@ def run_analyses(figures: Iterable[dict], ctx: AnalysisContext) -> list[Analysis
     return [get_analysis(figure.get("kind"))(figure, ctx) for figure in figures]
 
 
-__all__ = ["ANALYSES", "Analysis", "AnalysisContext", "AnalysisResult", "get_analysis", "run_analyses"]
+__all__ = ["ANALYSES", "REQUIRES", "Analysis", "AnalysisContext", "AnalysisResult", "check_available",
+           "get_analysis", "run_analyses"]
