@@ -27,6 +27,8 @@ def files(tmp_path_factory):
     # A weight file whose bytes are garbage, with a valid sidecar beside it.
     (root / "corrupt.safetensors").write_bytes(b"\x00not a safetensors file" * 10)
     shutil.copy(shipped / "mnist-b.json", root / "corrupt.json")
+    (root / "corrupt-shield.safetensors").write_bytes(b"\x00not a safetensors file" * 10)
+    shutil.copy(shipped / "aaa-mnist.json", root / "corrupt-shield.json")
     # mnist-b's tensors under a sidecar that names another architecture.
     shutil.copy(shipped / "mnist-b.safetensors", root / "other-arch.safetensors")
     side = json.loads((shipped / "mnist-b.json").read_text())
@@ -120,8 +122,8 @@ CASES = [
     ("audit-budget", "audit --classifier mnist-b --dataset mnist --budget huge"),
     ("audit-norm", "audit --classifier mnist-b --dataset mnist --norm L3"),
     ("audit-batch-0", "audit --classifier mnist-b --dataset mnist --batch-size 0"),
-    ("audit-corrupt-shield", "audit --classifier mnist-b --shield {f}/corrupt.safetensors --dataset mnist"),
-    ("audit-nan-images", "audit --classifier mnist-b --data {f}/nan.npz"),
+    ("audit-corrupt-shield", "audit --classifier mnist-b --shield {f}/corrupt-shield.safetensors --dataset mnist"),
+    ("audit-nan-images", "audit --classifier mnist-b --data {f}/nan.npz --eps 0.3"),
     # reproduce
     ("reproduce-unknown-target", "reproduce aaa-mnsit --smoke --out {f}/o/r"),
     ("reproduce-profile", "reproduce demo --profile slow --out {f}/o/r"),
@@ -150,6 +152,19 @@ def test_bad_input_exits_2_with_a_short_message(case, files, monkeypatch):
     assert 1 <= len(lines) <= 2, result.stderr
     assert "Traceback" not in result.output
     assert lines[0].startswith("error: ")
+    assert EXPECTED.get(case[0], "") in lines[0], lines[0]
+
+
+# What the first line must say where a case could otherwise fail for another reason than its own.
+EXPECTED = {
+    "train-aaa-corrupt-classifier": "damaged", "eval-corrupt-weights": "damaged", "audit-corrupt-shield": "damaged",
+    "eval-other-architecture": "does not fit architecture", "eval-truncated-data-file": "Checksum mismatch",
+    "eval-nan-images": "NaN", "audit-nan-images": "NaN", "eval-wrong-channels": "(3, 28, 28)",
+    "eval-labels-out-of-range": "label 12", "eval-labels-negative": "-5", "eval-pixels-out-of-range": "[0.0, 1.0]",
+    "eval-truncated-npz": "not a readable .npz", "report-not-a-record": "not an aeshield evaluation record",
+    "train-epochs-0": "epochs", "train-limit-0": "train_limit", "eval-eps-too-big": "exceeds the pixel range",
+    "train-aaa-eps-too-big": "exceeds the pixel range",
+}
 
 
 def test_the_battery_is_large_and_covers_the_required_kinds():

@@ -76,3 +76,41 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         and value != float("inf") and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(f"{name} must be a number {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
+_COUNTS = ("epochs", "batch_size", "attack_steps", "steps", "checkpoint_every")
+_POSITIVE = ("lr",)
+_NON_NEGATIVE = ("step_size", "eps", "noise", "kl_weight", "ce_weight", "lam", "weight_decay", "warmup_steps",
+                 "eps_ramp_steps", "kl_warmup_steps")
+
+
+def check_training_config(config) -> None:
+    """The ranges every trainer's config shares, by field name: counts >= 1 (``epochs``,
+    ``batch_size``, ``attack_steps``...), ``lr`` > 0, weights and sizes >= 0, a ``train_limit``
+    of at least one image. Called from the configs' ``__post_init__``."""
+    from .errors import ConfigError
+
+    name = type(config).__name__
+    for field in _COUNTS:
+        if hasattr(config, field):
+            _wrap(name, check_count, field, getattr(config, field))
+    for field in _POSITIVE:
+        if hasattr(config, field):
+            _wrap(name, check_positive, field, getattr(config, field))
+    for field in _NON_NEGATIVE:
+        if hasattr(config, field):
+            _wrap(name, check_positive, field, getattr(config, field), allow_zero=True)
+    limit = getattr(config, "train_limit", None)
+    if limit is not None:
+        _wrap(name, check_count, "train_limit", limit)
+    if getattr(config, "eps", 0) > 1:
+        raise ConfigError(f"{name}: eps {config.eps} exceeds the pixel range [0, 1]; eps is in pixel units")
+
+
+def _wrap(config_name: str, check, field: str, value, **kwargs) -> None:
+    from .errors import ConfigError
+
+    try:
+        check(field, value, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{config_name}: {err}") from None

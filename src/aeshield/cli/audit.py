@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
-from .options import dataset_choice
+from .options import (COUNT, EPS, Choice, check_fits, chosen_test_images, classes_of, data_options,
+                      device_option, guard_published, progress_option, resolve_device, seed_option,
+                      source_checkout)
 from ..eval.audit import BUDGETS, measures_as_current_protocol
 
 logger = logging.getLogger(__name__)
@@ -19,12 +20,6 @@ logger = logging.getLogger(__name__)
 # The radii the literature reports for each dataset (Madry et al.; Croce and Hein; RobustBench).
 DEFAULT_EPS = {("mnist", "Linf"): 0.3, ("fashion-mnist", "Linf"): 0.1, ("cifar10", "Linf"): 8 / 255,
                ("mnist", "L2"): 2.0, ("fashion-mnist", "L2"): 1.5, ("cifar10", "L2"): 0.5}
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _slug(text: str) -> str:
@@ -61,19 +56,23 @@ def _weights_used(classifier: str, shield: str | None, surrogate: str | None) ->
             (("classifier", classifier), ("shield", shield), ("surrogate", surrogate)) if name}
 
 
-def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str, norm: str,
+def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str | None, norm: str,
              eps: float, budget: str, n: int, seed: int, batch_size: int, device: str,
-             out: Path | None, progress: bool):
+             out: Path | None, progress: bool, data_file: str | None = None):
     from .. import load_classifier
-    from ..data import load_dataset
     from ..threat import ThreatModel
     from ..eval.audit import audit
 
+    threat = ThreatModel(norm, eps)
+    test = chosen_test_images(dataset, data_file, n=n, seed=seed, num_classes=classes_of(classifier))
+    for name, role in ((classifier, "classifier"), (shield, "shield"), (surrogate, "surrogate")):
+        if name:
+            check_fits(name, test.images, role=role)
+    dataset = dataset or test.name
     clf = load_classifier(classifier, device=device)
     model = _deployed(shield, clf, device) if shield else clf
     sur = load_classifier(surrogate, device=device) if surrogate else None
-    test = load_dataset(dataset, "test").subset(n, seed=seed).to(device)
-    threat = ThreatModel(norm, eps)
+    test = test.to(device)
     click.echo(f"auditing {shield + ' + ' if shield else ''}{classifier} on {dataset} ({test.source}), "
                f"n={len(test)}, threat {threat.describe()}, budget {budget}")
     return audit(model, test.images, test.labels, threat, budget=budget, surrogate=sur, seed=seed,
@@ -142,26 +141,27 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
               help="Shield (shipped name or path) put in front of the classifier; omit to audit the bare classifier.")
 @click.option("--surrogate", default=None,
               help="An independently trained classifier (name or path) for a transfer attack.")
-@click.option("--dataset", type=dataset_choice(), default=None,
-              help="Test set to audit on (required unless --all-shipped, which reads it from each shield).")
-@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True,
+@data_options
+@click.option("--norm", type=Choice(["Linf", "L2"]), default="Linf", show_default=True,
               help="Threat model norm.")
-@click.option("--eps", type=float, default=None,
+@click.option("--eps", type=EPS, default=None,
               help="Threat model radius in [0, 1] pixel units (default: 0.3/0.1/8/255 for Linf on "
                    "mnist/fashion-mnist/cifar10, 2.0/1.5/0.5 for L2; --all-shipped uses the shield's "
                    "training eps for Linf).")
-@click.option("--budget", type=click.Choice(list(BUDGETS)), default="quick", show_default=True,
+@click.option("--budget", type=Choice(list(BUDGETS)), default="quick", show_default=True,
               help="quick: CPU minutes, reduced AutoAttack budget; standard: GPU; paper: the standard "
                    "AutoAttack budget and 100-step PGD with 20 restarts.")
-@click.option("--n", "n", type=int, default=1000, show_default=True,
+@click.option("--n", "n", type=COUNT, default=1000, show_default=True,
               help="Number of test images (a seeded subset).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset and the attacks.")
-@click.option("--batch-size", type=int, default=500, show_default=True, help="Attack batch size.")
-@click.option("--device", default="auto", show_default=True,
-              help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@seed_option()
+@click.option("--batch-size", type=COUNT, default=500, show_default=True, help="Attack batch size.")
+@device_option("auto")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory for audit.md, audit.json and the plots (and the checkpoints that let a "
-                   "crashed audit resume). Default: print only; docs/results/audit with --all-shipped.")
+                   "crashed audit resume). Default: print only; runs/audit with --all-shipped.")
+@click.option("--publish", is_flag=True,
+              help="Maintainers: write into the source checkout's docs/results/audit (one pair: its "
+                   "SHIELD__CLASSIFIER folder there).")
 @click.option("--all-shipped", is_flag=True,
               help="Audit every shipped shield against each classifier its sidecar lists in "
                    "trained_against; one report per pair under --out, plus index.md.")
@@ -169,31 +169,41 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
               help="With --all-shipped: write index.md from the reports that are up to date and list "
                    "the other pairs as not audited, instead of running them (for audits run as "
                    "separate processes, one pair each).")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def audit_cmd(classifier, shield, surrogate, dataset, norm, eps, budget, n, seed, batch_size, device,
-              out, all_shipped, reuse_only, no_progress) -> None:
+@progress_option()
+def audit_cmd(classifier, shield, surrogate, dataset, data_file, norm, eps, budget, n, seed, batch_size, device,
+              out, publish, all_shipped, reuse_only, progress) -> None:
     """Attack a (shielded) classifier with the full audit battery, run the gradient-masking
     sanity checks and write the report (see docs/audit.md)."""
-    device = _device(device)
+    device = resolve_device(device)
+    no_progress = not progress
+    if publish:
+        if not all_shipped or out is not None:
+            raise click.UsageError("--publish goes with --all-shipped and without --out")
+        if source_checkout() is None:
+            raise click.UsageError("--publish writes into aeshield's source tree; run it from a git checkout")
+        out = str(source_checkout() / "docs" / "results" / "audit")
+    if out is not None:
+        guard_published(Path(out), publish)
     if all_shipped:
         _all_shipped(surrogate=surrogate, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
                      batch_size=batch_size, device=device,
-                     out=Path(out) if out else Path("docs/results/audit"), progress=not no_progress,
+                     out=Path(out) if out else Path("runs/audit"), progress=not no_progress,
                      reuse_only=reuse_only)
         return
     if reuse_only:
         raise click.UsageError("--reuse-only goes with --all-shipped")
     if not classifier:
         raise click.UsageError("give --classifier (or --all-shipped)")
-    if not dataset:
-        raise click.UsageError("give --dataset (or --all-shipped)")
-    eps = DEFAULT_EPS[(dataset, norm)] if eps is None else eps
-    try:
-        report = _run_one(classifier=classifier, shield=shield, surrogate=surrogate, dataset=dataset,
-                          norm=norm, eps=eps, budget=budget, n=n, seed=seed, batch_size=batch_size,
-                          device=device, out=Path(out) if out else None, progress=not no_progress)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+    if not dataset and not data_file:
+        raise click.UsageError("give --dataset NAME or --data FILE.npz (or --all-shipped)")
+    if eps is None:
+        if (dataset, norm) not in DEFAULT_EPS:
+            raise click.UsageError("give --eps: there is no customary radius for your own data")
+        eps = DEFAULT_EPS[(dataset, norm)]
+    report = _run_one(classifier=classifier, shield=shield, surrogate=surrogate, dataset=dataset,
+                      data_file=data_file, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
+                      batch_size=batch_size, device=device, out=Path(out) if out else None,
+                      progress=not no_progress)
     _echo_report(report)
     if out:
         click.echo(f"report: {Path(out) / 'audit.md'}")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from .options import dataset_choice
+from .options import (COUNT, EPS, SIZE, Choice, check_fits, chosen_test_images, classes_of, data_options,
+                      device_option, progress_option, resolve_device, seed_option)
 
 
-class RegisteredAttack(click.Choice):
+class RegisteredAttack(Choice):
     """The registered attacks' names, read each time click asks (parsing, help, completion), so
     that an attack registered after this module was imported is a choice too."""
 
@@ -39,44 +40,51 @@ def _attack_settings(name: str, options: dict) -> dict:
 @click.command("eval")
 @click.option("--classifier", required=True, help="Shipped classifier name or .safetensors path.")
 @click.option("--shield", default=None, help="Optional shield (shipped name or path) in front of it.")
-@click.option("--dataset", required=True, type=dataset_choice(),
-              help="Dataset whose test split is attacked.")
+@data_options
 @click.option("--attack", "attacks", multiple=True, type=RegisteredAttack(),
               default=["pgd"], show_default=True, help="Attack(s), run as a cascade; repeatable.")
-@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True,
+@click.option("--norm", type=Choice(["Linf", "L2"]), default="Linf", show_default=True,
               help="Threat model norm.")
-@click.option("--eps", type=float, default=0.3, show_default=True, help="Threat model radius.")
-@click.option("--steps", type=int, default=40, show_default=True, help="Iterations (PGD/BIM/CW).")
-@click.option("--step-size", type=float, default=0.01, show_default=True, help="PGD/BIM step size.")
-@click.option("--restarts", type=int, default=1, show_default=True, help="PGD random restarts.")
-@click.option("--wrap", type=click.Choice(["none", "bpda", "eot", "classifier"]), default="none",
+@click.option("--eps", type=EPS, default=0.3, show_default=True,
+              help="Threat model radius in pixel units of [0, 1] images (L-inf: at most 1).")
+@click.option("--steps", type=COUNT, default=40, show_default=True, help="Iterations (PGD/BIM/CW).")
+@click.option("--step-size", type=SIZE, default=0.01, show_default=True, help="PGD/BIM step size.")
+@click.option("--restarts", type=COUNT, default=1, show_default=True, help="PGD random restarts.")
+@click.option("--wrap", type=Choice(["none", "bpda", "eot", "classifier"]), default="none",
               show_default=True, help="Model adaptation applied before attacking (see docs).")
-@click.option("--n", "n", type=int, default=1000, show_default=True, help="Test images (seeded subset).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of subset and attacks.")
-@click.option("--batch-size", type=int, default=500, show_default=True, help="Attack batch size.")
+@click.option("--n", "n", type=COUNT, default=1000, show_default=True, help="Test images (seeded subset).")
+@seed_option()
+@click.option("--batch-size", type=COUNT, default=500, show_default=True, help="Attack batch size.")
+@device_option()
+@progress_option()
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the record JSON here.")
-def eval_cmd(classifier, shield, dataset, attacks, norm, eps, steps, step_size, restarts, wrap, n,
-             seed, batch_size, out) -> None:
+def eval_cmd(classifier, shield, dataset, data_file, attacks, norm, eps, steps, step_size, restarts, wrap, n,
+             seed, batch_size, device, progress, out) -> None:
     """Evaluate a (shielded) classifier under attack; prints accuracy with a Wilson interval."""
     from .. import load_classifier, load_shield
-    from ..data import load_dataset
     from ..defenses.base import Shielded
     from ..eval import AttackSpec, evaluate
     from ..records import manifest
     from ..io import write_json_atomic
     from ..threat import ThreatModel
 
-    clf = load_classifier(classifier)
-    model = Shielded(load_shield(shield), clf) if shield else clf
-    test = load_dataset(dataset, "test").subset(n, seed=seed)
+    device = resolve_device(device)
+    threat = ThreatModel(norm, eps)
+    test = chosen_test_images(dataset, data_file, n=n, seed=seed, num_classes=classes_of(classifier))
+    check_fits(classifier, test.images)
+    if shield:
+        check_fits(shield, test.images, role="shield")
+    clf = load_classifier(classifier, device=device)
+    model = Shielded(load_shield(shield, device=device), clf) if shield else clf
+    test = test.to(device)
     shared = {"steps": steps, "step_size": step_size, "restarts": restarts}
     specs = [AttackSpec(a, _attack_settings(a, shared), wrap=None if wrap == "none" else wrap)
              for a in attacks]
-    threat = ThreatModel(norm, eps)
+    name = dataset or test.name
     record = evaluate(model, test.images, test.labels, specs, threat, batch_size=batch_size,
-                      seed=seed, defense=shield or "none", classifier=classifier, dataset=dataset,
-                      data_source=test.source, data_hash=test.sha256)
-    click.echo(f"{dataset} ({test.source}), n={record.n}, threat {threat.describe()}")
+                      seed=seed, defense=shield or "none", classifier=classifier, dataset=name,
+                      data_source=test.source, data_hash=test.sha256, progress=progress)
+    click.echo(f"{name} ({test.source}), n={record.n}, threat {threat.describe()}")
     click.echo(f"clean accuracy:  {record.clean.format()}")
     for a in record.attacks:
         click.echo(f"after {a.name:30s} {a.accuracy_after.format()}  ({a.seconds:.1f}s)")
@@ -84,4 +92,4 @@ def eval_cmd(classifier, shield, dataset, attacks, norm, eps, steps, step_size, 
     if out:
         record.save(out)
         write_json_atomic(Path(out).with_suffix(".manifest.json"),
-                          manifest({"command": sys.argv}, {dataset: test.sha256}))
+                          manifest({"command": sys.argv}, {name: test.sha256}))

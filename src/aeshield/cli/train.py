@@ -15,7 +15,7 @@ from ..defenses.aaa import AAAConfig
 from ..defenses.magnet import MagNetTrainConfig
 from ..defenses.puvae import PuVAETrainConfig
 from ..train.classifier import ClassifierConfig
-from .options import config_option, dataset_choice
+from .options import config_option, dataset_choice, device_option, progress_option, resolve_device
 
 _OUT_HELP = "Output .safetensors path (a .json sidecar, and a .ckpt checkpoint while training, go beside it)."
 
@@ -24,21 +24,36 @@ _TRAIN_LIMIT = click.option("--train-limit", type=click.IntRange(min=1), default
                             help="Use only this many training images (a seeded subset).")
 
 
-def _training_sets(dataset: str, train_limit: int | None, seed: int, val_n: int):
+def _training_sets(dataset: str, train_limit: int | None, seed: int, val_n: int, device: str = "cpu"):
     """The training images (all, or a seeded subset of ``train_limit``) and ``val_n`` seeded
-    validation images for early stopping."""
+    validation images for early stopping, on ``device``."""
     from ..data import load_dataset
 
     data = load_dataset(dataset, "train")
     if train_limit is not None:
         data = data.subset(train_limit, seed=seed)
-    return data, load_dataset(dataset, "val").subset(val_n, seed=1)
+    return data.to(device), load_dataset(dataset, "val").subset(val_n, seed=1).to(device)
+
+
+def _classifier(name: str, dataset: str, device: str):
+    """A classifier trained on ``dataset`` (its sidecar must say so), in eval mode."""
+    from ..errors import WeightsError
+    from ..models.io import load_weights
+
+    model, side = load_weights(name, dataset=dataset, device=device)
+    if side.get("kind") not in (None, "classifier"):
+        raise WeightsError(f"{name} is a {side.get('kind')}, not a classifier")
+    return model.eval()
 
 
 def _seeded_model(architecture: str, seed: int):
     """A new zoo model whose initial weights ``seed`` alone fixes."""
-    from ..models import create_model
+    from ..errors import ConfigError, nearest
+    from ..models import MODELS, create_model
 
+    if architecture not in MODELS:
+        raise ConfigError(f"unknown architecture {architecture!r}{nearest(architecture, MODELS)}; "
+                          "`aeshield models --kind autoencoder` lists them")
     torch.manual_seed(seed)
     return create_model(architecture)
 
@@ -67,19 +82,23 @@ def train() -> None:
 @config_option(ClassifierConfig, "train_limit", help="Use only N training images.")
 @config_option(ClassifierConfig, "augment", help="Random crop (pad 4) and horizontal flip, for CIFAR-10.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
+@device_option()
+@progress_option()
 def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer, seed, train_limit,
-                         augment, out) -> None:
+                         augment, out, device, progress) -> None:
     """Naturally train a zoo classifier and save it with its sidecar."""
     from ..models import MODELS
     from ..train.classifier import train_classifier
 
     if model_name not in MODELS:
-        raise click.BadParameter(f"unknown model; choose from {', '.join(sorted(MODELS))}",
-                                 param_hint="--model")
+        from ..errors import nearest
+
+        raise click.BadParameter(f"unknown model {model_name!r}{nearest(model_name, MODELS)}; "
+                                 "`aeshield models` lists them", param_hint="--model")
     cfg = ClassifierConfig(model=model_name, dataset=dataset, epochs=epochs, batch_size=batch_size,
                            lr=lr, optimizer=optimizer, seed=seed, train_limit=train_limit,
                            augment=augment)
-    _, info = train_classifier(cfg, out)
+    _, info = train_classifier(cfg, _weights_path(out), progress=progress, device=resolve_device(device))
     click.echo(f"saved {out}: clean test accuracy {100 * info['clean_accuracy']:.2f}%")
 
 
@@ -99,20 +118,23 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @_TRAIN_LIMIT
 @config_option(AAAConfig, "seed", help="Seed of the initial weights, data order and attack starts.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
+@device_option()
+@progress_option()
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
-                  train_limit, seed, out) -> None:
+                  train_limit, seed, out, device, progress) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
     from ..defenses.aaa import train_aaa
-    from ..models.io import load_weights, save_weights
+    from ..models.io import save_weights
 
-    frozen = [load_weights(c, dataset=dataset)[0] for c in classifiers]
-    train_set, val = _training_sets(dataset, train_limit, seed, val_n=500)
-    g = _seeded_model(autoencoder, seed)
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
                     epochs=epochs, seed=seed)
+    device = resolve_device(device)
+    frozen = [_classifier(c, dataset, device) for c in classifiers]
+    train_set, val = _training_sets(dataset, train_limit, seed, val_n=500, device=device)
+    g = _seeded_model(autoencoder, seed).to(device)
     out_path = _weights_path(out)
     result = train_aaa(g, frozen, train_set.images, train_set.labels, cfg, x_val=val.images,
-                       y_val=val.labels, checkpoint=out_path.with_suffix(".ckpt"))
+                       y_val=val.labels, checkpoint=out_path.with_suffix(".ckpt"), progress=progress)
     save_weights(g, out_path, architecture=autoencoder, dataset=dataset, kind="shield", method="aaa",
                  trained_against=list(classifiers), config=result.config, history=result.history,
                  data_hash=train_set.sha256)
@@ -134,20 +156,23 @@ def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, 
 @_TRAIN_LIMIT
 @config_option(PuVAETrainConfig, "seed", help="Seed of the initial weights, shuffling and sampling.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help=_OUT_HELP)
+@device_option()
+@progress_option()
 def train_puvae_cmd(dataset, classifier, vae, epochs, batch_size, lr, kl_weight, ce_weight,
-                    train_limit, seed, out) -> None:
+                    train_limit, seed, out, device, progress) -> None:
     """Train PuVAE's conditional VAE against a frozen classifier (recon + KL + CE)."""
     from ..defenses.puvae import train_puvae
-    from ..models.io import load_weights, save_weights
+    from ..models.io import save_weights
 
-    frozen_classifier, _ = load_weights(classifier, dataset=dataset)
-    data, val = _training_sets(dataset, train_limit, seed, val_n=1000)
-    model = _seeded_model(vae, seed)
     cfg = PuVAETrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                            ce_weight=ce_weight, seed=seed)
+    device = resolve_device(device)
+    frozen_classifier = _classifier(classifier, dataset, device)
+    data, val = _training_sets(dataset, train_limit, seed, val_n=1000, device=device)
+    model = _seeded_model(vae, seed).to(device)
     path = _weights_path(out)
     result = train_puvae(model, frozen_classifier, data.images, data.labels, cfg, x_val=val.images,
-                         y_val=val.labels, checkpoint=path.with_suffix(".ckpt"))
+                         y_val=val.labels, checkpoint=path.with_suffix(".ckpt"), progress=progress)
     save_weights(model, path, architecture=vae, dataset=dataset, kind="shield", method="puvae",
                  trained_against=str(classifier), history=result.history, train_n=len(data))
     click.echo(f"saved {path}")
@@ -164,17 +189,21 @@ def train_puvae_cmd(dataset, classifier, vae, epochs, batch_size, lr, kl_weight,
 @_TRAIN_LIMIT
 @config_option(MagNetTrainConfig, "seed", help="Seed of the initial weights, shuffling and noise.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help=_OUT_HELP)
-def train_magnet_cmd(dataset, autoencoder, noise, epochs, batch_size, lr, train_limit, seed, out) -> None:
+@device_option()
+@progress_option()
+def train_magnet_cmd(dataset, autoencoder, noise, epochs, batch_size, lr, train_limit, seed, out, device,
+                     progress) -> None:
     """Train a MagNet autoencoder on noisy clean images (no classifier involved)."""
     from ..defenses.magnet import train_magnet_autoencoder
     from ..models.io import save_weights
 
-    data, val = _training_sets(dataset, train_limit, seed, val_n=1000)
-    model = _seeded_model(autoencoder, seed)
     cfg = MagNetTrainConfig(noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    device = resolve_device(device)
+    data, val = _training_sets(dataset, train_limit, seed, val_n=1000, device=device)
+    model = _seeded_model(autoencoder, seed).to(device)
     path = _weights_path(out)
     result = train_magnet_autoencoder(model, data.images, cfg, x_val=val.images,
-                                      checkpoint=path.with_suffix(".ckpt"))
+                                      checkpoint=path.with_suffix(".ckpt"), progress=progress)
     save_weights(model, path, architecture=autoencoder, dataset=dataset, kind="shield",
                  method="magnet", history=result.history, train_n=len(data))
     click.echo(f"saved {path}")

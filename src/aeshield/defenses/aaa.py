@@ -27,6 +27,7 @@ from torch import nn
 
 from ..attacks.gradient import pgd_train
 from ..threat import ThreatModel
+from ..inputs import check_training_config
 from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
@@ -65,6 +66,7 @@ class AAAConfig:
     cosine_lr: bool = False
 
     def __post_init__(self) -> None:
+        check_training_config(self)
         if self.loss not in LOSS_VARIANTS:
             raise ValueError(f"unknown AAA loss {self.loss!r}; use one of {LOSS_VARIANTS}")
         if self.craft_mode not in ("eval", "train"):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.gradient import pgd_train
+from ..inputs import check_training_config
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
@@ -40,6 +41,9 @@ class AdversarialTrainingConfig:
     # Anneal the lr from ``lr`` to 0 along a half cosine over the whole run instead of the
     # plateau schedule, which never fires on a few-epoch CPU budget.
     cosine_lr: bool = False
+
+    def __post_init__(self) -> None:
+        check_training_config(self)
 
 
 def steps_taken(optimizer: torch.optim.Optimizer) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..inputs import check_training_config
 from ..train.loop import LoopConfig, LoopResult, fit
 from .base import AutoencoderPurifier, Detector, Shielded
 from .registry import Defense, Trained, pick, seeded_build
@@ -256,6 +257,9 @@ class MagNetTrainConfig:
     lr: float = 1e-3
     seed: int = 0
     eta: float = 0.1  # diversity weight; only used with several autoencoders
+
+    def __post_init__(self) -> None:
+        check_training_config(self)
 
 
 def train_magnet_autoencoder(autoencoder: nn.Module, x: torch.Tensor, config: MagNetTrainConfig, *,

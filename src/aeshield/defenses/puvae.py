@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inputs import check_training_config
 from ..train.loop import LoopConfig, LoopResult, fit
 from .aaa import frozen
 from .adversarial_training import ramp
@@ -106,6 +107,9 @@ class PuVAETrainConfig:
     # the full KL weight from the first step collapsed the posterior (KL -> 0.01 nats, every
     # reconstruction a class prototype whatever the input).
     kl_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_training_config(self)
 
 
 def puvae_loss(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from ..attacks import BPDA, EOT, registry
 from ..defenses.base import Shielded
+from ..inputs import InputError, check_count, check_logits, validate_images, validate_labels
 from ..io import write_json_atomic
+from ..models.modes import eval_mode
 from ..models.predict import REJECT, predict
 from ..records import AttackResult, Accuracy, EvalRecord, config_hash, flags_from_string, flags_to_string
 from ..threat import ThreatModel
@@ -181,7 +183,35 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """
     for spec in attacks:
         registry.get_attack(spec.name).check_available()
-    model.eval()
+    check_count("batch_size", batch_size)
+    validate_images(images, bounds=threat.bounds)
+    labels = validate_labels(labels, images.shape[0])
+    with eval_mode(model):  # every submodule's mode is given back on exit
+        if images.shape[0]:
+            labels = validate_labels(labels, images.shape[0], _classes(model, images))
+        return _evaluate(model, images, labels, attacks, threat, batch_size=batch_size, seed=seed,
+                         defense=defense, classifier=classifier, dataset=dataset, data_source=data_source,
+                         data_hash=data_hash, surrogate=surrogate, checkpoint=checkpoint, progress=progress)
+
+
+def _classes(model: nn.Module, images: torch.Tensor) -> int:
+    """How many classes ``model`` tells apart: its logits' width on one image, measured without
+    touching the random state (a random purifier's draws stay those of the evaluation)."""
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        try:
+            logits = model(images[:1])
+        except RuntimeError as err:
+            raise InputError(f"images: the model cannot take images of shape {tuple(images.shape[1:])} "
+                             f"(C, H, W): {str(err).splitlines()[0]}") from err
+    check_logits(logits, images[:1])
+    return int(logits.shape[1])
+
+
+def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+              attacks: Sequence[AttackSpec], threat: ThreatModel, *, batch_size: int, seed: int, defense: str,
+              classifier: str, dataset: str, data_source: str, data_hash: str, surrogate: nn.Module | None,
+              checkpoint: str | Path | None, progress: bool) -> EvalRecord:
     device = images.device
     labels = labels.to(device)
     n = images.shape[0]

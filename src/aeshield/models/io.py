@@ -22,10 +22,14 @@ from ..io import write_atomic, write_json_atomic
 from ..records import package_versions
 from .registry import MODELS, create_model
 
-from ..errors import WeightsError
+from ..errors import WeightsError, nearest
 
 logger = logging.getLogger(__name__)
 FORMAT = "aeshield-weights-v1"
+
+
+class WeightsNotFound(WeightsError, FileNotFoundError):
+    """No weight file at that path, and no shipped weights of that name."""
 
 
 class CheckpointError(WeightsError):
@@ -133,8 +137,8 @@ def resolve_weights(name_or_path: str | Path) -> Path:
         if c.exists():
             return c
     shipped = sorted(p.stem for p in shipped_dir().glob("*.safetensors")) if shipped_dir().exists() else []
-    raise FileNotFoundError(f"no weights found at {name_or_path!r}; give a .safetensors path or "
-                            f"one of the shipped names: {', '.join(shipped) or '(none shipped)'}")
+    raise WeightsNotFound(f"no weights found at {name_or_path!r}{nearest(str(name_or_path), shipped)}; give a "
+                          ".safetensors path or a shipped name (`aeshield models` lists them)")
 
 
 def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
@@ -165,7 +169,13 @@ def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path} could not be read ({err}); the file is damaged, re-create it") from err
     # Shipped float16 tensors are cast to the model's dtype by load_state_dict's copy.
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of other shapes: weights of another model
+        mismatched = [line.strip() for line in str(err).splitlines() if "size mismatch" in line][:1]
+        raise CheckpointError(f"{path} does not fit architecture {side['architecture']!r}: its tensors have "
+                              f"other shapes ({'; '.join(mismatched) or 'shape mismatch'}); were the weights "
+                              "saved from another model?") from err
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit architecture {side['architecture']!r}: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")

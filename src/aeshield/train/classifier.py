@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import load_dataset
+from ..inputs import check_training_config
 from ..models import create_model
 from ..models.io import save_weights
 from .loop import LoopConfig, fit
@@ -32,6 +33,9 @@ class ClassifierConfig:
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR-10
     val_limit: int = 2000
     test_limit: int | None = None  # measure the sidecar's clean accuracy on the first N only
+
+    def __post_init__(self) -> None:
+        check_training_config(self)
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
