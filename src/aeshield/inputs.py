@@ -52,6 +52,22 @@ def validate_labels(y: torch.Tensor, n: int, num_classes: int | None = None) -> 
     return y
 
 
+def checked_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, with the errors of images the model cannot take (another dtype, channel
+    count or size) and of a module that is not a classifier turned into one ``InputError``."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and x.dtype != weight.dtype:
+        raise InputError(f"x: dtype {x.dtype} does not match the model's {weight.dtype} weights; "
+                         f"convert the images with x.to({weight.dtype})")
+    try:
+        logits = model(x)
+    except RuntimeError as err:
+        raise InputError(f"x: the model cannot take images of shape {tuple(x.shape[1:])} (C, H, W): "
+                         f"{str(err).splitlines()[0]}") from err
+    check_logits(logits, x)
+    return logits
+
+
 def check_logits(logits: torch.Tensor, x: torch.Tensor) -> None:
     """A model's output must be (N, classes) logits: anything else means the wrong module was
     passed as the classifier (an autoencoder gives images back)."""

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..inputs import InputError, check_count, check_logits, check_positive, validate_images, validate_labels
+from ..inputs import check_count, check_positive, checked_logits, validate_images, validate_labels
 from ..threat import Norm, ThreatModel
 from .losses import LossFn, get_loss, misclassified
 from .registry import ball, register
@@ -29,16 +29,7 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, bounds: tuple[float, float] 
 def _checked_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``model(x)``, turning the errors of images or labels the model cannot take (another
     channel count or size, a label beyond its classes) into one clear ``InputError``."""
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if weight is not None and x.dtype != weight.dtype:
-        raise InputError(f"x: dtype {x.dtype} does not match the model's {weight.dtype} weights; "
-                         f"convert the images with x.to({weight.dtype})")
-    try:
-        logits = model(x)
-    except RuntimeError as err:
-        raise InputError(f"x: the model cannot take images of shape {tuple(x.shape[1:])} (C, H, W): "
-                         f"{str(err).splitlines()[0]}") from err
-    check_logits(logits, x)
+    logits = checked_logits(model, x)
     validate_labels(y, x.shape[0], num_classes=logits.shape[1])
     return logits
 

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError, nearest
+from ..models.modes import eval_mode
 from ..threat import Norm, ThreatModel
 
 # A raw result may leave the threat model by this much (pixel units, in the threat's norm) before
@@ -175,11 +177,19 @@ def replace_run(name: str, run: AttackRun) -> None:
     _REGISTRY[name] = dataclasses.replace(get_attack(name), run=run)
 
 
+class UnknownAttack(ConfigError, KeyError):
+    """No attack of that name is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def get_attack(name: str) -> Attack:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown attack {name!r}; known: {sorted(_REGISTRY)}") from None
+        raise UnknownAttack(f"unknown attack {name!r}{nearest(str(name), _REGISTRY)}; "
+                            f"known: {sorted(_REGISTRY)}") from None
 
 
 def attack_names() -> list[str]:
@@ -204,14 +214,17 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, th
     Returns ``x_adv`` inside ``threat``, up to the round-off of measuring the distance (one
     float step). Raises ``ValueError``/``TypeError`` for bad settings or
     an unsupported norm and ``AttackLeftThreatModel`` when the attack's raw result lies outside
-    the threat model by more than ``TOLERANCE``.
+    the threat model by more than ``TOLERANCE``. The model is attacked in eval mode (an
+    evaluation attacks the deployed function, never one that moves BatchNorm statistics), and
+    every submodule's mode is given back afterwards.
     """
     attack = get_attack(name)
     keywords = attack.keywords(settings)
     if threat.norm not in attack.norms:
-        raise ValueError(f"attack {name!r} supports the norms "
-                         f"{sorted(n.value for n in attack.norms)}, not {threat.norm.value}")
-    x_adv = attack.run(model, x, y, threat, generator, **keywords)
+        raise ConfigError(f"attack {name!r} supports the norms "
+                          f"{sorted(n.value for n in attack.norms)}, not {threat.norm.value}")
+    with eval_mode(model):
+        x_adv = attack.run(model, x, y, threat, generator, **keywords)
     return _inside(name, x_adv, x, threat)
 
 

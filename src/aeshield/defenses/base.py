@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..inputs import InputError, check_logits, validate_images
+from ..inputs import InputError, checked_logits, validate_images
 from ..models.predict import REJECT, predict
 
 __all__ = ["REJECT", "AutoencoderPurifier", "Detector", "InputError", "Purifier", "Shielded", "predict",
@@ -107,6 +107,11 @@ class Shielded(nn.Module):
     def __init__(self, purifier: nn.Module | None, classifier: nn.Module,
                  detector: Detector | None = None) -> None:
         super().__init__()
+        for name, part, kind in (("purifier", purifier, nn.Module), ("classifier", classifier, nn.Module),
+                                 ("detector", detector, Detector)):
+            if (part is not None or name == "classifier") and not isinstance(part, kind):
+                raise TypeError(f"Shielded: {name} must be {'a Detector' if kind is Detector else 'an nn.Module'}"
+                                f"{' or None' if name != 'classifier' else ''}, got {type(part).__name__}")
         self.purifier = purifier if purifier is not None else nn.Identity()
         self.classifier = classifier
         self.detector = detector
@@ -133,9 +138,7 @@ class Shielded(nn.Module):
         validate_images(x, self.in_shape)
         out = []
         for batch in x.split(batch_size):
-            logits = self(batch)
-            check_logits(logits, batch)
-            labels = logits.argmax(1)
+            labels = checked_logits(self, batch).argmax(1)
             if self.detector is not None:
                 labels = labels.masked_fill(self.detector.rejects(batch), REJECT)
             out.append(labels)

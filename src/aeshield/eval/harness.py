@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import BPDA, EOT, registry
 from ..defenses.base import Shielded
-from ..inputs import InputError, check_count, check_logits, validate_images, validate_labels
+from ..inputs import check_count, checked_logits, validate_images, validate_labels
 from ..io import write_json_atomic
 from ..models.modes import eval_mode
 from ..models.predict import REJECT, predict
@@ -183,6 +183,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """
     for spec in attacks:
         registry.get_attack(spec.name).check_available()
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"threat: expected an aeshield.ThreatModel, e.g. ThreatModel('Linf', 0.3), "
+                        f"got {type(threat).__name__} {threat!r}")
     check_count("batch_size", batch_size)
     validate_images(images, bounds=threat.bounds)
     labels = validate_labels(labels, images.shape[0])
@@ -199,13 +202,7 @@ def _classes(model: nn.Module, images: torch.Tensor) -> int:
     touching the random state (a random purifier's draws stay those of the evaluation)."""
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        try:
-            logits = model(images[:1])
-        except RuntimeError as err:
-            raise InputError(f"images: the model cannot take images of shape {tuple(images.shape[1:])} "
-                             f"(C, H, W): {str(err).splitlines()[0]}") from err
-    check_logits(logits, images[:1])
-    return int(logits.shape[1])
+        return int(checked_logits(model, images[:1]).shape[1])
 
 
 def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

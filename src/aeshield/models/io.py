@@ -127,6 +127,9 @@ def shipped_dir() -> Path:
 
 def resolve_weights(name_or_path: str | Path) -> Path:
     """A path to a .safetensors file, or the name of a weight file shipped with aeshield."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path: expected a shipped name or a .safetensors path (str or Path), "
+                        f"got {type(name_or_path).__name__} {name_or_path!r}")
     candidate = Path(name_or_path)
     if candidate.suffix != ".safetensors":
         if candidate.suffix == "" and candidate.parent != Path("."):
