@@ -47,3 +47,29 @@ def test_dataset_choices_come_from_the_registry():
     puvae = main.commands["train"].commands["puvae"]
     dataset = next(p for p in puvae.params if p.name == "dataset")
     assert set(dataset.type.choices) == {n for n, d in DATASETS.items() if d.shape[1:] == (28, 28)}
+
+
+def _leaf_commands(group, prefix="aeshield"):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaf_commands(command, f"{prefix} {name}")
+        else:
+            yield f"{prefix} {name}", command
+
+
+def test_commands_share_option_names_and_tensor_commands_take_a_device():
+    """--out, --device, --seed, --progress/--no-progress and --jobs mean one thing everywhere."""
+    from aeshield.cli import main
+
+    for path, command in _leaf_commands(main):
+        options = {opt: param for param in command.params for opt in param.opts + param.secondary_opts}
+        assert "--json-out" not in options or "--out" in options, path
+        if "--no-progress" in options:
+            assert "--progress" in options, f"{path}: --no-progress without --progress"
+        for param in command.params:
+            assert param.help or param.param_type_name == "argument", (path, param.name)
+        moves_tensors = any(word in path for word in ("train", "eval", "attack", "audit", "reproduce"))
+        if moves_tensors:
+            assert "--device" in options, f"{path} has no --device"

@@ -6,25 +6,27 @@ import json
 
 import click
 
-from .options import dataset_choice
+from .options import COUNT, Choice, dataset_choice, device_option, resolve_device, seed_option
 
 
 @click.command("ae-attack")
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dataset", required=True, type=dataset_choice(image_size=(28, 28)),
               help="Dataset whose test split supplies the (original, target) pairs.")
-@click.option("--mode", type=click.Choice(["output", "latent"]), default="output", show_default=True,
+@click.option("--mode", type=Choice(["output", "latent"]), default="output", show_default=True,
               help="Attack the reconstruction (output) or the latent posterior (latent).")
-@click.option("--pairs", type=int, default=20, show_default=True,
+@click.option("--pairs", type=COUNT, default=20, show_default=True,
               help="Number of (original, target) pairs; each target has another label.")
-@click.option("--c-count", type=int, default=50, show_default=True,
+@click.option("--c-count", type=COUNT, default=50, show_default=True,
               help="Log-spaced trade-off constants besides C = 0.")
-@click.option("--steps", type=int, default=300, show_default=True, help="Adam steps per run.")
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Adam learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pair subset.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the per-pair AUDDC values and settings here.")
-def ae_attack_cmd(weights, dataset, mode, pairs, c_count, steps, lr, seed, json_out) -> None:
+@click.option("--steps", type=COUNT, default=300, show_default=True, help="Adam steps per run.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+              help="Adam learning rate.")
+@seed_option("Seed of the pair subset.")
+@device_option()
+@click.option("--out", "--json-out", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-pair AUDDC values and settings here (JSON).")
+def ae_attack_cmd(weights, dataset, mode, pairs, c_count, steps, lr, seed, device, json_out) -> None:
     """Attack the autoencoder in WEIGHTS (an aeshield .safetensors file: a DBP VAE, whose
     sidecar says `method: dbp`, or a registry autoencoder) and print its mean AUDDC."""
     from ..attacks.adaptive import other_class_targets
@@ -39,13 +41,14 @@ def ae_attack_cmd(weights, dataset, mode, pairs, c_count, steps, lr, seed, json_
     side = read_sidecar(weights)
     if side.get("method") == "dbp":
         spec = side.get("shield_spec", {})
-        model, _ = load_weights(weights, model=VAE(latent=spec.get("latent", 16), hidden=spec.get("hidden", 512)))
+        model, _ = load_weights(weights, model=VAE(latent=spec.get("latent", 16), hidden=spec.get("hidden", 512)),
+                                device=resolve_device(device))
     else:
-        model, _ = load_weights(weights)
+        model, _ = load_weights(weights, device=resolve_device(device))
     if not hasattr(model, "encode"):
         raise click.ClickException(f"{weights} holds a {side.get('architecture')!r}, which has no "
                                    "encode(); give an autoencoder's weights")
-    test = load_dataset(dataset, "test").subset(pairs, seed=seed)
+    test = load_dataset(dataset, "test").subset(pairs, seed=seed).to(resolve_device(device))
     x_t = other_class_targets(test.images, test.labels)
     res = autoencoder_attack(model, test.images, x_t, mode=mode, c=c_values(c_count), steps=steps, lr=lr)
     areas = auddc_batch(res.distortion, res.distance)
