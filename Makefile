@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 CORE := $(VENV)/.aeshield-core
 TEST := $(VENV)/.aeshield-test
 
-.PHONY: demo test lint install bench audit clean
+.PHONY: demo test lint install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
