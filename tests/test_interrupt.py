@@ -20,9 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = cache_dir() / "data"
 STOP_SECONDS = 5.0
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
-              pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="needs MNIST in the cache")]
+
+def end_to_end(test):
+    """A real command in a subprocess, on real MNIST, watched through /proc."""
+    for mark in (pytest.mark.slow,
+                 pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
+                 pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="needs MNIST in the cache")):
+        test = mark(test)
+    return test
 
 
 def _compare_runs():
@@ -147,6 +152,7 @@ def _interrupt_reproduce(tmp_path: Path, uninterrupted: Path, started, send, sig
     return elapsed
 
 
+@end_to_end
 def test_sigterm_stops_reproduce_and_its_workers_and_a_rerun_completes_it(tmp_path, uninterrupted):
     # SIGTERM to the command alone (`kill PID`): its workers must not outlive it. Sent once
     # evaluation has begun, so that records, artifacts and work in progress all exist.
@@ -158,6 +164,7 @@ def test_sigterm_stops_reproduce_and_its_workers_and_a_rerun_completes_it(tmp_pa
     print(f"stopped {elapsed:.2f}s after SIGTERM")
 
 
+@end_to_end
 def test_ctrl_c_stops_reproduce_and_its_workers_and_a_rerun_completes_it(tmp_path, uninterrupted):
     # Ctrl-C in a terminal: SIGINT to the whole process group, workers included, during training.
     def training(out: Path) -> bool:
@@ -172,6 +179,7 @@ TRAIN = ("train", "classifier", "--model", "mnist-a", "--dataset", "mnist", "--e
          "--train-limit", "1000", "--batch-size", "32")
 
 
+@end_to_end
 def test_sigterm_stops_train_and_a_rerun_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
@@ -201,3 +209,74 @@ def test_sigterm_stops_train_and_a_rerun_resumes_to_the_same_weights(tmp_path):
     assert expected.keys() == got.keys()
     assert all(expected[k].equal(got[k]) for k in expected)
     assert _temp_files(tmp_path) == []
+
+
+# ---- the pieces, in process ------------------------------------------------------------------
+
+def test_signals_noted_while_the_pool_runs_go_on_to_the_previous_handler():
+    from aeshield.experiments.parallel import _Signals
+
+    got = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with _Signals() as signals:
+            signal.raise_signal(signal.SIGTERM)
+            assert signals.received == [signal.SIGTERM] and got == []
+            signals.redeliver()
+            assert got == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not signals._note
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_a_worker_deaf_to_sigterm_is_killed_and_only_its_temporary_files_are_removed(tmp_path, monkeypatch):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from aeshield.experiments import parallel
+    from aeshield.io import is_temp_file
+
+    monkeypatch.setattr(parallel, "STOP_GRACE_SECONDS", 0.5)
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(signal.signal, signal.SIGTERM, signal.SIG_IGN).result(timeout=60)
+    (pid,) = list(pool._processes)
+    pool.submit(time.sleep, 60)
+    theirs = tmp_path / "records" / f".cell.json.{pid}.abcd_123.tmp"
+    ours = tmp_path / f".cell.json.{os.getpid()}.abcd_123.tmp"  # another writer's, still writing
+    finished = tmp_path / "records" / "cell.json"
+    for path in (theirs, ours, finished):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    assert is_temp_file(theirs, pid) and not is_temp_file(ours, pid) and not is_temp_file(finished)
+    start = time.monotonic()
+    parallel._stop_workers(pool, (tmp_path,))
+    assert time.monotonic() - start < STOP_SECONDS
+    assert not theirs.exists() and ours.exists() and finished.exists()
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_command_stopped_by_a_signal_exits_128_plus_its_number_with_one_line():
+    import click
+    from click.testing import CliRunner
+
+    from aeshield.cli.signals import Interrupted, exit_code, install_signal_handlers
+
+    @click.group()
+    def cli():
+        install_signal_handlers()
+
+    @cli.command("train")
+    def stopped():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            signal.raise_signal(signal.SIGINT)  # a second signal while unwinding is ignored
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(cli, ["train"])
+    assert isinstance(result.exception, Interrupted)
+    assert result.exit_code == exit_code(signal.SIGTERM) == 143 and exit_code(signal.SIGINT) == 130
+    assert result.output.strip().splitlines() == [  # stderr (mixed into output before click 8.2)
+        "aeshield: interrupted by SIGTERM; nothing half-written was left. "
+        "Running the same command again resumes where it stopped."]
+    assert signal.getsignal(signal.SIGTERM) is before
