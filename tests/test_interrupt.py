@@ -55,9 +55,11 @@ def _command(*args: str) -> list[str]:
 
 
 def _start(args: list[str], cache: Path, log: Path) -> subprocess.Popen:
-    # Its own session, as a shell job is: Ctrl-C is then SIGINT to that process group.
+    # Its own session, as a shell job is: Ctrl-C is then SIGINT to that process group. SIGINT
+    # as at a terminal, even where these tests run as a background job (which ignores it).
     return subprocess.Popen(_command(*args), env=_env(cache), stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"), start_new_session=True)
+                            stderr=log.open("w"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _group(pgid: int) -> list[int]:
@@ -278,5 +280,5 @@ def test_a_command_stopped_by_a_signal_exits_128_plus_its_number_with_one_line()
     assert result.exit_code == exit_code(signal.SIGTERM) == 143 and exit_code(signal.SIGINT) == 130
     assert result.output.strip().splitlines() == [  # stderr (mixed into output before click 8.2)
         "aeshield: interrupted by SIGTERM; nothing half-written was left. "
-        "Running the same command again resumes where it stopped."]
+        "Run the same command again to resume where it stopped."]
     assert signal.getsignal(signal.SIGTERM) is before

@@ -46,9 +46,9 @@ def signal_name(signum: int) -> str:
 
 def message(signum: int, command: str | None = None) -> str:
     """The one line printed after a command was stopped by ``signum``."""
-    how = "resumes where it stopped" if command in _RESUMABLE else "starts it again"
+    then = "resume where it stopped" if command in _RESUMABLE else "start over"
     return (f"aeshield: interrupted by {signal_name(signum)}; nothing half-written was left. "
-            f"Running the same command again {how}.")
+            f"Run the same command again to {then}.")
 
 
 # Commands whose work is checkpointed or cached (a re-run skips what is done).
@@ -74,9 +74,12 @@ class _Handlers:
         if self.previous or threading.current_thread() is not threading.main_thread():
             return False
         for signum in SIGNALS:
-            self.previous[signum] = signal.getsignal(signum)
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue  # ignored by whoever started us (a background job's SIGINT): keep it so
+            self.previous[signum] = previous
             signal.signal(signum, self.handle)
-        return True
+        return bool(self.previous)
 
     def restore(self) -> int | None:
         """Put the previous handlers back; the signal that stopped the command, if one did."""
@@ -94,7 +97,7 @@ def install_signal_handlers(ctx: click.Context | None = None) -> None:
     """Make SIGINT and SIGTERM raise :class:`Interrupted` until ``ctx`` (default: the current
     click context) closes; then the previous handlers come back, and if a signal stopped the
     command, one line on stderr says so. A no-op off the main thread (where Python cannot set
-    handlers) and when already installed."""
+    handlers), when already installed, and for a signal the process was started ignoring."""
     ctx = ctx or click.get_current_context()
     if _HANDLERS.install():
         ctx.call_on_close(lambda: _report(_HANDLERS.restore(), ctx.invoked_subcommand))
