@@ -13,12 +13,16 @@ remove what it left (:func:`remove_temp_files`) without touching another process
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+logger = logging.getLogger(__name__)
 
 
 def _umask_mode() -> int:
@@ -80,6 +84,46 @@ def remove_temp_files(folder: str | Path, pids: set[int] | frozenset[int]) -> li
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file that guards producing ``path``: ``<path>.lock``, beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def file_lock(path: str | Path, what: str = "") -> Iterator[bool]:
+    """Hold an exclusive lock on the lock file ``path`` while the block runs, so that two
+    processes (or threads) sharing a cache do not produce the same file at once: the second
+    waits, then (re-checking in the block) finds the file there. ``what`` names what the
+    lock guards in the one log line a wait prints.
+
+    The lock is the operating system's (``filelock``: flock on Unix), so a process that dies
+    releases it; the (empty) lock file stays. Where it cannot be created (a read-only cache,
+    someone else's file) the block runs unlocked, as it did before there were locks; the
+    block receives whether it holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    lock = FileLock(str(path))
+    locked = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("waiting for another process to finish %s (lock %s)", what or path.stem, path)
+            lock.acquire()
+        locked = True
+    except OSError as err:  # Timeout is one too, but only the first acquire has a timeout
+        logger.debug("cannot lock %s (%s); going on without the lock", path, err)
+    try:
+        yield locked
+    finally:
+        if locked:
+            lock.release()
 
 
 def _write_stream(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:

@@ -8,12 +8,16 @@ kind, its spec and the training data. The same spec hash, stamped into a sidecar
 The store also remembers what it loaded in this process: the module under a name of the
 caller's choosing ("A", "AT-A", "shield-s") and the file it came from, with the file's SHA-256
 prefix, so that records can say which bytes they were measured on.
+
+Processes may share a store: an artifact is trained under its lock file (:meth:`ArtifactStore.lock`),
+and every file is written atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from .records import config_hash
-from .io import write_json_atomic
+from .io import file_lock, lock_path, write_json_atomic
 from .models import io as weights_io
 
 
@@ -72,6 +76,13 @@ class ArtifactStore:
                 except (OSError, json.JSONDecodeError):
                     continue
         return path if path.exists() else None
+
+    @staticmethod
+    def lock(path: Path) -> AbstractContextManager[bool]:
+        """Held while the artifact ``path`` is trained (``<file>.lock`` beside it), so that two
+        processes sharing this store train it once: the second waits, then finds the file (the
+        caller looks again once it holds the lock)."""
+        return file_lock(lock_path(path), f"training {path.name}")
 
     @staticmethod
     def stamp(path: Path, key: str) -> None:
