@@ -205,7 +205,8 @@ def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
             logger.info("signal %d: stopping %d worker process(es)", signals.received[0], jobs)
             _stop_workers(pool, folders)
             signals.redeliver()
-            raise KeyboardInterrupt  # the previous handler returned: the run cannot go on anyway
+            # The previous handler returned (or there was none of ours): the run cannot go on.
+            raise KeyboardInterrupt(f"stopped by signal {signals.received[0]}")
         pool.shutdown(wait=True)
     return timings
 
@@ -247,9 +248,11 @@ class _Signals:
 
     def redeliver(self) -> None:
         """Put the previous handlers back and raise the first noted signal again, so that its
-        handler (or the default action) runs now."""
+        handler (or the default action) runs now; a signal that came from a worker's result,
+        not to a handler of ours, is left to the caller."""
+        installed = set(self._previous)
         self._restore()
-        if self.received:
+        if self.received and self.received[0] in installed:
             signal.raise_signal(self.received[0])
 
 
