@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from aeshield.experiments.zoo import ModelZoo
-from aeshield.io import file_lock, lock_path, write_bytes_atomic
+from aeshield.io import file_lock, lock_path, write_bytes_atomic, write_json_atomic
 from aeshield.store import ArtifactStore
 
 fetch_mod = importlib.import_module("aeshield.data.fetch")  # the package exports a function of that name
@@ -88,10 +88,12 @@ def test_two_runners_missing_one_artifact_train_it_once_and_both_load_it(tmp_pat
         zoo.store, zoo.timings = store, {}
         path, key = store.path("classifier", {"model": "fake"})
 
-        def train() -> None:
+        def train() -> None:  # as the zoo's trainers do: weights, sidecar, then the key stamped in
             trainings.append(threading.get_ident())
             time.sleep(SLOW)
             write_bytes_atomic(path, b"weights")
+            write_json_atomic(path.with_suffix(".json"), {"architecture": "fake"})
+            store.stamp(path, key)
 
         def load(found: Path) -> nn.Module:
             loaded.append(found.read_bytes())
@@ -120,3 +122,15 @@ def test_an_artifact_lock_serializes_more_than_two_callers(tmp_path, n=3):
 
     assert _at_once(produce, n) == [b"once"] * n
     assert produced == [1]
+
+
+def test_weights_whose_sidecar_was_not_stamped_yet_do_not_count_as_trained(tmp_path):
+    # A run stopped between writing the weights and stamping their sidecar: train them again.
+    store = ArtifactStore(tmp_path, data_hash="d", use_shipped=False)
+    path, key = store.path("classifier", {"model": "fake"})
+    write_bytes_atomic(path, b"weights")
+    assert store.find(path, key) is None
+    write_json_atomic(path.with_suffix(".json"), {"architecture": "fake"})
+    assert store.find(path, key) is None
+    store.stamp(path, key)
+    assert store.find(path, key) == path

@@ -63,10 +63,10 @@ class ArtifactStore:
 
     def find(self, path: Path, key: str) -> Path | None:
         """The shipped file of this key if there is one (unless ``use_shipped`` is off), else
-        the cached ``path`` if it exists. Shipped first: those are the bytes a clean checkout
-        evaluates, so the records a maintainer commits after ``--ship`` are the ones every user
-        finds up to date (cache first had kept them on the float32 originals, stale everywhere
-        else)."""
+        the cached ``path`` if it is complete (:meth:`complete`). Shipped first: those are the
+        bytes a clean checkout evaluates, so the records a maintainer commits after ``--ship``
+        are the ones every user finds up to date (cache first had kept them on the float32
+        originals, stale everywhere else)."""
         shipped = weights_io.shipped_dir()
         if self.use_shipped and shipped.exists():
             for side in sorted(shipped.glob("*.json")):
@@ -75,7 +75,18 @@ class ArtifactStore:
                         return side.with_suffix(".safetensors")
                 except (OSError, json.JSONDecodeError):
                     continue
-        return path if path.exists() else None
+        return path if self.complete(path, key) else None
+
+    @staticmethod
+    def complete(path: Path, key: str) -> bool:
+        """Whether the cached ``path`` is a finished artifact of ``key``: training writes the
+        weights, then their sidecar, then stamps ``key`` into it (:meth:`stamp`), each file
+        atomically, so a run stopped between those writes left weights that do not count yet
+        (the next run trains them again, from the checkpoint where one remains)."""
+        try:
+            return path.exists() and json.loads(path.with_suffix(".json").read_text()).get("spec_hash") == key
+        except (OSError, ValueError):
+            return False
 
     @staticmethod
     def lock(path: Path) -> AbstractContextManager[bool]:
