@@ -38,7 +38,7 @@ def compare(before: Path, after: Path) -> list[str]:
     names |= {p.relative_to(after) for p in after.rglob("*") if p.is_file()}
     for rel in sorted(names):
         a, b = before / rel, after / rel
-        if rel.suffix in (".log", ".png", ".txt", ".md", ".ckpt") or rel.name.endswith(".manifest.json") \
+        if rel.suffix in (".log", ".png", ".txt", ".md", ".ckpt", ".lock") or rel.name.endswith(".manifest.json") \
                 or rel.name == "manifest.json":
             continue
         if not a.exists() or not b.exists():

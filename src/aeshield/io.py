@@ -3,17 +3,26 @@
 Every result, checkpoint, weight file, data file and figure is written to a unique temporary
 file in the destination's folder and renamed over the destination, so a crash or Ctrl-C never
 leaves half a file under the real name, and two processes sharing a cache never read each
-other's partial output. A failed write removes its temporary file.
+other's partial output. A failed write removes its temporary file, and so does an interrupted
+one (Ctrl-C, or SIGTERM where the process turns it into an exception, as ``aeshield`` and its
+worker processes do). A temporary name carries the writer's process id
+(``.<name>.<pid>.<random><suffix>``), so that a process that had to kill a writer outright can
+remove what it left (:func:`remove_temp_files`) without touching another process's files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+logger = logging.getLogger(__name__)
 
 
 def _umask_mode() -> int:
@@ -36,7 +45,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -50,6 +59,71 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# ".<name>.<pid>.<mkstemp's 8 random characters>.tmp[<suffix>]"
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")
+
+
+def is_temp_file(path: str | Path, pid: int | None = None) -> bool:
+    """Whether ``path`` is named as :func:`write_atomic`'s temporary files are (by process
+    ``pid``, when given)."""
+    match = _TEMP_NAME.match(Path(path).name)
+    return match is not None and (pid is None or int(match.group(1)) == pid)
+
+
+def remove_temp_files(folder: str | Path, pids: set[int] | frozenset[int]) -> list[Path]:
+    """Remove the temporary files that processes ``pids`` (killed before they could clean up)
+    left anywhere under ``folder``; returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not pids or not folder.is_dir():
+        return removed
+    for candidate in folder.rglob(".*"):
+        if candidate.is_file() and any(is_temp_file(candidate, pid) for pid in pids):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file that guards producing ``path``: ``<path>.lock``, beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def file_lock(path: str | Path, what: str = "") -> Iterator[bool]:
+    """Hold an exclusive lock on the lock file ``path`` while the block runs, so that two
+    processes (or threads) sharing a cache do not produce the same file at once: the second
+    waits, then (re-checking in the block) finds the file there. ``what`` names what the
+    lock guards in the one log line a wait prints.
+
+    The lock is the operating system's (``filelock``: flock on Unix), so a process that dies
+    releases it; the (empty) lock file stays. Where it cannot be created (a read-only cache,
+    someone else's file) the block runs unlocked, as it did before there were locks; the
+    block receives whether it holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    lock = FileLock(str(path))
+    locked = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("waiting for another process to finish %s (lock %s)", what or path.stem, path)
+            lock.acquire()
+        locked = True
+    except OSError as err:  # Timeout is one too, but only the first acquire has a timeout
+        logger.debug("cannot lock %s (%s); going on without the lock", path, err)
+    try:
+        yield locked
+    finally:
+        if locked:
+            lock.release()
 
 
 def _write_stream(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:

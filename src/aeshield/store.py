@@ -8,12 +8,16 @@ kind, its spec and the training data. The same spec hash, stamped into a sidecar
 The store also remembers what it loaded in this process: the module under a name of the
 caller's choosing ("A", "AT-A", "shield-s") and the file it came from, with the file's SHA-256
 prefix, so that records can say which bytes they were measured on.
+
+Processes may share a store: an artifact is trained under its lock file (:meth:`ArtifactStore.lock`),
+and every file is written atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from .records import config_hash
-from .io import write_json_atomic
+from .io import file_lock, lock_path, write_json_atomic
 from .models import io as weights_io
 
 
@@ -59,10 +63,10 @@ class ArtifactStore:
 
     def find(self, path: Path, key: str) -> Path | None:
         """The shipped file of this key if there is one (unless ``use_shipped`` is off), else
-        the cached ``path`` if it exists. Shipped first: those are the bytes a clean checkout
-        evaluates, so the records a maintainer commits after ``--ship`` are the ones every user
-        finds up to date (cache first had kept them on the float32 originals, stale everywhere
-        else)."""
+        the cached ``path`` if it is complete (:meth:`complete`). Shipped first: those are the
+        bytes a clean checkout evaluates, so the records a maintainer commits after ``--ship``
+        are the ones every user finds up to date (cache first had kept them on the float32
+        originals, stale everywhere else)."""
         shipped = weights_io.shipped_dir()
         if self.use_shipped and shipped.exists():
             for side in sorted(shipped.glob("*.json")):
@@ -71,7 +75,25 @@ class ArtifactStore:
                         return side.with_suffix(".safetensors")
                 except (OSError, json.JSONDecodeError):
                     continue
-        return path if path.exists() else None
+        return path if self.complete(path, key) else None
+
+    @staticmethod
+    def complete(path: Path, key: str) -> bool:
+        """Whether the cached ``path`` is a finished artifact of ``key``: training writes the
+        weights, then their sidecar, then stamps ``key`` into it (:meth:`stamp`), each file
+        atomically, so a run stopped between those writes left weights that do not count yet
+        (the next run trains them again, from the checkpoint where one remains)."""
+        try:
+            return path.exists() and json.loads(path.with_suffix(".json").read_text()).get("spec_hash") == key
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
+    def lock(path: Path) -> AbstractContextManager[bool]:
+        """Held while the artifact ``path`` is trained (``<file>.lock`` beside it), so that two
+        processes sharing this store train it once: the second waits, then finds the file (the
+        caller looks again once it holds the lock)."""
+        return file_lock(lock_path(path), f"training {path.name}")
 
     @staticmethod
     def stamp(path: Path, key: str) -> None:

@@ -20,6 +20,7 @@ from .data import data
 from .evaluate import eval_cmd
 from .models import models_cmd
 from .results import report_cmd, reproduce_cmd, targets_cmd
+from .signals import install_signal_handlers
 from .train import train
 
 
@@ -86,6 +87,7 @@ def _describe(err: BaseException) -> str:
 def main(verbose: bool, debug: bool) -> None:
     """aeshield: autoencoder shields for frozen classifiers, and attacks that test them."""
     _setup_logging(verbose)
+    install_signal_handlers()  # SIGINT/SIGTERM: clean stop, one line, exit 130/143 (cli/signals.py)
 
 
 for _command, _name in ((data, "data"), (models_cmd, "models"), (train, "train"), (eval_cmd, "eval"),

@@ -5,7 +5,9 @@ fallbacks that are reachable where the official hosts are not. Whatever the chan
 uncompressed bytes are verified against checksums shipped with the package
 (``checksums.sha256``; the CIFAR-10 python batches against the md5 values published with
 them), and files are written atomically (staging file in the same directory, then
-:func:`os.replace`), so an interrupted fetch never leaves a half-written file behind.
+:func:`os.replace`), so an interrupted fetch never leaves a half-written file behind. Two
+processes sharing a cache fetch a dataset one at a time (the lock file ``<name>.lock`` beside
+its folder): the second waits, then finds it verified.
 
 Cache layout: ``<cache>/data/<name>/`` where ``<cache>`` is :func:`cache_dir`.
 
@@ -46,7 +48,7 @@ from pathlib import Path, PurePosixPath
 import platformdirs
 
 from ..errors import AeshieldError
-from ..io import write_bytes_atomic
+from ..io import file_lock, lock_path, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -710,9 +712,12 @@ def fetch_info(name: str, root: str | Path | None = None) -> FetchResult:
             each source tried, why it failed, and what to do).
     """
     key = canonical_name(name)
-    if key == "cifar10":
-        return _fetch_cifar10(root)
-    return _fetch_idx(key, root)
+    # One process at a time per dataset and cache: another one fetching or extracting it into
+    # the same cache is waited for, and its verified files are then found here.
+    with file_lock(lock_path(dataset_dir(key, root)), f"fetching {key}"):
+        if key == "cifar10":
+            return _fetch_cifar10(root)
+        return _fetch_idx(key, root)
 
 
 def fetch(name: str, root: str | Path | None = None) -> Path:

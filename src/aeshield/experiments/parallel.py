@@ -14,16 +14,22 @@ not need it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..io import remove_temp_files
 from ..store import ArtifactStore
 from .config import ExperimentConfig
 from .methods import get_method
@@ -138,7 +144,15 @@ def _previous_cost(runner: Runner, row_label: str, classifier: str, suite: str) 
 
 def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
     """Fill the runner's cache and records with ``jobs`` worker processes; returns the
-    workers' timings (training and evaluation seconds by task)."""
+    workers' timings (training and evaluation seconds by task).
+
+    Ctrl-C (SIGINT) or SIGTERM stops every worker within a few seconds: the workers unwind
+    their task (an atomic write removes its temporary file; finished files and training
+    checkpoints stay, so the next run resumes), one still running after ``STOP_GRACE_SECONDS``
+    is killed and its temporary files removed, and then the signal goes on to the handler that
+    was there before (the CLI's, Python's KeyboardInterrupt, or the default). A failing task
+    stops the other workers the same way before its exception propagates.
+    """
     tasks = plan(runner)
     if not tasks:
         return {}
@@ -151,44 +165,231 @@ def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
     start = time.perf_counter()
     logger.info("%d task(s) on %d worker process(es), %d thread(s) each", len(tasks), jobs, threads)
     context = multiprocessing.get_context("spawn")  # fork after torch's threads start is unsafe
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, logging.getLogger().getEffectiveLevel())) as pool:
-        while True:
-            ready = [t for t in tasks if not t.done and t not in in_flight.values()
-                     and all(by_key[d].done for d in t.deps)]
-            # Training first (it unblocks others), then the cells that took longest last time.
-            ready.sort(key=lambda t: (t.kind == "cell", -t.cost))
-            for task in ready[:jobs - len(in_flight)]:
-                in_flight[pool.submit(_run_task, settings, task)] = task
-            if not in_flight:
-                break
-            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = in_flight.pop(future)
-                try:
-                    timings.update(future.result())
-                except BaseException:
-                    for other in in_flight:
-                        other.cancel()
-                    logger.error("task %s failed; stopping the other workers", task.key)
-                    raise
-                task.done = True
-                logger.info("done %s (%d/%d, %.0fs elapsed)", task.key,
-                            sum(t.done for t in tasks), len(tasks), time.perf_counter() - start)
+    folders = (Path(runner.out_root), Path(runner.store.root))  # where workers write
+    with _Signals() as signals:
+        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                   initargs=(threads, logging.getLogger().getEffectiveLevel()))
+        try:
+            while not signals.received:
+                ready = [t for t in tasks if not t.done and t not in in_flight.values()
+                         and all(by_key[d].done for d in t.deps)]
+                # Training first (it unblocks others), then the cells that took longest last time.
+                ready.sort(key=lambda t: (t.kind == "cell", -t.cost))
+                for task in ready[:jobs - len(in_flight)]:
+                    in_flight[pool.submit(_run_task, settings, task)] = task
+                if not in_flight:
+                    break
+                # A timeout, so that a noted signal is acted on within a fraction of a second.
+                finished, _ = wait(in_flight, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
+                if signals.received:
+                    break
+                for future in finished:
+                    task = in_flight.pop(future)
+                    try:
+                        timings.update(future.result())
+                    except _Stop:  # someone sent that worker SIGTERM: the run stops as if we got it
+                        logger.warning("the worker running %s was terminated", task.key)
+                        signals.received.append(signal.SIGTERM)
+                        break
+                    except BaseException:
+                        logger.error("task %s failed; stopping the other workers", task.key)
+                        raise
+                    task.done = True
+                    logger.info("done %s (%d/%d, %.0fs elapsed)", task.key,
+                                sum(t.done for t in tasks), len(tasks), time.perf_counter() - start)
+        except BaseException:
+            _stop_workers(pool, folders)
+            signals.redeliver()  # a signal that came meanwhile wins (a worker it killed broke the pool)
+            raise
+        if signals.received:
+            logger.info("signal %d: stopping %d worker process(es)", signals.received[0], jobs)
+            _stop_workers(pool, folders)
+            signals.redeliver()
+            # The previous handler returned (or there was none of ours): the run cannot go on.
+            raise KeyboardInterrupt(f"stopped by signal {signals.received[0]}")
+        pool.shutdown(wait=True)
     return timings
+
+
+STOP_GRACE_SECONDS = 3.0  # a worker's time to unwind its task after SIGTERM before it is killed
+_POLL_SECONDS = 0.2
+
+
+class _Signals:
+    """While the pool runs, SIGINT and SIGTERM are noted rather than raised in the middle of the
+    executor's bookkeeping; the loop then stops the workers and hands the signal on to the
+    handler that was installed before (:meth:`redeliver`). Signals ignored before stay ignored;
+    off the main thread (where handlers cannot be set) nothing changes."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(signum)
+                if previous in (signal.SIG_IGN, None):
+                    continue
+                self._previous[signum] = previous
+                signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def redeliver(self) -> None:
+        """Put the previous handlers back and raise the first noted signal again, so that its
+        handler (or the default action) runs now; a signal that came from a worker's result,
+        not to a handler of ours, is left to the caller."""
+        installed = set(self._previous)
+        self._restore()
+        if self.received and self.received[0] in installed:
+            signal.raise_signal(self.received[0])
+
+
+def _stop_workers(pool: ProcessPoolExecutor, folders: tuple[Path, ...]) -> None:
+    """Cancel what has not started, SIGTERM every worker (they unwind their task and exit),
+    SIGKILL any still alive after ``STOP_GRACE_SECONDS``, then remove whatever temporary files
+    the workers left under ``folders`` (their names carry the writer's pid)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        _signal_process(process, signal.SIGTERM)
+    alive = _alive(processes, STOP_GRACE_SECONDS)
+    for process in alive:
+        logger.warning("worker %d did not stop within %.0fs; killing it", process.pid, STOP_GRACE_SECONDS)
+        _signal_process(process, signal.SIGKILL)
+    _alive(alive, 2.0)
+    pids = {p.pid for p in processes if p.pid is not None}
+    for folder in folders:
+        for path in remove_temp_files(folder, pids):
+            logger.info("removed %s, left by a stopped worker", path)
+    pool.shutdown(wait=True)
+
+
+def _signal_process(process: Any, signum: int) -> None:
+    if not _alive([process]):
+        return
+    try:
+        os.kill(process.pid, signum)
+    except ProcessLookupError:
+        pass  # gone meanwhile
+
+
+def _alive(processes: list, timeout: float = 0.0) -> list:
+    """The ``processes`` still running after waiting up to ``timeout`` seconds for them to exit.
+    Read from their sentinels (readable once a process has exited), not from ``exitcode``: the
+    pool's own thread may reap them concurrently."""
+    deadline = time.monotonic() + timeout
+    alive = list(processes)
+    while alive:
+        ready = set(multiprocessing.connection.wait([p.sentinel for p in alive],
+                                                    timeout=max(0.0, deadline - time.monotonic())))
+        alive = [p for p in alive if p.sentinel not in ready]
+        if time.monotonic() >= deadline:
+            break
+    return alive
 
 
 _WORKER_RUNNERS: dict[tuple, Runner] = {}
 
+# A worker's state as SIGTERM sees it. A stop is cooperative: the task unwinds (an atomic write
+# removes its temporary file), its _Stop goes back to the pool as the task's result, and the
+# worker then exits normally on the pool's end-of-work sentinel, so that its exit handlers run
+# (a worker ended with os._exit leaves semaphores that the resource tracker complains about).
+_IN_TASK = False
+_STOPPING = False
+
+
+class _Stop(BaseException):
+    """SIGTERM in a worker, raised inside its task so that the task unwinds before the worker
+    exits."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _STOPPING
+    first, _STOPPING = not _STOPPING, True
+    if _IN_TASK:
+        if first:
+            raise _Stop
+        return  # already unwinding: the parent kills a worker that takes too long
+    if _parent_gone():
+        raise SystemExit(128 + signum)  # orphaned (the parent was killed): no sentinel will come
+    # Idle: the pool's sentinel ends this worker once the running tasks are back.
+
 
 def _init_worker(threads: int, log_level: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _watch_parent()
+    atexit.register(_exit_now_if_stopped)
     import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=log_level, format="%(asctime)s [worker %(process)d] %(message)s")
 
 
+def _exit_now_if_stopped() -> None:
+    """A stopped worker's last exit handler (its multiprocessing finalizers have run by then):
+    skip the interpreter's teardown, which frees the runner's tensors and modules one by one
+    and takes seconds on a busy machine."""
+    if _STOPPING:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(128 + signal.SIGTERM)
+
+
+def _watch_parent() -> None:
+    """A thread that sends this worker SIGTERM when the parent process is gone (killed with
+    SIGKILL, say, which no handler of the parent sees): the worker then stops as on the
+    parent's SIGTERM, and exits since no end-of-work sentinel will come."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="aeshield-parent-watch", daemon=True).start()
+
+
+def _parent_gone() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is not None and bool(multiprocessing.connection.wait([parent.sentinel], timeout=0))
+
+
 def _run_task(settings: tuple, task: Task) -> dict[str, float]:
+    global _IN_TASK
+    _IN_TASK = True
+    try:
+        if _STOPPING:
+            raise _Stop
+        return _run(settings, task)
+    except _Stop:
+        logger.info("stopped during %s", task.key)
+        if _parent_gone():
+            os._exit(128 + signal.SIGTERM)  # orphaned: the pool will never end this worker
+        raise
+    finally:
+        _IN_TASK = False
+
+
+def _run(settings: tuple, task: Task) -> dict[str, float]:
     runner_class, config, out_root, artifacts, use_shipped, device = settings
     key = (config.name, config.profile, out_root, artifacts, use_shipped, device)
     runner = _WORKER_RUNNERS.get(key)

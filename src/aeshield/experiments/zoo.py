@@ -100,16 +100,21 @@ class ModelZoo:
     def _artifact(self, name: str, path: Path, key: str, timing: str, train: Callable[[], None],
                   load: Callable[[Path], nn.Module]) -> nn.Module:
         """The module remembered as ``name``, else loaded from the stored file of ``key``
-        (shipped or cached), after ``train()`` writes ``path`` if there is none."""
+        (shipped or cached), after ``train()`` writes ``path`` if there is none (under the
+        store's lock on ``path``: a process that trains the same artifact is waited for)."""
         loaded = self.store.loaded(name)
         if loaded is not None:
             return loaded
         found = self.store.find(path, key)
         if found is None:
-            start = time.perf_counter()
-            train()
-            self.timings[timing] = time.perf_counter() - start
-            found = path
+            # Another process sharing the store may be training it: wait for it, then look again.
+            with self.store.lock(path):
+                found = self.store.find(path, key)
+                if found is None:
+                    start = time.perf_counter()
+                    train()
+                    self.timings[timing] = time.perf_counter() - start
+                    found = path
         return self.store.remember(name, load(found), found)
 
     def classifier(self, name: str) -> nn.Module:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ...eval.harness import AttackSpec
+from ...io import save_figure_atomic
 from ...records import Accuracy
 from ..config import ExperimentConfig, spec_dict
 from ..record_cache import RecordCache
@@ -97,13 +98,10 @@ def pyplot() -> Any:
 
 
 def save_png(fig: Any, path: Path) -> Path:
-    """Write a figure atomically and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    pyplot().close(fig)
-    tmp.replace(path)
-    return path
+    """Write a figure atomically (``io.save_figure_atomic``: a unique temporary file, removed if
+    the write fails or is interrupted) and close it."""
+    pyplot()  # the file-only backend, before save_figure_atomic imports pyplot to close the figure
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def fmt_mean(m: dict[str, Any], digits: int = 3) -> str:

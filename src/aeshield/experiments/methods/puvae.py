@@ -15,6 +15,7 @@ from torch import nn
 
 from ...defenses import puvae
 from ...defenses.base import Shielded
+from ...io import write_atomic
 from ...records import config_hash
 from ...models.io import load_weights, save_weights, shipped_dir
 from ..config import spec_dict
@@ -90,8 +91,9 @@ def _train(runner: "Runner", spec: PuVAESpec, path: Path) -> None:
                 continue
             if meta.get("method") == "puvae" and _same_training(meta, key, spec, runner) and \
                     side.with_suffix(".safetensors").exists() and side.with_suffix(".safetensors") != path:
-                shutil.copyfile(side.with_suffix(".safetensors"), path)
-                shutil.copyfile(side, path.with_suffix(".json"))
+                # Sidecar first: the weights file, last, is what says the artifact is there.
+                for source, target in ((side, path.with_suffix(".json")), (side.with_suffix(".safetensors"), path)):
+                    write_atomic(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
                 logger.info("PuVAE %s: reusing the VAE trained for %s", path.name, side.name)
                 return
     classifier = runner.classifier(spec.against[0])

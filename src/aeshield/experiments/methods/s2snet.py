@@ -12,6 +12,7 @@ from torch import nn
 
 from ...defenses import s2snet
 from ...defenses.base import Shielded
+from ...io import file_lock, lock_path
 from ...records import config_hash
 from ...models.io import load_weights, save_weights
 from ...train.classifier import accuracy
@@ -53,19 +54,20 @@ def _stage1(runner: "Runner", spec: S2SNetSpec) -> nn.Module:
                 "seed": runner.config.seed}
     key = config_hash({"kind": "s2snet-stage1", "spec": settings, "data": runner.train.sha256})
     path = runner.artifacts / f"s2snet-stage1-{key}.safetensors"
-    if path.exists():
-        model, _ = load_weights(path, architecture=spec.autoencoder, device=runner.device)
-        return model
-    start = time.perf_counter()
-    trained = s2snet.train(replace(config(spec, runner.config.seed), loss="none"), [],
-                           runner.train_subset(spec.train_limit),
-                           val=runner.val.subset(spec.val_n, seed=1),
-                           checkpoint=path.with_suffix(".ckpt"), progress=runner.progress,
-                           device=runner.device)
-    save_weights(trained.module, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
-                 kind="autoencoder", method="s2snet-stage1", config=settings, history=trained.history,
-                 data_hash=runner.train.sha256)
-    path.with_suffix(".ckpt").unlink(missing_ok=True)
+    with file_lock(lock_path(path), f"training {path.name}"):  # another process may be training it
+        if path.exists():
+            model, _ = load_weights(path, architecture=spec.autoencoder, device=runner.device)
+            return model
+        start = time.perf_counter()
+        trained = s2snet.train(replace(config(spec, runner.config.seed), loss="none"), [],
+                               runner.train_subset(spec.train_limit),
+                               val=runner.val.subset(spec.val_n, seed=1),
+                               checkpoint=path.with_suffix(".ckpt"), progress=runner.progress,
+                               device=runner.device)
+        save_weights(trained.module, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
+                     kind="autoencoder", method="s2snet-stage1", config=settings, history=trained.history,
+                     data_hash=runner.train.sha256)
+        path.with_suffix(".ckpt").unlink(missing_ok=True)
     runner.timings["train s2snet stage 1"] = time.perf_counter() - start
     return trained.module
 
