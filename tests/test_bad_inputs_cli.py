@@ -83,7 +83,8 @@ CASES = [
     ("train-aaa-loss", "train aaa --classifier mnist-b --dataset mnist --loss l1 --out {f}/o/g"),
     ("train-aaa-corrupt-classifier", "train aaa --classifier {f}/corrupt.safetensors --dataset mnist --out {f}/o/g"),
     ("train-aaa-shield-as-classifier", "train aaa --classifier aaa-mnist --dataset mnist --out {f}/o/g"),
-    ("train-aaa-unknown-autoencoder", "train aaa --classifier mnist-b --dataset mnist --autoencoder unet-q --out {f}/o/g"),
+    ("train-aaa-unknown-autoencoder",
+     "train aaa --classifier mnist-b --dataset mnist --autoencoder unet-q --out {f}/o/g"),
     ("train-puvae-epochs-0", "train puvae --classifier mnist-b --dataset mnist --epochs 0 --out {f}/o/p"),
     ("train-magnet-batch-0", "train magnet --dataset mnist --batch-size 0 --out {f}/o/m"),
     # eval
