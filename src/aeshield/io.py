@@ -3,13 +3,16 @@
 Every result, checkpoint, weight file, data file and figure is written to a unique temporary
 file in the destination's folder and renamed over the destination, so a crash or Ctrl-C never
 leaves half a file under the real name, and two processes sharing a cache never read each
-other's partial output. A failed write removes its temporary file.
+other's partial output. A failed write removes its temporary file; a killed one (SIGKILL
+cannot be caught) leaves it behind, and ``remove_temporaries`` clears those of a file that the
+caller owns (a trainer, when it starts, for its checkpoint and its output weights).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +30,17 @@ FILE_MODE = _umask_mode()
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str = ".tmp",
-                 keep_if: Callable[[Path, Path], bool] | None = None) -> Path:
+                 keep_if: Callable[[Path, Path], bool] | None = None,
+                 before_replace: Callable[[Path], None] | None = None) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
 
     ``suffix`` ends the temporary name (matplotlib picks a figure's format from it).
     ``keep_if(old, new)``, when given and true for an existing ``path``, keeps the old file
     untouched (for writers whose output should not change the bytes that records hash).
+    ``before_replace(final)`` is called with the file whose bytes ``path`` will hold (the
+    temporary, or the old file that ``keep_if`` keeps) just before the rename: a companion
+    file that records those bytes is written there, so that a crash between the two files
+    leaves a pair whose record does not match rather than a silently mixed one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,12 +52,45 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str
         os.chmod(tmp, FILE_MODE)  # after the writer, which may have recreated the file as 0600
         if keep_if is not None and path.exists() and keep_if(path, tmp):
             tmp.unlink()
+            if before_replace is not None:
+                before_replace(path)
         else:
+            if before_replace is not None:
+                before_replace(tmp)
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def temporaries(path: str | Path) -> list[Path]:
+    """The temporary files ``write_atomic`` made for ``path`` and never renamed (a writer killed
+    mid-write): ``.<name>.<8 random characters>.tmp[<suffix>]`` in ``path``'s folder."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp(\.[^.]*)?")
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def remove_temporaries(*paths: str | Path) -> list[Path]:
+    """Delete the temporaries left beside each of ``paths`` by writers killed mid-write; returns them.
+
+    Call it only for files the caller owns (a trainer's checkpoint and output), when no other
+    live process writes them: a temporary being filled right now looks the same as a stale one.
+    """
+    removed = []
+    for path in paths:
+        for tmp in temporaries(path):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(tmp)
+    return removed
 
 
 def _write_stream(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:
