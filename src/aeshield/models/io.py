@@ -161,8 +161,8 @@ def check_pair(path: str | Path, side: dict) -> None:
         raise CheckpointError(
             f"{path} does not match its sidecar {sidecar_path(path).name}: the sidecar was written for "
             f"weights with SHA-256 {recorded[:12]}..., the file has {actual[:12]}... (a save interrupted "
-            "between the two files, or one of them copied from another save); re-run the command that "
-            "wrote them")
+            "between the two files, one of them copied from another save, or a damaged file); re-run the "
+            "command that wrote them")
 
 
 def shipped_dir() -> Path:
@@ -200,7 +200,6 @@ def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
     side = read_sidecar(path)
     if side.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an aeshield weight file (format {side.get('format')!r})")
-    check_pair(path, side)
     if architecture is not None and side["architecture"] != architecture:
         raise CheckpointError(f"{path} holds a {side['architecture']!r} model, not the requested "
                               f"{architecture!r}; pass the matching --model or another file")
@@ -216,6 +215,7 @@ def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
         state = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path} could not be read ({err}); the file is damaged, re-create it") from err
+    check_pair(path, side)  # after the read, so that a file that does not even parse is called damaged
     # Shipped float16 tensors are cast to the model's dtype by load_state_dict's copy.
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
