@@ -131,12 +131,11 @@ def _killed(env, trainer: str, out: Path, mode: str, k: int, log: Path) -> subpr
                                 stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-_runs: dict[tuple[str, int], Path] = {}
-
-
 @pytest.fixture(scope="module")
 def trained(env, tmp_path_factory):
     """``trained(trainer, seed)``: the output of an uninterrupted run, trained once per module."""
+    _runs: dict[tuple[str, int], Path] = {}
+
     def get(trainer: str, seed: int = 0) -> Path:
         if (trainer, seed) not in _runs:
             out = tmp_path_factory.mktemp(f"{trainer}-seed{seed}") / "out.safetensors"
