@@ -96,5 +96,5 @@ def test_load_refuses_wrong_architecture_dataset_and_damage(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="damaged"):
         load_weights(path)
-    with pytest.raises(FileNotFoundError, match="shipped names"):
+    with pytest.raises(FileNotFoundError, match="a shipped name"):
         load_weights(tmp_path / "nothing.safetensors")

@@ -35,15 +35,44 @@ def test_loop_resume_after_kill_matches_uninterrupted(tmp_path):
             loss = F.cross_entropy(model(xb), yb)
             return loss, {"loss": loss.detach()}
         cfg = LoopConfig(epochs=3, batch_size=32, checkpoint_every=1, max_steps=max_steps)
-        fit({"model": model}, opt, step, x, y, cfg, checkpoint=ckpt, progress=False)
-        return model
+        result = fit({"model": model}, opt, step, x, y, cfg, checkpoint=ckpt, progress=False)
+        return model, result
 
-    reference = run()
+    reference, ref_result = run()
     ckpt = tmp_path / "loop.ckpt"
-    run(max_steps=4, ckpt=ckpt)  # "killed" after 4 of 9 steps
-    resumed = run(ckpt=ckpt)  # a fresh process would start the same way
+    run(max_steps=4, ckpt=ckpt)  # "killed" after 4 of 9 steps: in the middle of epoch 2
+    stale_tmp = tmp_path / ".loop.ckpt.abcd1234.tmp"  # a checkpoint write killed half-way
+    stale_tmp.write_bytes(b"half a checkpoint")
+    resumed, result = run(ckpt=ckpt)  # a fresh process would start the same way
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+    # Epoch 2's train_loss averages all three of its steps, also those before the kill.
+    assert result.history == ref_result.history and result.steps == ref_result.steps == 9
+    assert not stale_tmp.exists()
+
+
+def test_loop_resume_keeps_the_early_stopping_count(tmp_path):
+    x, y = _data()
+    val_losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+    def run(max_steps=None, ckpt=None, losses=None):
+        model = tiny_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+        def step(xb, yb, gen):
+            loss = F.cross_entropy(model(xb), yb)
+            return loss, {"loss": loss.detach()}
+        cfg = LoopConfig(epochs=6, batch_size=32, checkpoint_every=1, max_steps=max_steps,
+                         early_stop_patience=2)
+        return fit({"model": model}, opt, step, x, y, cfg, checkpoint=ckpt, progress=False,
+                   val_fn=lambda: {"val_loss": next(losses)})
+
+    reference = run(losses=iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    assert len(reference.history) == 3  # no improvement after epoch 1: stops after epoch 3
+    ckpt = tmp_path / "loop.ckpt"
+    run(max_steps=7, ckpt=ckpt, losses=val_losses)  # killed in epoch 3, one stale epoch counted
+    resumed = run(ckpt=ckpt, losses=val_losses)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
 def test_aaa_updates_only_the_autoencoder():
@@ -79,11 +108,11 @@ def test_aaa_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
         classifiers = [tiny_mlp(16), tiny_mlp(24)]
         torch.manual_seed(1)
         g = ConvAutoencoder()
-        train_aaa(g, classifiers, x, y, AAAConfig(**TINY_AAA), x_val=xv, y_val=yv,
-                  checkpoint=ckpt, progress=False)
-        return g
+        result = train_aaa(g, classifiers, x, y, AAAConfig(**TINY_AAA), x_val=xv, y_val=yv,
+                           checkpoint=ckpt, progress=False)
+        return g, result
 
-    reference = run()
+    reference, ref_result = run()
     ckpt = tmp_path / "aaa.ckpt"
     import aeshield.train.loop as loop
 
@@ -96,9 +125,11 @@ def test_aaa_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr("aeshield.defenses.aaa.fit", killed_fit)
     run(ckpt)
     monkeypatch.setattr("aeshield.defenses.aaa.fit", original)
-    resumed = run(ckpt)
+    resumed, result = run(ckpt)
     for k, v in reference.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+    assert result.history == ref_result.history
+    assert result.visits == ref_result.visits and sum(result.visits) == 6  # the 3 steps before the kill count
 
 
 def test_adversarial_training_changes_the_classifier():

@@ -8,6 +8,8 @@ one (Ctrl-C, or SIGTERM where the process turns it into an exception, as ``aeshi
 worker processes do). A temporary name carries the writer's process id
 (``.<name>.<pid>.<random><suffix>``), so that a process that had to kill a writer outright can
 remove what it left (:func:`remove_temp_files`) without touching another process's files.
+A writer killed outright (SIGKILL cannot be caught) leaves its temporary behind:
+``remove_temporaries`` clears those of a file the caller owns (a trainer, when it starts).
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ FILE_MODE = _umask_mode()
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str = ".tmp",
-                 keep_if: Callable[[Path, Path], bool] | None = None) -> Path:
+                 keep_if: Callable[[Path, Path], bool] | None = None,
+                 before_replace: Callable[[Path], None] | None = None) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
 
     ``suffix`` ends the temporary name (matplotlib picks a figure's format from it).
     ``keep_if(old, new)``, when given and true for an existing ``path``, keeps the old file
     untouched (for writers whose output should not change the bytes that records hash).
+    ``before_replace(final)`` is called with the file whose bytes ``path`` will hold (the
+    temporary, or the old file that ``keep_if`` keeps) just before the rename: a companion
+    file that records those bytes is written there, so that a crash between the two files
+    leaves a pair whose record does not match rather than a silently mixed one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +60,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, suffix: str
         os.chmod(tmp, FILE_MODE)  # after the writer, which may have recreated the file as 0600
         if keep_if is not None and path.exists() and keep_if(path, tmp):
             tmp.unlink()
+            if before_replace is not None:
+                before_replace(path)
         else:
+            if before_replace is not None:
+                before_replace(tmp)
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -124,6 +135,35 @@ def file_lock(path: str | Path, what: str = "") -> Iterator[bool]:
     finally:
         if locked:
             lock.release()
+
+
+def temporaries(path: str | Path) -> list[Path]:
+    """The temporary files ``write_atomic`` made for ``path`` and never renamed (a writer killed
+    mid-write): ``.<name>.<pid>.<8 random characters>.tmp[<suffix>]`` in ``path``'s folder."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+\.)?[a-z0-9_]{{8}}\.tmp(\.[^.]*)?")
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def remove_temporaries(*paths: str | Path) -> list[Path]:
+    """Delete the temporaries left beside each of ``paths`` by writers killed mid-write; returns them.
+
+    Call it only for files the caller owns (a trainer's checkpoint and output), when no other
+    live process writes them: a temporary being filled right now looks the same as a stale one.
+    """
+    removed = []
+    for path in paths:
+        for tmp in temporaries(path):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(tmp)
+    return removed
 
 
 def _write_stream(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:

@@ -59,9 +59,13 @@ def _seeded_model(architecture: str, seed: int):
 
 
 def _weights_path(out: str) -> Path:
-    """``out`` as a .safetensors path, its folder created (not at the first checkpoint, minutes in)."""
+    """``out`` as a .safetensors path, its folder created (not at the first checkpoint, minutes in)
+    and cleared of the temporary files of a save of ``out`` killed mid-write (this run owns ``out``)."""
+    from ..models.io import remove_stale_temporaries
+
     path = Path(out).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     return path
 
 
@@ -175,6 +179,7 @@ def train_puvae_cmd(dataset, classifier, vae, epochs, batch_size, lr, kl_weight,
                          y_val=val.labels, checkpoint=path.with_suffix(".ckpt"), progress=progress)
     save_weights(model, path, architecture=vae, dataset=dataset, kind="shield", method="puvae",
                  trained_against=str(classifier), history=result.history, train_n=len(data))
+    path.with_suffix(".ckpt").unlink(missing_ok=True)
     click.echo(f"saved {path}")
 
 
@@ -206,4 +211,5 @@ def train_magnet_cmd(dataset, autoencoder, noise, epochs, batch_size, lr, train_
                                       checkpoint=path.with_suffix(".ckpt"), progress=progress)
     save_weights(model, path, architecture=autoencoder, dataset=dataset, kind="shield",
                  method="magnet", history=result.history, train_n=len(data))
+    path.with_suffix(".ckpt").unlink(missing_ok=True)
     click.echo(f"saved {path}")

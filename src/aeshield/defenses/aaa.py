@@ -97,6 +97,20 @@ def aaa_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, reconstruction: t
     return total, {"xent": xent.detach(), "mse": mse.detach()}
 
 
+class _Visits:
+    """The per-classifier step counts, checkpointed with the loop so that a resumed run counts
+    the steps before the kill too."""
+
+    def __init__(self, visits: list[int]) -> None:
+        self.visits = visits
+
+    def state_dict(self) -> dict:
+        return {"visits": torch.tensor(self.visits, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.visits[:] = [int(v) for v in state["visits"]]
+
+
 @dataclass
 class AAAResult:
     config: dict
@@ -157,7 +171,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                           early_stop_patience=config.early_stop_patience,
                           val_metric="val_adv_loss")
         result.loop = fit({"autoencoder": autoencoder}, optimizer, step, x, y, loop,
-                          val_fn=val_fn, checkpoint=checkpoint, progress=progress)
+                          val_fn=val_fn, checkpoint=checkpoint, progress=progress,
+                          extra={"visits": _Visits(visits)})
     result.history = result.loop.history
     autoencoder.eval()
     return result

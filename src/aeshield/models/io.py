@@ -3,10 +3,18 @@
 The sidecar names the architecture, dataset and what the weights were trained for, so that
 loading into the wrong model or for the wrong dataset fails with a clear message instead of
 a cryptic shape error (or, worse, silently).
+
+The two files are replaced by two renames, so a crash can fall between them. The sidecar
+therefore records the SHA-256 of the weight bytes it belongs to (``weights_sha256``) and is
+renamed first: a crash between the renames leaves the new sidecar beside the old weights,
+whose hash does not match, and ``load_weights`` refuses the pair instead of describing one
+save's weights with another's sidecar. (Sidecars written before the field existed, such as
+some shipped ones, load as before.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from importlib import resources
@@ -18,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import write_atomic, write_json_atomic
+from ..io import remove_temporaries, write_atomic, write_json_atomic
 from ..records import package_versions
 from .registry import MODELS, create_model
 
@@ -33,7 +41,16 @@ class WeightsNotFound(WeightsError, FileNotFoundError):
 
 
 class CheckpointError(WeightsError):
-    """Weights that do not fit the requested model, dataset or file format."""
+    """Weights that do not fit the requested model, dataset or file format, or whose sidecar
+    was written for other weight bytes (a torn pair)."""
+
+
+SHA_KEY = "weights_sha256"
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -81,7 +98,8 @@ def _same_contents(a: Path, b: Path) -> bool:
 
 def save_weights(model: nn.Module, path: str | Path, *, architecture: str, dataset: str,
                  half: bool = False, **metadata: Any) -> Path:
-    """Write ``path`` (.safetensors) and its JSON sidecar, both atomically.
+    """Write ``path`` (.safetensors) and its JSON sidecar, both atomically, the sidecar first
+    and recording the weights' SHA-256 (so that a crash between the two is detected on load).
 
     ``half`` stores floating-point tensors as float16 (half the size, for shipped weights);
     they load back into float32 models unchanged otherwise, so record any accuracy on the
@@ -99,13 +117,24 @@ def save_weights(model: nn.Module, path: str | Path, *, architecture: str, datas
                                           "dataset": dataset})
         _canonicalize_header(tmp)
 
-    # Same tensors as the file already there: keep its bytes, so records keyed by its hash stay valid.
-    write_atomic(path, write, keep_if=_same_contents)
     side = {"format": FORMAT, "architecture": architecture, "dataset": dataset,
             "storage_dtype": "float16" if half else "float32", "versions": package_versions(),
             **metadata}
-    write_sidecar(sidecar_path(path), side)
+
+    def sidecar_first(final: Path) -> None:
+        write_sidecar(sidecar_path(path), {**side, SHA_KEY: file_sha256(final)})
+
+    # Same tensors as the file already there: keep its bytes, so records keyed by its hash stay valid.
+    write_atomic(path, write, keep_if=_same_contents, before_replace=sidecar_first)
     return path
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files that a save killed mid-write left beside the weights ``path``
+    and its sidecar. Only for an owner of ``path`` (a trainer writing its ``--out``) that no
+    other live process is saving to."""
+    path = weights_path(path)
+    return remove_temporaries(path, sidecar_path(path))
 
 
 def write_sidecar(path: str | Path, side: dict) -> Path:
@@ -119,6 +148,21 @@ def read_sidecar(path: str | Path) -> dict:
         raise CheckpointError(f"{path} has no sidecar {side.name}; aeshield needs it to know the "
                               "architecture and dataset of the weights")
     return json.loads(side.read_text())
+
+
+def check_pair(path: str | Path, side: dict) -> None:
+    """Refuse weights whose sidecar records the SHA-256 of other bytes (a save interrupted
+    between its two renames, or one of the two files copied from another save)."""
+    recorded = side.get(SHA_KEY)
+    if recorded is None:  # written before the field existed
+        return
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} does not match its sidecar {sidecar_path(path).name}: the sidecar was written for "
+            f"weights with SHA-256 {recorded[:12]}..., the file has {actual[:12]}... (a save interrupted "
+            "between the two files, one of them copied from another save, or a damaged file); re-run the "
+            "command that wrote them")
 
 
 def shipped_dir() -> Path:
@@ -171,6 +215,7 @@ def load_weights(name_or_path: str | Path, *, architecture: str | None = None,
         state = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path} could not be read ({err}); the file is damaged, re-create it") from err
+    check_pair(path, side)  # after the read, so that a file that does not even parse is called damaged
     # Shipped float16 tensors are cast to the model's dtype by load_state_dict's copy.
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

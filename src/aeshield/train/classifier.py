@@ -13,7 +13,7 @@ from torch import nn
 from ..data import load_dataset
 from ..inputs import check_training_config
 from ..models import create_model
-from ..models.io import save_weights
+from ..models.io import remove_stale_temporaries, save_weights
 from .loop import LoopConfig, fit
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,11 @@ def train_classifier(config: ClassifierConfig, out: str | Path, *, progress: boo
     """Train ``config.model`` naturally; write ``out`` (.safetensors + .json sidecar).
 
     A checkpoint ``<out>.ckpt`` is written as training goes, and a re-run resumes from it.
+    The temporary files of a save of ``out`` killed mid-write are removed first: the caller
+    owns ``out``.
     """
     out = Path(out).with_suffix(".safetensors")
+    remove_stale_temporaries(out)
     train = load_dataset(config.dataset, "train")
     if config.train_limit:
         train = train.subset(config.train_limit, seed=config.seed)

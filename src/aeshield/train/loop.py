@@ -1,9 +1,12 @@
 """One training loop for classifiers, adversarial training and autoencoder shields.
 
 It shuffles with a seeded generator, checkpoints every few steps (modules, optimizer,
-scheduler, random states, history) and resumes from the last checkpoint so that a killed run
-ends exactly where an uninterrupted one would. Learning rate drops on a validation plateau;
-training stops early after ``patience`` epochs without improvement and keeps the best weights.
+scheduler, random states, history, the running sums of the current epoch's metrics and the
+early-stopping count) and resumes from the last checkpoint so that a killed run ends exactly
+where an uninterrupted one would, with the same weights and the same history. Learning rate
+drops on a validation plateau; training stops early after ``patience`` epochs without
+improvement and keeps the best weights. A checkpoint write killed half-way (SIGKILL) leaves a
+temporary file beside the checkpoint; the next run over that checkpoint removes it.
 """
 
 from __future__ import annotations
@@ -14,17 +17,26 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import write_atomic
+from ..io import remove_temporaries, write_atomic
 
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict]]
 ValFn = Callable[[], dict]
+
+
+class Stateful(Protocol):
+    """Anything checkpointed beside the modules (e.g. a counter kept by a step function)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ class LoopResult:
 
 
 def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, scheduler,
-                     gen: torch.Generator, state: dict) -> None:
+                     gen: torch.Generator, state: dict, extra: Mapping[str, Stateful] | None = None) -> None:
     payload = {
         "modules": {k: m.state_dict() for k, m in modules.items()},
         "optimizer": optimizer.state_dict(),
@@ -58,18 +70,24 @@ def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, sc
         "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "state": state,
+        "extra": {k: v.state_dict() for k, v in (extra or {}).items()},
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # sampling on the GPU (e.g. a VAE's z)
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn,
         x: torch.Tensor, y: torch.Tensor, config: LoopConfig, *, val_fn: ValFn | None = None,
         checkpoint: str | Path | None = None, progress: bool = True,
-        trainable: Mapping[str, nn.Module] | None = None) -> LoopResult:
+        trainable: Mapping[str, nn.Module] | None = None,
+        extra: Mapping[str, Stateful] | None = None) -> LoopResult:
     """Run ``step_fn`` over shuffled mini-batches of ``(x, y)`` for ``config.epochs`` epochs.
 
     ``modules`` are checkpointed; ``trainable`` (default: all of ``modules``) are put in train
-    mode for each step and restored to their best validation weights at the end.
+    mode for each step and restored to their best validation weights at the end. ``extra``
+    state (anything with ``state_dict``/``load_state_dict``) is checkpointed and restored too
+    (a checkpoint written without it leaves it as it is).
     """
     trainable = dict(trainable if trainable is not None else modules)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -80,6 +98,14 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
     start_epoch, start_step = 0, 0
     best_state: dict | None = None
     ckpt = Path(checkpoint) if checkpoint else None
+    # Metrics summed over the current epoch's steps so far (and how many): checkpointed, so that
+    # a resumed epoch's averages cover all its steps, not only those after the resume.
+    sums: dict[str, float] = {}
+    counted = 0
+    stale = 0  # epochs without improvement, for early stopping
+    if ckpt:
+        for tmp in remove_temporaries(ckpt):  # a checkpoint write killed half-way
+            logger.info("removed %s, left by a run killed while writing its checkpoint", tmp)
     if ckpt and ckpt.exists():
         payload = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k, m in modules.items():
@@ -89,8 +115,14 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             scheduler.load_state_dict(payload["scheduler"])
         gen.set_state(payload["generator"])
         torch.set_rng_state(payload["torch_rng"])
+        if "cuda_rng" in payload and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        for k, v in (extra or {}).items():
+            if k in payload.get("extra", {}):
+                v.load_state_dict(payload["extra"][k])
         st = payload["state"]
         start_epoch, start_step = st["epoch"], st["step_in_epoch"]
+        sums, counted, stale = dict(st.get("sums", {})), st.get("counted", 0), st.get("stale", 0)
         result.history, result.steps = st["history"], st["steps"]
         result.best_epoch, result.best_metric = st["best_epoch"], st["best_metric"]
         best_state = payload["modules"].get("__best__") if "__best__" in payload["modules"] else None
@@ -104,13 +136,13 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
 
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    stale = 0
     for epoch in range(start_epoch, config.epochs):
         # The permutation is a pure function of (seed, epoch): a resumed run sees the same order.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
         batches = order.split(config.batch_size)
         first = start_step if epoch == start_epoch else 0
-        sums: dict[str, float] = {}
+        if first == 0:
+            sums, counted = {}, 0
         bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False)
         for step in bar:
@@ -122,6 +154,7 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             loss.backward()
             optimizer.step()
             result.steps += 1
+            counted += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -130,13 +163,14 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
                 _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
                     "epoch": epoch, "step_in_epoch": step + 1, "history": result.history,
                     "steps": result.steps, "best_epoch": result.best_epoch,
-                    "best_metric": result.best_metric})
+                    "best_metric": result.best_metric, "sums": dict(sums), "counted": counted,
+                    "stale": stale}, extra)
             if done_now:
                 return result
         for m in trainable.values():
             m.eval()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train_{k}": v / max(1, steps_per_epoch - first) for k, v in sums.items()}}
+                  **{f"train_{k}": v / max(1, counted) for k, v in sums.items()}}
         if val_fn is not None:
             record.update(val_fn())
         result.history.append(record)
@@ -156,7 +190,7 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
                 "epoch": epoch + 1, "step_in_epoch": 0, "history": result.history,
                 "steps": result.steps, "best_epoch": result.best_epoch,
-                "best_metric": result.best_metric, "finished": last})
+                "best_metric": result.best_metric, "finished": last, "stale": stale}, extra)
         if stop:
             logger.info("early stop after epoch %d (best epoch %d)", epoch + 1, result.best_epoch)
             break
