@@ -54,7 +54,8 @@ def _record(path: str, record_type):
                    "(a source checkout only).")
 @device_option()
 @jobs_option("Worker processes for training and evaluation cells [default: one per CPU core, at most 4; 1 on "
-             "an accelerator]. Each cell is seeded by itself, so the schedule does not change what is measured.")
+             "an accelerator]. Each cell is seeded by itself, so the order of the cells does not change what "
+             "is measured; the torch threads per process (1 per worker, all for --jobs 1) can, by round-off.")
 @click.option("--smoke", is_flag=True,
               help="Run the profile's whole code path (its models, attacks, figures) at a few images "
                    "and steps, to check that it runs before spending hours on it; numbers are noise. "
