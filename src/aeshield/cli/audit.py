@@ -175,19 +175,21 @@ def audit_cmd(classifier, shield, surrogate, dataset, data_file, norm, eps, budg
     """Attack a (shielded) classifier with the full audit battery, run the gradient-masking
     sanity checks and write the report (see docs/audit.md)."""
     device = resolve_device(device)
-    no_progress = not progress
     if publish:
-        if not all_shipped or out is not None:
-            raise click.UsageError("--publish goes with --all-shipped and without --out")
+        if out is not None:
+            raise click.UsageError("--publish writes to the checkout's docs/results/audit; drop --out")
         if source_checkout() is None:
             raise click.UsageError("--publish writes into aeshield's source tree; run it from a git checkout")
-        out = str(source_checkout() / "docs" / "results" / "audit")
+        out = source_checkout() / "docs" / "results" / "audit"
+        if not all_shipped and classifier:  # one pair: its folder in the published index
+            out = out / (f"{_slug(shield)}__{_slug(classifier)}" if shield else _slug(classifier))
+        out = str(out)
     if out is not None:
         guard_published(Path(out), publish)
     if all_shipped:
         _all_shipped(surrogate=surrogate, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
                      batch_size=batch_size, device=device,
-                     out=Path(out) if out else Path("runs/audit"), progress=not no_progress,
+                     out=Path(out) if out else Path("runs/audit"), progress=progress,
                      reuse_only=reuse_only)
         return
     if reuse_only:
@@ -203,7 +205,7 @@ def audit_cmd(classifier, shield, surrogate, dataset, data_file, norm, eps, budg
     report = _run_one(classifier=classifier, shield=shield, surrogate=surrogate, dataset=dataset,
                       data_file=data_file, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
                       batch_size=batch_size, device=device, out=Path(out) if out else None,
-                      progress=not no_progress)
+                      progress=progress)
     _echo_report(report)
     if out:
         click.echo(f"report: {Path(out) / 'audit.md'}")
