@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job on its defaults) and `make test` (the suite).
 # Both create .venv and install aeshield into it first: demo the core install (what it runs),
 # test and lint the `test` extra (the suite's own packages and the extras it exercises).
+# `make docs` builds the user pages and the API reference (the `docs` extra) into site/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,8 +9,9 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # One stamp per install; each is redone when pyproject.toml changes.
 CORE := $(VENV)/.aeshield-core
 TEST := $(VENV)/.aeshield-test
+DOCS := $(VENV)/.aeshield-docs
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint docs install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,10 @@ $(CORE): pyproject.toml | $(BIN)/python
 $(TEST): pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[test]'
 	touch $(TEST)
+
+$(DOCS): pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[docs]'
+	touch $(DOCS)
 
 install: $(CORE)
 
@@ -37,9 +43,14 @@ lint: $(TEST)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
 
+# --strict: a warning (a broken link, a docstring whose parameters do not match the signature,
+# a `:::` directive naming nothing) fails the build; CI runs it.
+docs: $(DOCS)
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
+
 bench: $(CORE)
 	$(PIP) -e '.[bench]'
 	$(BIN)/python benchmarks/pgd_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site
