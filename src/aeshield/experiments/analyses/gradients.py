@@ -124,7 +124,7 @@ def smoothness(figure: dict, ctx: AnalysisContext) -> SmoothnessResult:
 
     Each is reported in two units: the Jacobian as its norm and its square, the reconstruction
     error as the per-image sum of squares and as the L2 distance ``||x' - x||_2``. The DBP paper's
-    Table 1 does not name its units; its magnitudes (docs/NOTES.md, session 11) fit the squared
+    Table 1 does not name its units; its magnitudes (docs/dev/history.md, session 11) fit the squared
     norm and the distance, while the norm and the sum of squares are what this table first
     reported. With two models, the second is compared with the first on the same images
     (ratios with paired bootstrap intervals)."""
