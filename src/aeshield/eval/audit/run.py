@@ -56,7 +56,8 @@ def audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: 
         model: any ``nn.Module`` from images in ``threat.bounds`` to logits; a ``Shielded``
             pipeline also gets BPDA, adaptive and transfer attacks, and its detector (if any)
             counts rejections as robust and gets a detector-aware attack.
-        images, labels: ``(N, C, H, W)`` floats and ``(N,)`` int64 labels.
+        images: ``(N, C, H, W)`` floats.
+        labels: ``(N,)`` int64 labels.
         threat: the threat model (norm, eps, bounds).
         budget: ``"quick"``, ``"standard"``, ``"paper"`` or an ``AuditBudget``.
         surrogate: an independently trained classifier for a transfer attack.
@@ -64,8 +65,10 @@ def audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: 
             also holds checkpoints (``.audit-cascade.json``, ``.audit-checks.json``) so that a
             crashed audit resumes; they are removed once the report is written.
         checkpoint: the cascade checkpoint path, if not the one in ``out``.
-        checks, plots: turn the sanity checks / plots off.
-        defense, classifier, dataset, data_source, data_hash: provenance for the record.
+        checks: ``False`` turns the sanity checks off.
+        plots: ``False`` turns the plots off.
+        defense: provenance for the record, as are ``classifier``, ``dataset``,
+            ``data_source`` and ``data_hash``.
         config: extra settings to store in the manifest (e.g. the command line).
 
     Returns:
