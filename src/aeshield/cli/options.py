@@ -161,7 +161,7 @@ def force_option() -> Callable[[Callable], Callable]:
 def check_cli_compatible(data, classifiers, *, shield: str | None = None, force: bool = False) -> list[str]:
     """Refuse a shield (name or path), classifiers (``(module, ModelInfo)`` pairs) and data
     (``LabeledImages``) that do not fit (``defenses.compat``), before any work starts; with
-    ``force``, print each mismatch as a warning and return them, for the result's record."""
+    ``force``, return the mismatches (each logged as a warning) for the result's record."""
     from ..defenses.compat import check_compatible, classifier_signature, data_signature, shield_signature
 
     images = data_signature(data)
@@ -172,9 +172,7 @@ def check_cli_compatible(data, classifiers, *, shield: str | None = None, force:
         for line in check_compatible(data=images, classifier=signature, shield=guard, force=force):
             if line not in forced:
                 forced.append(line)
-    for line in forced:
-        click.echo(f"warning: --force: {line}", err=True)
-    return forced
+    return forced  # check_compatible has logged each as a warning
 
 
 def _field(cls: type, name: str) -> tuple[dataclasses.Field, Any]:
