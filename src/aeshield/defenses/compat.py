@@ -121,8 +121,8 @@ def _mismatches(a_role: str, a: Signature, b_role: str, b: Signature) -> list[st
                    f"{'lie' if a_role == 'data' else 'takes'} in {list(a.value_range)}")
     if a.num_classes is not None and b.num_classes is not None:
         if a_role == "data" and a.num_classes > b.num_classes:
-            out.append(f"{second} predicts {b.num_classes} classes but {first} have labels up to "
-                       f"{a.num_classes - 1}")
+            out.append(f"{second} predicts {b.num_classes} classes (labels 0..{b.num_classes - 1}) but {first} "
+                       f"hold label {a.num_classes - 1}")
         elif a_role != "data" and a.num_classes != b.num_classes:
             out.append(f"{second} predicts {b.num_classes} classes but {first} predicts {a.num_classes}")
     return out
