@@ -128,6 +128,15 @@ def test_each_wrong_spec_is_one_line(user, spec, error, words):
     assert words in _one_line(err)
 
 
+def test_load_classifier_takes_every_spec(user):
+    import aeshield
+
+    model = aeshield.load_classifier(f"{user}/specsmod_user.py:tiny12")
+    assert model(torch.rand(1, 1, 28, 28)).shape == (1, 12) and not model.training
+    model, info = aeshield.load_classifier_spec("mnist-b", normalize="0.5,0.5")
+    assert isinstance(model, Normalized) and info.dataset == "mnist"
+
+
 def test_a_module_instance_can_be_named_directly(user):
     model, _ = load_classifier_spec(f"{user}/specsmod_user.py:INSTANCE")
     assert model(torch.rand(1, 1, 28, 28)).shape == (1, 10)

@@ -66,15 +66,15 @@ def _weights_used(classifier: str, shield: str | None, surrogate: str | None, kn
 
 def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str | None, norm: str,
              eps: float, budget: str, n: int, seed: int, batch_size: int, device: str,
-             out: Path | None, progress: bool, data: str | None = None, normalize=None, force: bool = False):
+             out: Path | None, progress: bool, data_file: str | None = None, normalize=None, force: bool = False):
     from ..threat import ThreatModel
     from ..eval.audit import audit
 
     threat = ThreatModel(norm, eps)
-    data_spec(dataset, data)
+    data_spec(dataset, data_file)
     clf, info = load_cli_classifier(classifier, normalize, device)
     sur, sur_info = load_cli_classifier(surrogate, None, device) if surrogate else (None, None)
-    test = load_cli_data(dataset, data, n=n, seed=seed, num_classes=info.num_classes)
+    test = load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=info.num_classes)
     forced = check_cli_compatible(test, [(clf, info)] + ([(sur, sur_info)] if sur is not None else []),
                                   shield=shield, force=force)
     dataset = test.name
@@ -181,7 +181,7 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
                    "separate processes, one pair each).")
 @force_option()
 @progress_option()
-def audit_cmd(classifier, normalize, shield, surrogate, dataset, data, norm, eps, budget, n, seed, batch_size,
+def audit_cmd(classifier, normalize, shield, surrogate, dataset, data_file, norm, eps, budget, n, seed, batch_size,
               device, out, publish, all_shipped, reuse_only, force, progress) -> None:
     """Attack a (shielded) classifier with the full audit battery, run the gradient-masking
     sanity checks and write the report (see docs/audit.md)."""
@@ -207,17 +207,17 @@ def audit_cmd(classifier, normalize, shield, surrogate, dataset, data, norm, eps
         raise click.UsageError("--reuse-only goes with --all-shipped")
     if not classifier:
         raise click.UsageError("give --classifier (or --all-shipped)")
-    if not dataset and not data:
+    if not dataset and not data_file:
         raise click.UsageError("give --dataset NAME or --data SPEC (or --all-shipped)")
     if eps is None:
         from ..data.user import registered_name
 
-        named = dataset or registered_name(data_spec(dataset, data))
+        named = dataset or registered_name(data_spec(dataset, data_file))
         if (named, norm) not in DEFAULT_EPS:
             raise click.UsageError("give --eps: there is no customary radius for your own data")
         eps = DEFAULT_EPS[(named, norm)]
     report = _run_one(classifier=classifier, shield=shield, surrogate=surrogate, dataset=dataset,
-                      data=data, normalize=normalize, force=force, norm=norm, eps=eps, budget=budget, n=n,
+                      data_file=data_file, normalize=normalize, force=force, norm=norm, eps=eps, budget=budget, n=n,
                       seed=seed, batch_size=batch_size, device=device, out=Path(out) if out else None,
                       progress=progress)
     _echo_report(report)

@@ -60,7 +60,7 @@ def _attack_settings(name: str, options: dict) -> dict:
 @progress_option()
 @force_option()
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the record JSON here.")
-def eval_cmd(classifier, normalize, shield, dataset, data, attacks, norm, eps, steps, step_size, restarts, wrap,
+def eval_cmd(classifier, normalize, shield, dataset, data_file, attacks, norm, eps, steps, step_size, restarts, wrap,
              n, seed, batch_size, device, progress, force, out) -> None:
     """Evaluate a (shielded) classifier under attack; prints accuracy with a Wilson interval."""
     from .. import load_shield
@@ -72,9 +72,9 @@ def eval_cmd(classifier, normalize, shield, dataset, data, attacks, norm, eps, s
 
     device = resolve_device(device)
     threat = ThreatModel(norm, eps)
-    data_spec(dataset, data)  # a usage error before any file is read
+    data_spec(dataset, data_file)  # a usage error before any file is read
     clf, info = load_cli_classifier(classifier, normalize, device)
-    test = load_cli_data(dataset, data, n=n, seed=seed, num_classes=info.num_classes)
+    test = load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=info.num_classes)
     forced = check_cli_compatible(test, [(clf, info)], shield=shield, force=force)
     model = Shielded(load_shield(shield, device=device), clf) if shield else clf
     test = test.to(device)

@@ -121,9 +121,9 @@ def load_cli_classifier(spec: str, normalize=None, device: str = "cpu"):
 
 def data_options(f: Callable) -> Callable:
     """``--dataset NAME`` (a registered dataset) or ``--data SPEC`` (a dataset name, a .npz file
-    or an image folder); the command receives ``dataset`` and ``data``. Load with
-    ``load_cli_data``."""
-    f = click.option("--data", "data", metavar="SPEC", default=None,
+    or an image folder); the command receives ``dataset`` and ``data_file`` (the name it had
+    when it took .npz files only). Load with ``load_cli_data``."""
+    f = click.option("--data", "data_file", metavar="SPEC", default=None,
                      help="The images: a registered dataset name, a .npz file with arrays x ((N,C,H,W) or "
                           "(N,H,W,C), uint8 or float in [0,1]) and y (integer labels), or an image folder "
                           "with one subfolder per class (sorted names are labels 0..K-1).")(f)
@@ -132,7 +132,7 @@ def data_options(f: Callable) -> Callable:
 
 
 def data_spec(dataset: str | None, data: str | None) -> str:
-    """The one data spec that ``--dataset`` or ``--data`` gives."""
+    """The one data spec that ``--dataset`` or ``--data`` gives (``UsageError`` for none or both)."""
     if (dataset is None) == (data is None):
         raise click.UsageError("give either --dataset NAME or --data SPEC (a dataset name, a .npz file or an "
                                "image folder)" + (", not both" if dataset is not None else ""))
@@ -149,6 +149,11 @@ def load_cli_data(dataset: str | None, data: str | None, *, split: str = "test",
     images = load_data(data_spec(dataset, data), split, val_fraction=val_fraction, seed=seed,
                        num_classes=num_classes)
     return images.subset(n, seed=seed) if n is not None else images
+
+
+def chosen_test_images(dataset: str | None, data_file: str | None, *, n: int, seed: int, num_classes: int | None):
+    """The seeded subset of ``n`` test images named by ``--dataset`` or ``--data``."""
+    return load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=num_classes)
 
 
 def force_option() -> Callable[[Callable], Callable]:

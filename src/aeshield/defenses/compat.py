@@ -73,7 +73,10 @@ def classifier_signature(info: ModelInfo, model, data_shape: tuple[int, ...] | N
     classes = info.num_classes
     if classes is None and (shape or data_shape):
         device = next((p.device for p in model.parameters()), "cpu")
-        classes = probe_num_classes(model, shape or tuple(data_shape), device=device)
+        try:
+            classes = probe_num_classes(model, shape or tuple(data_shape), device=device)
+        except ConfigError as err:
+            raise ConfigError(f"{info.spec}: {err}") from err
     return Signature(name=info.spec, dataset=info.dataset if info.dataset in DATASETS else None,
                      input_shape=shape, num_classes=classes)
 

@@ -103,6 +103,15 @@ def state_dict_sha256(model: nn.Module) -> str:
 _FACTORY = re.compile(r"^(?P<target>.+?):(?P<attr>[A-Za-z_][\w.]*)(?:=(?P<weights>.+))?$")
 
 
+def is_spec(name: object) -> bool:
+    """Whether ``name`` is a factory spec or a ``.pt2`` path rather than a shipped name or a
+    ``.safetensors`` path (which ``models.io.load_weights`` reads)."""
+    if not isinstance(name, (str, Path)):
+        return False
+    text = str(name)
+    return text.endswith(".pt2") or (bool(_FACTORY.match(text)) and not _is_windows_drive(text))
+
+
 def load_classifier_spec(spec: str, *, normalize: Stats | str | None = None,
                          device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
     """The classifier ``spec`` names, in eval mode with frozen parameters, and what is known
