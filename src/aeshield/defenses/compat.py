@@ -50,10 +50,16 @@ def shield_signature(name_or_path: str | Path) -> Signature:
     from .cards import read_card
 
     side = read_sidecar(resolve_weights(name_or_path))
-    if side.get("kind") not in (None, "shield"):
+    if side.get("kind") != "shield":  # as load_shield refuses it
         raise WeightsError(f"{name_or_path} is a {side.get('kind')}, not a shield; give a shield "
                            "(`aeshield models` lists them)")
-    card = dict(side["card"]) if isinstance(side.get("card"), dict) else read_card(side).to_dict()
+    if isinstance(side.get("card"), dict):
+        card = dict(side["card"])
+    else:
+        try:  # an old sidecar, migrated on read
+            card = read_card(side).to_dict()
+        except (ValueError, KeyError):  # of a method aeshield lacks: load_shield reads its autoencoder
+            card = {}
     dataset = card.get("dataset") or side.get("dataset")
     info = DATASETS.get(dataset)
     shape = tuple(int(s) for s in card.get("input_shape") or ()) or (tuple(info.shape) if info else None)
