@@ -146,8 +146,13 @@ def load_cli_data(dataset: str | None, data: str | None, *, split: str = "test",
     ``val_fraction``; ``"test"``: all of it), then a seeded subset of ``n`` when given."""
     from ..data.user import load_data
 
-    images = load_data(data_spec(dataset, data), split, val_fraction=val_fraction, seed=seed,
-                       num_classes=num_classes)
+    spec = data_spec(dataset, data)
+    if dataset is not None:  # the registered dataset, even where a folder of that name exists here
+        from ..data import load_dataset
+
+        images = load_dataset(dataset, split)
+    else:
+        images = load_data(spec, split, val_fraction=val_fraction, seed=seed, num_classes=num_classes)
     return images.subset(n, seed=seed) if n is not None else images
 
 
