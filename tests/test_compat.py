@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from aeshield.cli import main
 from aeshield.data.user import load_data
-from aeshield.defenses.compat import (IncompatibleError, Signature, check_compatible, data_signature,
-                                      shield_signature)
+from aeshield.defenses.compat import (IncompatibleError, Signature, check_compatible, check_members,
+                                      data_signature, shield_signature)
 
 USER_MODULE = '''
 import torch
@@ -144,6 +144,14 @@ def _weights(files):
         sys.path.remove(str(files))
     save_file(compatmod_user.ten().state_dict(), files / "w.safetensors")
     return "compatmod_user:ten=w.safetensors"
+
+
+def test_classifiers_used_together_must_predict_the_same_classes():
+    a, b = Signature("a", None, (1, 28, 28), 10), Signature("b", None, (1, 28, 28), 12)
+    assert check_members([a, Signature("a2", None, None, 10)]) == []
+    with pytest.raises(IncompatibleError, match="the classifier b predicts 12 classes but the classifier a predicts 10"):
+        check_members([a, b])
+    assert len(check_members([a, b], force=True)) == 1
 
 
 def test_eval_and_audit_take_a_factory_spec_with_weights_and_a_npz(files):

@@ -170,19 +170,20 @@ def force_option() -> Callable[[Callable], Callable]:
 
 def check_cli_compatible(data, classifiers, *, shield: str | None = None, force: bool = False) -> list[str]:
     """Refuse a shield (name or path), classifiers (``(module, ModelInfo)`` pairs) and data
-    (``LabeledImages``) that do not fit (``defenses.compat``), before any work starts; with
-    ``force``, return the mismatches (each logged as a warning) for the result's record."""
-    from ..defenses.compat import check_compatible, classifier_signature, data_signature, shield_signature
+    (``LabeledImages``) that do not fit (``defenses.compat``; several classifiers must also fit
+    each other), before any work starts; with ``force``, return the mismatches (each logged as a
+    warning) for the result's record."""
+    from ..defenses.compat import (check_compatible, check_members, classifier_signature, data_signature,
+                                   shield_signature)
 
     images = data_signature(data)
     guard = shield_signature(shield) if shield else None
-    forced: list[str] = []
-    for module, info in classifiers:
-        signature = classifier_signature(info, module, images.input_shape)
-        for line in check_compatible(data=images, classifier=signature, shield=guard, force=force):
-            if line not in forced:
-                forced.append(line)
-    return forced  # check_compatible has logged each as a warning
+    signatures = [classifier_signature(info, module, images.input_shape) for module, info in classifiers]
+    found = [line for signature in signatures
+             for line in check_compatible(data=images, classifier=signature, shield=guard, force=force)]
+    if guard is None:  # with a shield, each classifier was compared with it
+        found += check_members(signatures, force=force)
+    return list(dict.fromkeys(found))  # check_compatible has logged each as a warning
 
 
 def _field(cls: type, name: str) -> tuple[dataclasses.Field, Any]:

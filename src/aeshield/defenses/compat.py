@@ -150,3 +150,16 @@ def check_compatible(*, data: Signature, classifier: Signature, shield: Signatur
     for line in found:
         logger.warning("forced past a mismatch: %s", line)
     return found
+
+
+def check_members(classifiers: list[Signature], *, force: bool = False) -> list[str]:
+    """Classifiers used together (an ensemble a shield is trained against) must fit each other:
+    the same dataset, or else the same shape and classes. Refused or returned as
+    ``check_compatible`` does."""
+    found = [line for other in classifiers[1:]
+             for line in _mismatches("classifier", classifiers[0], "classifier", other)]
+    if found and not force:
+        raise IncompatibleError("; ".join(found) + " (--force overrides, force=True from Python)")
+    for line in found:
+        logger.warning("forced past a mismatch: %s", line)
+    return found
