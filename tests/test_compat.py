@@ -175,3 +175,11 @@ def test_normalize_reaches_the_classifier(files):
     assert result.exit_code == 0, (result.output, result.exception)
     result = _run(f"{EVAL} --classifier {spec} --normalize 0.5 --data mine.npz")
     assert result.exit_code == 2 and "--normalize" in result.output
+
+
+def test_an_audit_folder_name_for_each_spec_form():
+    from aeshield.cli.audit import _slug
+
+    assert _slug("mnist-b") == "mnist-b" and _slug("runs/clf.safetensors") == "clf"
+    assert _slug("runs/net.pt2") == "net"
+    assert _slug("mymod:factory=w.safetensors") == "mymod-factory-w.safetensors"
