@@ -14,12 +14,18 @@ from .defenses.base import REJECT, AutoencoderPurifier, Detector, Purifier, Shie
 from .threat import Norm, ThreatModel
 
 __all__ = ["REJECT", "AutoencoderPurifier", "Detector", "Norm", "Purifier", "Shielded",
-           "ThreatModel", "__version__", "load_classifier", "load_shield"]
+           "ThreatModel", "__version__", "load_classifier", "load_classifier_spec", "load_shield"]
 
 
 def load_classifier(name_or_path: str, device: str = "cpu"):
-    """A trained classifier: a shipped name (e.g. ``"mnist-a"``) or a ``.safetensors`` path."""
+    """A trained classifier: a shipped name (e.g. ``"mnist-a"``), a ``.safetensors`` path, or any
+    other spec that ``load_classifier_spec`` reads (``package.module:factory[=WEIGHTS]``,
+    ``path/file.py:factory[=WEIGHTS]``, ``file.pt2``), in eval mode."""
     from .models.io import load_weights
+    from .models.specs import is_spec
+
+    if is_spec(name_or_path):
+        return load_classifier_spec(str(name_or_path), device=device)[0]
 
     model, side = load_weights(name_or_path, device=device)
     if side.get("kind") not in (None, "classifier"):
@@ -28,6 +34,15 @@ def load_classifier(name_or_path: str, device: str = "cpu"):
         raise WeightsError(f"{name_or_path} is a {side.get('kind')}, not a classifier; give it as the shield "
                            "(or pick a classifier: `aeshield models`)")
     return model.eval()
+
+
+def load_classifier_spec(spec: str, *, normalize=None, device: str = "cpu"):
+    """``(classifier, ModelInfo)`` for any classifier spec (``aeshield.models.specs``): frozen,
+    in eval mode; ``normalize`` (``(mean, std)`` or ``"MEAN,STD"``) for one that expects
+    normalised input."""
+    from .models.specs import load_classifier_spec as _load
+
+    return _load(spec, normalize=normalize, device=device)
 
 
 def load_shield(name_or_path: str, device: str = "cpu") -> Purifier:

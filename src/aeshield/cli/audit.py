@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from .options import (COUNT, EPS, Choice, check_fits, chosen_test_images, classes_of, data_options,
-                      device_option, guard_published, progress_option, resolve_device, seed_option,
-                      source_checkout)
+from .options import (COUNT, EPS, Choice, check_cli_compatible, classifier_options, data_options, data_spec,
+                      device_option, force_option, guard_published, load_cli_classifier, load_cli_data,
+                      progress_option, resolve_device, seed_option, source_checkout)
 from ..eval.audit import BUDGETS, measures_as_current_protocol
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,11 @@ DEFAULT_EPS = {("mnist", "Linf"): 0.3, ("fashion-mnist", "Linf"): 0.1, ("cifar10
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).stem if text.endswith(".safetensors") else text).strip("-")
+    """A folder name for a shield or classifier spec (a path's file stem; a factory spec with
+    its punctuation turned into dashes)."""
+    if text.endswith((".safetensors", ".pt2")) and ":" not in text:
+        text = Path(text).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
 def _echo_report(report) -> None:
@@ -51,36 +55,43 @@ def weights_digest(name_or_path: str) -> str:
     return hashlib.sha256(resolve_weights(name_or_path).read_bytes()).hexdigest()
 
 
-def _weights_used(classifier: str, shield: str | None, surrogate: str | None) -> dict:
-    return {role: weights_digest(name) for role, name in
+def _weights_used(classifier: str, shield: str | None, surrogate: str | None, known: dict | None = None) -> dict:
+    """The SHA-256 of each role's weights. ``known`` gives those of loaded classifier specs
+    (``ModelInfo.weights_sha256``: the weights file, or for a factory spec without one the
+    hash of its state_dict); a name not in it is hashed as a weight file."""
+    known = known or {}
+    return {role: known.get(role) or weights_digest(name) for role, name in
             (("classifier", classifier), ("shield", shield), ("surrogate", surrogate)) if name}
 
 
 def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, dataset: str | None, norm: str,
              eps: float, budget: str, n: int, seed: int, batch_size: int, device: str,
-             out: Path | None, progress: bool, data_file: str | None = None):
-    from .. import load_classifier
+             out: Path | None, progress: bool, data_file: str | None = None, normalize=None, force: bool = False):
     from ..threat import ThreatModel
     from ..eval.audit import audit
 
     threat = ThreatModel(norm, eps)
-    test = chosen_test_images(dataset, data_file, n=n, seed=seed, num_classes=classes_of(classifier))
-    for name, role in ((classifier, "classifier"), (shield, "shield"), (surrogate, "surrogate")):
-        if name:
-            check_fits(name, test.images, role=role)
-    dataset = dataset or test.name
-    clf = load_classifier(classifier, device=device)
+    data_spec(dataset, data_file)
+    clf, info = load_cli_classifier(classifier, normalize, device)
+    sur, sur_info = load_cli_classifier(surrogate, None, device) if surrogate else (None, None)
+    test = load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=info.num_classes)
+    forced = check_cli_compatible(test, [(clf, info)] + ([(sur, sur_info)] if sur is not None else []),
+                                  shield=shield, force=force)
+    dataset = test.name
     model = _deployed(shield, clf, device) if shield else clf
-    sur = load_classifier(surrogate, device=device) if surrogate else None
     test = test.to(device)
+    digests = _weights_used(classifier, shield, surrogate,
+                            {"classifier": info.weights_sha256,
+                             "surrogate": sur_info.weights_sha256 if sur_info else None})
     click.echo(f"auditing {shield + ' + ' if shield else ''}{classifier} on {dataset} ({test.source}), "
                f"n={len(test)}, threat {threat.describe()}, budget {budget}")
     return audit(model, test.images, test.labels, threat, budget=budget, surrogate=sur, seed=seed,
                  out=out, progress=progress, batch_size=batch_size, defense=shield or "none",
                  classifier=classifier, dataset=dataset, data_source=test.source,
                  data_hash=test.sha256, config={"command": sys.argv, "surrogate_name": surrogate,
-                                                 "weights_sha256": _weights_used(classifier, shield, surrogate),
-                                                 "deployment": _deployment(shield)})
+                                                 "weights_sha256": digests, "deployment": _deployment(shield),
+                                                 **({"normalize": info.normalize} if info.normalize else {}),
+                                                 **({"forced_mismatches": forced} if forced else {})})
 
 
 def _deployment(shield: str | None) -> str | None:
@@ -135,8 +146,7 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
 
 
 @click.command("audit", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--classifier", default=None,
-              help="Classifier to audit: a shipped name or a .safetensors path (required unless --all-shipped).")
+@classifier_options(required=False, help="The classifier to audit (required unless --all-shipped)")
 @click.option("--shield", default=None,
               help="Shield (shipped name or path) put in front of the classifier; omit to audit the bare classifier.")
 @click.option("--surrogate", default=None,
@@ -169,9 +179,10 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
               help="With --all-shipped: write index.md from the reports that are up to date and list "
                    "the other pairs as not audited, instead of running them (for audits run as "
                    "separate processes, one pair each).")
+@force_option()
 @progress_option()
-def audit_cmd(classifier, shield, surrogate, dataset, data_file, norm, eps, budget, n, seed, batch_size, device,
-              out, publish, all_shipped, reuse_only, progress) -> None:
+def audit_cmd(classifier, normalize, shield, surrogate, dataset, data_file, norm, eps, budget, n, seed, batch_size,
+              device, out, publish, all_shipped, reuse_only, force, progress) -> None:
     """Attack a (shielded) classifier with the full audit battery, run the gradient-masking
     sanity checks and write the report (see docs/audit.md)."""
     device = resolve_device(device)
@@ -197,14 +208,17 @@ def audit_cmd(classifier, shield, surrogate, dataset, data_file, norm, eps, budg
     if not classifier:
         raise click.UsageError("give --classifier (or --all-shipped)")
     if not dataset and not data_file:
-        raise click.UsageError("give --dataset NAME or --data FILE.npz (or --all-shipped)")
+        raise click.UsageError("give --dataset NAME or --data SPEC (or --all-shipped)")
     if eps is None:
-        if (dataset, norm) not in DEFAULT_EPS:
+        from ..data.user import registered_name
+
+        named = dataset or registered_name(data_spec(dataset, data_file))
+        if (named, norm) not in DEFAULT_EPS:
             raise click.UsageError("give --eps: there is no customary radius for your own data")
-        eps = DEFAULT_EPS[(dataset, norm)]
+        eps = DEFAULT_EPS[(named, norm)]
     report = _run_one(classifier=classifier, shield=shield, surrogate=surrogate, dataset=dataset,
-                      data_file=data_file, norm=norm, eps=eps, budget=budget, n=n, seed=seed,
-                      batch_size=batch_size, device=device, out=Path(out) if out else None,
+                      data_file=data_file, normalize=normalize, force=force, norm=norm, eps=eps, budget=budget, n=n,
+                      seed=seed, batch_size=batch_size, device=device, out=Path(out) if out else None,
                       progress=progress)
     _echo_report(report)
     if out:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from .options import (COUNT, EPS, SIZE, Choice, check_fits, chosen_test_images, classes_of, data_options,
-                      device_option, progress_option, resolve_device, seed_option)
+from .options import (COUNT, EPS, SIZE, Choice, check_cli_compatible, classifier_options, data_options, data_spec,
+                      device_option, force_option, load_cli_classifier, load_cli_data, progress_option,
+                      resolve_device, seed_option)
 
 
 class RegisteredAttack(Choice):
@@ -38,7 +39,7 @@ def _attack_settings(name: str, options: dict) -> dict:
 
 
 @click.command("eval")
-@click.option("--classifier", required=True, help="Shipped classifier name or .safetensors path.")
+@classifier_options(required=True)
 @click.option("--shield", default=None, help="Optional shield (shipped name or path) in front of it.")
 @data_options
 @click.option("--attack", "attacks", multiple=True, type=RegisteredAttack(),
@@ -57,11 +58,12 @@ def _attack_settings(name: str, options: dict) -> dict:
 @click.option("--batch-size", type=COUNT, default=500, show_default=True, help="Attack batch size.")
 @device_option()
 @progress_option()
+@force_option()
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the record JSON here.")
-def eval_cmd(classifier, shield, dataset, data_file, attacks, norm, eps, steps, step_size, restarts, wrap, n,
-             seed, batch_size, device, progress, out) -> None:
+def eval_cmd(classifier, normalize, shield, dataset, data_file, attacks, norm, eps, steps, step_size, restarts, wrap,
+             n, seed, batch_size, device, progress, force, out) -> None:
     """Evaluate a (shielded) classifier under attack; prints accuracy with a Wilson interval."""
-    from .. import load_classifier, load_shield
+    from .. import load_shield
     from ..defenses.base import Shielded
     from ..eval import AttackSpec, evaluate
     from ..records import manifest
@@ -70,17 +72,16 @@ def eval_cmd(classifier, shield, dataset, data_file, attacks, norm, eps, steps, 
 
     device = resolve_device(device)
     threat = ThreatModel(norm, eps)
-    test = chosen_test_images(dataset, data_file, n=n, seed=seed, num_classes=classes_of(classifier))
-    check_fits(classifier, test.images)
-    if shield:
-        check_fits(shield, test.images, role="shield")
-    clf = load_classifier(classifier, device=device)
+    data_spec(dataset, data_file)  # a usage error before any file is read
+    clf, info = load_cli_classifier(classifier, normalize, device)
+    test = load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=info.num_classes)
+    forced = check_cli_compatible(test, [(clf, info)], shield=shield, force=force)
     model = Shielded(load_shield(shield, device=device), clf) if shield else clf
     test = test.to(device)
     shared = {"steps": steps, "step_size": step_size, "restarts": restarts}
     specs = [AttackSpec(a, _attack_settings(a, shared), wrap=None if wrap == "none" else wrap)
              for a in attacks]
-    name = dataset or test.name
+    name = test.name
     record = evaluate(model, test.images, test.labels, specs, threat, batch_size=batch_size,
                       seed=seed, defense=shield or "none", classifier=classifier, dataset=name,
                       data_source=test.source, data_hash=test.sha256, progress=progress)
@@ -89,7 +90,12 @@ def eval_cmd(classifier, shield, dataset, data_file, attacks, norm, eps, steps, 
     for a in record.attacks:
         click.echo(f"after {a.name:30s} {a.accuracy_after.format()}  ({a.seconds:.1f}s)")
     click.echo(f"robust accuracy: {record.robust.format()} (worst case over the cascade)")
+    if forced:
+        click.echo(f"forced past {len(forced)} mismatch(es) with --force: {'; '.join(forced)}")
     if out:
         record.save(out)
         write_json_atomic(Path(out).with_suffix(".manifest.json"),
-                          manifest({"command": sys.argv}, {name: test.sha256}))
+                          manifest({"command": sys.argv, "forced_mismatches": forced,
+                                    "classifier": {"spec": classifier, "weights_sha256": info.weights_sha256,
+                                                   "normalize": info.normalize}},
+                                   {name: test.sha256}))

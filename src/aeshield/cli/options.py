@@ -77,52 +77,113 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _normalize_value(ctx, param, value):
+    if value is None:
+        return None
+    from ..models.specs import parse_normalize
+
+    try:
+        return parse_normalize(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix(f"--normalize {value!r}: "), ctx, param) from None
+
+
+CLASSIFIER_SPEC_HELP = ("a shipped name (`aeshield models`), a .safetensors path with its sidecar, "
+                        "package.module:factory or path/to/file.py:factory (a function returning an "
+                        "nn.Module) optionally followed by =WEIGHTS.safetensors, or an exported program "
+                        "FILE.pt2")
+
+
+def classifier_options(*, multiple: bool = False, required: bool = True, help: str | None = None
+                       ) -> Callable[[Callable], Callable]:
+    """``--classifier SPEC`` (repeatable with ``multiple``, for an ensemble) and ``--normalize
+    MEAN,STD``; the command receives ``classifier`` (a tuple with ``multiple``) and
+    ``normalize`` (``(mean, std)`` tuples or None). Load with ``load_cli_classifier``."""
+    def decorate(f: Callable) -> Callable:
+        f = click.option("--normalize", metavar="MEAN,STD", default=None, callback=_normalize_value,
+                         help="The classifier expects normalised input: MEAN,STD for one channel (or "
+                              "the same for every channel), or m1,..,mC,s1,..,sC; it is fed (x - mean) / "
+                              "std of the [0, 1] images that shields and attacks work on.")(f)
+        return click.option("--classifier", "classifier", metavar="SPEC", multiple=multiple,
+                            required=required, default=None,
+                            help=(help or "The classifier") + ": " + CLASSIFIER_SPEC_HELP
+                            + (" (repeatable)." if multiple else "."))(f)
+    return decorate
+
+
+def load_cli_classifier(spec: str, normalize=None, device: str = "cpu"):
+    """``(module, ModelInfo)`` for a ``--classifier SPEC`` (``models.specs.load_classifier_spec``):
+    eval mode, frozen, on ``device``."""
+    from ..models.specs import load_classifier_spec
+
+    return load_classifier_spec(spec, normalize=normalize, device=device)
+
+
 def data_options(f: Callable) -> Callable:
-    """``--dataset NAME`` (a registered dataset's test split) or ``--data FILE.npz`` (your own
-    images: arrays x and y)."""
-    f = click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
-                     help="Your own test images instead of --dataset: a .npz file with arrays x "
-                          "((N,C,H,W) or (N,H,W,C), uint8 or float in [0,1]) and y (integer labels).")(f)
+    """``--dataset NAME`` (a registered dataset) or ``--data SPEC`` (a dataset name, a .npz file
+    or an image folder); the command receives ``dataset`` and ``data_file`` (the name it had
+    when it took .npz files only). Load with ``load_cli_data``."""
+    f = click.option("--data", "data_file", metavar="SPEC", default=None,
+                     help="The images: a registered dataset name, a .npz file with arrays x ((N,C,H,W) or "
+                          "(N,H,W,C), uint8 or float in [0,1]) and y (integer labels), or an image folder "
+                          "with one subfolder per class (sorted names are labels 0..K-1).")(f)
     return click.option("--dataset", type=dataset_choice(), default=None,
-                        help="A registered dataset whose test split is used.")(f)
+                        help="A registered dataset (the same as --data NAME).")(f)
+
+
+def data_spec(dataset: str | None, data: str | None) -> str:
+    """The one data spec that ``--dataset`` or ``--data`` gives (``UsageError`` for none or both)."""
+    if (dataset is None) == (data is None):
+        raise click.UsageError("give either --dataset NAME or --data SPEC (a dataset name, a .npz file or an "
+                               "image folder)" + (", not both" if dataset is not None else ""))
+    return dataset if dataset is not None else data
+
+
+def load_cli_data(dataset: str | None, data: str | None, *, split: str = "test", n: int | None = None,
+                  seed: int = 0, num_classes: int | None = None, val_fraction: float = 0.1):
+    """The images ``--dataset``/``--data`` name (``data.user.load_data``): ``split`` of a
+    registered dataset, or of a file or folder (``"train"``/``"val"``: a seeded partition with
+    ``val_fraction``; ``"test"``: all of it), then a seeded subset of ``n`` when given."""
+    from ..data.user import load_data
+
+    spec = data_spec(dataset, data)
+    if dataset is not None:  # the registered dataset, even where a folder of that name exists here
+        from ..data import load_dataset
+
+        images = load_dataset(dataset, split)
+    else:
+        images = load_data(spec, split, val_fraction=val_fraction, seed=seed, num_classes=num_classes)
+    return images.subset(n, seed=seed) if n is not None else images
 
 
 def chosen_test_images(dataset: str | None, data_file: str | None, *, n: int, seed: int, num_classes: int | None):
     """The seeded subset of ``n`` test images named by ``--dataset`` or ``--data``."""
-    if (dataset is None) == (data_file is None):
-        raise click.UsageError("give either --dataset NAME or --data FILE.npz")
-    if data_file is not None:
-        from ..data.user import load_npz
-
-        return load_npz(data_file, num_classes=num_classes).subset(n, seed=seed)
-    from ..data import load_dataset
-
-    return load_dataset(dataset, "test").subset(n, seed=seed)
+    return load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=num_classes)
 
 
-def check_fits(model_name: str, images, role: str = "classifier") -> None:
-    """Refuse images of another shape than the weights were trained on (their sidecar's dataset),
-    naming both sides, before any work starts."""
-    from ..data import DATASETS
-    from ..models.io import read_sidecar, resolve_weights
-
-    trained_on = read_sidecar(resolve_weights(model_name)).get("dataset")
-    if trained_on in DATASETS:
-        shape = tuple(DATASETS[trained_on].shape)
-        if tuple(images.shape[1:]) != shape:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"the {role} {model_name} takes {trained_on} images of shape {shape} (C, H, W); "
-                              f"the data are {tuple(images.shape[1:])}")
+def force_option() -> Callable[[Callable], Callable]:
+    return click.option("--force", is_flag=True,
+                        help="Go on although the shield, the classifier(s) and the data do not fit each "
+                             "other (dataset, input shape, value range, classes); the mismatches are "
+                             "recorded with the result.")
 
 
-def classes_of(model_name: str) -> int | None:
-    """The number of classes of weights trained on a registered dataset, else None."""
-    from ..data import DATASETS
-    from ..models.io import read_sidecar, resolve_weights
+def check_cli_compatible(data, classifiers, *, shield: str | None = None, force: bool = False) -> list[str]:
+    """Refuse a shield (name or path), classifiers (``(module, ModelInfo)`` pairs) and data
+    (``LabeledImages``) that do not fit (``defenses.compat``; several classifiers must also fit
+    each other), before any work starts; with ``force``, return the mismatches (each logged as a
+    warning) for the result's record."""
+    from ..defenses.compat import (check_compatible, check_members, classifier_signature, data_signature,
+                                   shield_signature)
 
-    trained_on = read_sidecar(resolve_weights(model_name)).get("dataset")
-    return len(DATASETS[trained_on].classes) if trained_on in DATASETS else None
+    images = data_signature(data)
+    guard = shield_signature(shield) if shield else None
+    signatures = [classifier_signature(info, module, images.input_shape) for module, info in classifiers]
+    found = [line for signature in signatures
+             for line in check_compatible(data=images, classifier=signature, shield=guard, force=force)]
+    if guard is None:  # with a shield, each classifier was compared with it
+        found += check_members(signatures, force=force)
+    return list(dict.fromkeys(found))  # check_compatible has logged each as a warning
 
 
 def _field(cls: type, name: str) -> tuple[dataclasses.Field, Any]:
