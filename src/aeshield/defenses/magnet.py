@@ -204,7 +204,9 @@ class MultiDetector(Detector):
         parts = []
         for d in self.members:
             t = d.threshold
-            scale = t.abs().clamp_min(1e-12) if torch.isfinite(t) else torch.ones_like(t)
+            # torch.where rather than a Python branch on the threshold: a data-dependent branch
+            # does not export (torch.export, ONNX), and the values are the same.
+            scale = torch.where(torch.isfinite(t), t.abs().clamp_min(1e-12), torch.ones_like(t))
             parts.append((d.score(x) - t) / scale)
         return torch.stack(parts, 1).amax(1)
 
