@@ -23,6 +23,7 @@ Deploy a fixed variant instead (the message says which).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from ..models.predict import REJECT
 from .base import Detector, Shielded
 
 __all__ = ["INPUT_NAME", "NO_DETECTOR_MARGIN", "OUTPUT_NAMES", "Deployable", "ExportCheck", "check_export",
-           "export_onnx", "export_pt2", "onnx_runner", "pt2_runner", "runner"]
+           "export_onnx", "export_pt2", "fixed_member", "onnx_runner", "pt2_runner", "runner"]
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "labels", "reject_margin")
@@ -83,25 +84,49 @@ def _refuse_random(pipeline: Shielded) -> None:
     from .magnet import DiverseAutoencoder
     from .puvae import PuVAE
 
-    for name, module in pipeline.named_modules():
-        if not getattr(module, "stochastic", False) or isinstance(module, Shielded):
-            continue
-        where = name or type(module).__name__
-        if isinstance(module, DiverseAutoencoder):
-            raise ConfigError(
-                f"{where}: MagNet with {len(module.members)} autoencoders drawn at random cannot be exported "
-                "(a program cannot draw as the defense does); deploy one fixed member: "
-                "set .member = k on that DiverseAutoencoder (its thresholds were calibrated on all members pooled)")
-        if isinstance(module, PuVAE):
-            raise ConfigError(f"{where}: PuVAE sampling z (sample=True) cannot be exported; deploy its mean "
-                              "reconstruction (sample=False, the shipped deployment) and recalibrate the detector")
-        raise ConfigError(f"{where}: {type(module).__name__} is random (stochastic=True) and cannot be exported; "
-                          "deploy a deterministic variant of it")
+    random = [(name, m) for name, m in pipeline.named_modules()
+              if getattr(m, "stochastic", False) and not isinstance(m, Shielded)]
+    if not random:
+        return
+    # The part that owns the randomness, not a wrapper whose flag only repeats it.
+    name, module = next(((n, m) for n, m in random if isinstance(m, (DiverseAutoencoder, PuVAE))), random[-1])
+    if isinstance(module, DiverseAutoencoder):
+        raise ConfigError(
+            f"{name}: MagNet with {len(module.members)} autoencoders drawn at random cannot be exported "
+            "(a program cannot draw as the defense does); deploy one fixed member: "
+            f"fixed_member(pipeline, k) (aeshield export --member K), k < {len(module.members)}")
+    if isinstance(module, PuVAE):
+        raise ConfigError(f"{name}: PuVAE sampling z (sample=True) cannot be exported; deploy its mean "
+                          "reconstruction (sample=False, the shipped deployment) and recalibrate the detector")
+    raise ConfigError(f"{name}: {type(module).__name__} is random (stochastic=True) and cannot be exported; "
+                      "deploy a deterministic variant of it")
+
+
+def fixed_member(pipeline: Shielded, member: int) -> Shielded:
+    """``pipeline`` with every MagNet ``DiverseAutoencoder`` in it (reformer and detectors share
+    one) answering with autoencoder ``member`` only: deterministic, so it exports. Changes the
+    pipeline in place and returns it. The detectors keep their thresholds, which were set on
+    all members' clean scores pooled, so this member's false-positive rate can differ from the
+    stated one; recalibrate (``pipeline.detector.calibrate``) to state it for this member."""
+    from .magnet import DiverseAutoencoder
+
+    diverse = [m for m in pipeline.modules() if isinstance(m, DiverseAutoencoder)]
+    if not diverse:
+        raise ConfigError("fixed_member: this pipeline has no MagNet autoencoders drawn at random (a MagNet "
+                          "shield with diversity > 1); it needs no member fixed")
+    for m in diverse:
+        if not 0 <= member < len(m.members):
+            raise ConfigError(f"fixed_member: member must be in [0, {len(m.members)}), got {member}")
+        m.member = member
+        m._cache = None
+    return pipeline
 
 
 def _example(module: Deployable, input_shape) -> torch.Tensor:
+    input_shape = input_shape or module.in_shape
     if input_shape is None:
-        raise ConfigError("export needs the input shape (C, H, W): pass input_shape=")
+        raise ConfigError("export needs the input shape (C, H, W): the classifier has no in_shape; "
+                          "pass input_shape=")
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
@@ -136,6 +161,21 @@ def _tracing(module: nn.Module) -> Iterator[None]:
             yield
     finally:
         clear()
+
+
+@contextmanager
+def _quiet_onnx() -> Iterator[None]:
+    """The ONNX exporter's optimiser logs every pass at INFO; a verbose aeshield would show
+    hundreds of lines about constant folding."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _export_program(module: Deployable, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -183,7 +223,7 @@ def export_onnx(pipeline: nn.Module, path: str | Path, *, input_shape, opset: in
     require("onnxscript", extra="export", feature="ONNX export")
     module = pipeline if isinstance(pipeline, Deployable) else Deployable(pipeline)
     example = _example(module, input_shape)
-    with _tracing(module):
+    with _tracing(module), _quiet_onnx():
         program = _export_program(module, example)  # names the part that fails, before the ONNX step
         try:
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT_NAME],
@@ -264,6 +304,8 @@ def check_export(pipeline: nn.Module, path: str | Path, images: torch.Tensor, *,
                  margin_tol: float = 1e-4, batch_size: int = 500) -> ExportCheck:
     """Run the exported ``path`` (``.onnx`` in onnxruntime, else ``.pt2`` in torch) and the
     pipeline it came from on ``images`` and compare logits and reject decisions."""
+    if len(images) == 0:
+        raise ConfigError("check_export needs at least one image")
     module = pipeline if isinstance(pipeline, Deployable) else Deployable(pipeline)
     run = runner(path)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -275,11 +317,11 @@ def check_export(pipeline: nn.Module, path: str | Path, images: torch.Tensor, *,
             got.append(run(batch))
     ref_logits, ref_labels, ref_margin = (torch.cat(parts) for parts in zip(*ref))
     got_logits, got_labels, got_margin = (torch.cat(parts) for parts in zip(*got))
-    diff = float((ref_logits.float() - got_logits.float()).abs().max()) if len(images) else 0.0
+    diff = float((ref_logits.float() - got_logits.float()).abs().max())
     differs = (ref_margin > 0) != (got_margin > 0)
     near = differs & (ref_margin.abs() < margin_tol)
     finite = torch.isfinite(ref_margin)
     margin_diff = float((ref_margin - got_margin)[finite].abs().max()) if finite.any() else 0.0
     return ExportCheck(n=len(images), max_abs_diff=diff, disagreements=int(differs.sum()),
                        near_threshold=int(near.sum()), label_differences=int((ref_labels != got_labels).sum()),
-                       max_margin_diff=margin_diff,                        tolerance=tolerance, margin_tol=margin_tol)
+                       max_margin_diff=margin_diff, tolerance=tolerance, margin_tol=margin_tol)

@@ -78,7 +78,9 @@ class DiverseAutoencoder(nn.Module):
         if cached is not None and cached[0] is x and cached[1] == key:
             return cached[3]
         index = self.draw(x.shape[0], x.device)
-        out = self.reconstruct(x, index)
+        # A fixed member runs on the whole batch: what reconstruct computes then, without its
+        # data-dependent grouping, which torch.export and ONNX cannot trace.
+        out = self.members[self.member](x) if self.member is not None else self.reconstruct(x, index)
         self._cache = (x, key, index, out)
         return out
 
