@@ -51,13 +51,17 @@ def export_cmd(shield, classifier, fmt, out, dataset, data_file, n_check, member
     file (onnxruntime for .onnx, torch for .pt2) next to the pipeline on test images: the logits
     must agree within 1e-4 and the reject decisions must be equal, except where the margin is
     within 1e-4 of 0. Exits with status 2 otherwise (the file is kept for inspection)."""
-    from ..defenses.export import check_export, export_onnx, export_pt2, fixed_member
-    from ..defenses.registry import load_pipeline
+    from ..defenses.base import Shielded
+    from ..defenses.export import check_deterministic, check_export, export_onnx, export_pt2, fixed_member
+    from ..defenses.registry import load_pipeline, load_shield
     from ..models.io import read_sidecar, resolve_weights
 
     device = resolve_device(device)
     test = _check_images(shield, dataset, data_file, n_check) if n_check else None
-    pipeline = load_pipeline(shield, _load_classifier(classifier, device), device=device)
+    model = _load_classifier(classifier, device)
+    if member is None:  # refuse a random shield before its detectors are calibrated (seconds)
+        check_deterministic(Shielded(load_shield(shield, device=device), model))
+    pipeline = load_pipeline(shield, model, device=device)
     if member is not None:
         fixed_member(pipeline, member)
     shape = pipeline.in_shape or tuple(read_sidecar(resolve_weights(shield)).get("card", {}).get("input_shape") or ())

@@ -23,7 +23,11 @@ Deploy a fixed variant instead (the message says which).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,8 +43,8 @@ from ..models.modes import eval_mode
 from ..models.predict import REJECT
 from .base import Detector, Shielded
 
-__all__ = ["INPUT_NAME", "NO_DETECTOR_MARGIN", "OUTPUT_NAMES", "Deployable", "ExportCheck", "check_export",
-           "export_onnx", "export_pt2", "fixed_member", "onnx_runner", "pt2_runner", "runner"]
+__all__ = ["INPUT_NAME", "NO_DETECTOR_MARGIN", "OUTPUT_NAMES", "Deployable", "ExportCheck", "check_deterministic",
+           "check_export", "export_onnx", "export_pt2", "fixed_member", "onnx_runner", "pt2_runner", "runner"]
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "labels", "reject_margin")
@@ -58,7 +62,7 @@ class Deployable(nn.Module):
         super().__init__()
         if not isinstance(pipeline, Shielded):
             pipeline = Shielded(None, pipeline)
-        _refuse_random(pipeline)
+        check_deterministic(pipeline)
         detector = pipeline.detector
         if detector is not None and type(detector).rejects is not Detector.rejects:
             raise ConfigError(f"detector {type(detector).__name__} overrides rejects(); an exported model "
@@ -78,9 +82,10 @@ class Deployable(nn.Module):
         return logits, labels, margin
 
 
-def _refuse_random(pipeline: Shielded) -> None:
-    """ConfigError naming the random part of ``pipeline`` (detectors included: MagNet without
-    a reformer is random through its detectors alone) and the fixed variant to deploy."""
+def check_deterministic(pipeline: Shielded) -> None:
+    """Nothing for a deterministic pipeline, else a ConfigError naming its random part
+    (detectors included: MagNet without a reformer is random through its detectors alone)
+    and the fixed variant to deploy."""
     from .magnet import DiverseAutoencoder
     from .puvae import PuVAE
 
@@ -180,9 +185,26 @@ def _quiet_onnx() -> Iterator[None]:
 
 def _export_program(module: Deployable, example: torch.Tensor) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch(), strict=False)
+        with _partial_graph_dropped():
+            return torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch(), strict=False)
     except Exception as err:  # noqa: BLE001 - any tracing failure: find the part that caused it
         raise _unexportable(module, example, err) from err
+
+
+@contextmanager
+def _partial_graph_dropped() -> Iterator[None]:
+    """torch.export prints the graph traced so far to stderr when it fails: dozens of lines
+    before the one-line error that says which part and which line of code (``--debug`` shows
+    the traceback). Anything else written meanwhile is passed on."""
+    buffer = io.StringIO()
+    failed = True
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+        failed = False
+    finally:
+        if not failed:
+            sys.stderr.write(buffer.getvalue())
 
 
 def _unexportable(module: Deployable, example: torch.Tensor, err: Exception) -> ConfigError:
@@ -196,13 +218,34 @@ def _unexportable(module: Deployable, example: torch.Tensor, err: Exception) -> 
             with torch.no_grad():
                 x = module.purifier(example)
         try:
-            torch.export.export(part, (x,), dynamic_shapes=_dynamic_batch(), strict=False)
+            with _partial_graph_dropped():
+                torch.export.export(part, (x,), dynamic_shapes=_dynamic_batch(), strict=False)
         except Exception as part_err:  # noqa: BLE001
-            first = str(part_err).strip().splitlines()[0] if str(part_err).strip() else type(part_err).__name__
-            return ConfigError(f"the {name} ({type(part).__name__}) cannot be exported by torch.export: {first}; "
-                               "replace the op it names by an export-friendly equivalent")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ConfigError(f"the pipeline cannot be exported by torch.export: {first}")
+            return ConfigError(f"the {name} ({type(part).__name__}) cannot be exported by torch.export: "
+                               f"{_describe(part_err)}; rewrite that code in export-friendly ops "
+                               "(no Python branch on tensor values, no .item() or .tolist())")
+    return ConfigError(f"the pipeline cannot be exported by torch.export: {_describe(err)}")
+
+
+# torch's export errors end with the user code that raised them.
+_USER_CODE = re.compile(r'File "([^"]+)", line (\d+), in \w+\n[ \t]+(\S.*)')
+
+_USER_CODE_NO_SOURCE = re.compile(r'File "([^"]+)", line (\d+), in \w+')
+
+
+def _describe(err: Exception) -> str:
+    """The first line of an export error, and the user code it points at when it says."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    calls = _USER_CODE.findall(text)
+    if calls:
+        file, line, code = calls[-1]
+        first += f" (at {Path(file).name}:{line}: {code.strip()})"
+    else:
+        calls = _USER_CODE_NO_SOURCE.findall(text)
+        if calls:
+            first += f" (at {Path(calls[-1][0]).name}:{calls[-1][1]})"
+    return first
 
 
 def export_pt2(pipeline: nn.Module, path: str | Path, *, input_shape) -> Path:
@@ -230,8 +273,7 @@ def export_onnx(pipeline: nn.Module, path: str | Path, *, input_shape, opset: in
                                              output_names=list(OUTPUT_NAMES), opset_version=opset,
                                              verbose=False, report=False)
         except Exception as err:  # noqa: BLE001 - an aten op without an ONNX translation
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"the pipeline traced, but its program has no ONNX translation: {first}; "
+            raise ConfigError(f"the pipeline traced, but its program has no ONNX translation: {_describe(err)}; "
                               "export it as .pt2 instead") from err
 
     def write(tmp: Path) -> None:
