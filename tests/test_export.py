@@ -118,7 +118,7 @@ def test_random_shields_refused_and_fixed_member_exports(tmp_path):
         Deployable(no_reformer)
     sampling = build_pipeline(create_model("cvae-mnist-quick").eval(), tiny_mlp().eval(), detector=True, sample=True,
                               fpr=0.1, calibration=torch.rand(16, *SHAPE))
-    with pytest.raises(ConfigError, match=r"sample=True.*mean reconstruction"):
+    with pytest.raises(ConfigError, match=r"sample=True.*mean reconstruction.*sample = False"):
         export_onnx(sampling, tmp_path / "p.onnx", input_shape=SHAPE)
     assert not list(tmp_path.iterdir())
 
@@ -172,3 +172,10 @@ def test_cli_refuses_random_shield(tmp_path):
     assert result.exit_code == 2
     assert "error:" in result.output and "--member K" in result.output
     assert not (tmp_path / "d.pt2").exists()
+
+
+def test_wrong_input_shape_is_an_input_error(tmp_path):
+    from aeshield.inputs import InputError
+
+    with pytest.raises(InputError, match=r"shape \(3, 32, 32\)"):
+        export_pt2(Shielded(None, tiny_mlp()), tmp_path / "m.pt2", input_shape=(3, 32, 32))

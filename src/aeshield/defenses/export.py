@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, require
+from ..inputs import InputError
 from ..io import write_atomic
 from ..models.modes import eval_mode
 from ..models.predict import REJECT
@@ -102,7 +103,8 @@ def check_deterministic(pipeline: Shielded) -> None:
             f"fixed_member(pipeline, k) (aeshield export --member K), k < {len(module.members)}")
     if isinstance(module, PuVAE):
         raise ConfigError(f"{name}: PuVAE sampling z (sample=True) cannot be exported; deploy its mean "
-                          "reconstruction (sample=False, the shipped deployment) and recalibrate the detector")
+                          "reconstruction: set .sample = False (the shipped deployment) and recalibrate its "
+                          "detector on clean images (pipeline.detector.calibrate)")
     raise ConfigError(f"{name}: {type(module).__name__} is random (stochastic=True) and cannot be exported; "
                       "deploy a deterministic variant of it")
 
@@ -119,9 +121,10 @@ def fixed_member(pipeline: Shielded, member: int) -> Shielded:
     if not diverse:
         raise ConfigError("fixed_member: this pipeline has no MagNet autoencoders drawn at random (a MagNet "
                           "shield with diversity > 1); it needs no member fixed")
+    size = min(len(m.members) for m in diverse)
+    if not 0 <= member < size:
+        raise ConfigError(f"fixed_member: member must be in [0, {size}), got {member}")
     for m in diverse:
-        if not 0 <= member < len(m.members):
-            raise ConfigError(f"fixed_member: member must be in [0, {len(m.members)}), got {member}")
         m.member = member
         m._cache = None
     return pipeline
@@ -184,6 +187,11 @@ def _quiet_onnx() -> Iterator[None]:
 
 
 def _export_program(module: Deployable, example: torch.Tensor) -> torch.export.ExportedProgram:
+    try:  # images the pipeline cannot take are the user's mistake, not an op that does not export
+        module(example)
+    except RuntimeError as err:
+        raise InputError(f"the pipeline cannot take images of shape {tuple(example.shape[1:])} (C, H, W): "
+                         f"{_describe(err)}; give the input_shape its classifier and shield take") from err
     try:
         with _partial_graph_dropped():
             return torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch(), strict=False)
