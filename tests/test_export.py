@@ -179,3 +179,14 @@ def test_wrong_input_shape_is_an_input_error(tmp_path):
 
     with pytest.raises(InputError, match=r"shape \(3, 32, 32\)"):
         export_pt2(Shielded(None, tiny_mlp()), tmp_path / "m.pt2", input_shape=(3, 32, 32))
+
+
+def test_classifier_loaded_from_a_pt2_exports(tmp_path):
+    """A user's classifier given as a .pt2 program (whose module refuses train() and eval())."""
+    batch = {0: torch.export.Dim("batch", min=1)}
+    torch.export.save(torch.export.export(tiny_mlp().eval(), (torch.rand(2, *SHAPE),), dynamic_shapes=(batch,)),
+                      tmp_path / "clf.pt2")
+    clf = torch.export.load(tmp_path / "clf.pt2").module()  # lead: switch to models.exported.load_exported after merge
+    model = Shielded(AutoencoderPurifier(create_model("conv-ae-small").eval()), clf)
+    x = torch.rand(5, *SHAPE)
+    assert check_export(model, export_pt2(model, tmp_path / "m.pt2", input_shape=SHAPE), x).ok

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ConfigError, require
 from ..inputs import InputError
 from ..io import write_atomic
-from ..models.modes import eval_mode
+from ..models.modes import preserved_modes
 from ..models.predict import REJECT
 from .base import Detector, Shielded
 
@@ -150,7 +150,8 @@ def _dynamic_batch() -> tuple[dict, ...]:
 
 @contextmanager
 def _tracing(module: nn.Module) -> Iterator[None]:
-    """Eval mode, no per-tensor caches before or after the trace, and no warning about them.
+    """Eval mode (each part's mode given back), no gradients, no per-tensor caches before or
+    after the trace, and no warning about them.
 
     PuVAE and ``DiverseAutoencoder`` cache their last result per input tensor so that the
     purifier and the detector of one call share it; inside a trace that makes the program
@@ -164,7 +165,11 @@ def _tracing(module: nn.Module) -> Iterator[None]:
 
     clear()
     try:
-        with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+        with preserved_modes(module), torch.no_grad(), warnings.catch_warnings():
+            # Flags set one by one rather than module.eval(): a classifier loaded from a .pt2
+            # is a program's module, whose train() raises.
+            for part in module.modules():
+                part.training = False
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_cache.* were assigned during export")
             yield
     finally:
