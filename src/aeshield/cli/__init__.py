@@ -18,6 +18,7 @@ from .audit import audit_cmd
 from .autoencoder import ae_attack_cmd
 from .data import data
 from .evaluate import eval_cmd
+from .export import export_cmd
 from .models import models_cmd
 from .results import report_cmd, reproduce_cmd, targets_cmd
 from .signals import install_signal_handlers
@@ -92,7 +93,8 @@ def main(verbose: bool, debug: bool) -> None:
 
 for _command, _name in ((data, "data"), (models_cmd, "models"), (train, "train"), (eval_cmd, "eval"),
                         (eval_cmd, "attack"), (audit_cmd, "audit"), (ae_attack_cmd, "ae-attack"),
-                        (report_cmd, "report"), (reproduce_cmd, "reproduce"), (targets_cmd, "targets")):
+                        (report_cmd, "report"), (reproduce_cmd, "reproduce"), (targets_cmd, "targets"),
+                        (export_cmd, "export")):
     main.add_command(_command, name=_name)
 
 __all__ = ["main"]

@@ -132,6 +132,20 @@ class Shielded(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purifier(x))
 
+    def to_onnx(self, path, input_shape: tuple[int, ...] | None = None):
+        """Write this pipeline, detector included, as one ONNX file (``defenses.export``:
+        outputs ``logits``, ``labels``, ``reject_margin``); ``input_shape`` ``(C, H, W)``
+        defaults to the classifier's ``in_shape``. Returns the path."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, input_shape=input_shape or self.in_shape)
+
+    def to_pt2(self, path, input_shape: tuple[int, ...] | None = None):
+        """As ``to_onnx``, as a ``torch.export`` program (``.pt2``)."""
+        from .export import export_pt2
+
+        return export_pt2(self, path, input_shape=input_shape or self.in_shape)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """Labels for a batch of images in [0, 1]; ``REJECT`` where the detector fires."""

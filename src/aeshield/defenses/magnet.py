@@ -78,7 +78,9 @@ class DiverseAutoencoder(nn.Module):
         if cached is not None and cached[0] is x and cached[1] == key:
             return cached[3]
         index = self.draw(x.shape[0], x.device)
-        out = self.reconstruct(x, index)
+        # A fixed member runs on the whole batch: what reconstruct computes then, without its
+        # data-dependent grouping, which torch.export and ONNX cannot trace.
+        out = self.members[self.member](x) if self.member is not None else self.reconstruct(x, index)
         self._cache = (x, key, index, out)
         return out
 
@@ -204,7 +206,9 @@ class MultiDetector(Detector):
         parts = []
         for d in self.members:
             t = d.threshold
-            scale = t.abs().clamp_min(1e-12) if torch.isfinite(t) else torch.ones_like(t)
+            # torch.where rather than a Python branch on the threshold: a data-dependent branch
+            # does not export (torch.export, ONNX), and the values are the same.
+            scale = torch.where(torch.isfinite(t), t.abs().clamp_min(1e-12), torch.ones_like(t))
             parts.append((d.score(x) - t) / scale)
         return torch.stack(parts, 1).amax(1)
 
