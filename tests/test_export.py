@@ -15,6 +15,7 @@ from aeshield.defenses.base import REJECT, AutoencoderPurifier, Purifier, Shield
 from aeshield.defenses.export import (NO_DETECTOR_MARGIN, Deployable, ExportCheck, check_export, export_onnx,
                                       export_pt2, fixed_member, runner)
 from aeshield.defenses.magnet import DiverseAutoencoder, magnet
+from aeshield.models.exported import load_exported
 from aeshield.defenses.puvae import build_pipeline
 from aeshield.defenses.registry import load_pipeline
 from aeshield.errors import ConfigError
@@ -186,7 +187,7 @@ def test_classifier_loaded_from_a_pt2_exports(tmp_path):
     batch = {0: torch.export.Dim("batch", min=1)}
     torch.export.save(torch.export.export(tiny_mlp().eval(), (torch.rand(2, *SHAPE),), dynamic_shapes=(batch,)),
                       tmp_path / "clf.pt2")
-    clf = torch.export.load(tmp_path / "clf.pt2").module()  # lead: switch to models.exported.load_exported after merge
+    clf = load_exported(tmp_path / "clf.pt2")
     model = Shielded(AutoencoderPurifier(create_model("conv-ae-small").eval()), clf)
     x = torch.rand(5, *SHAPE)
     assert check_export(model, export_pt2(model, tmp_path / "m.pt2", input_shape=SHAPE), x).ok

@@ -7,33 +7,26 @@ import time
 
 import click
 
-from .options import COUNT, Choice, data_options, device_option, resolve_device
-
-
-def _load_classifier(spec: str, device: str):
-    """The classifier to deploy behind the shield."""
-    from .. import load_classifier
-
-    return load_classifier(spec, device=device)
+from .options import (COUNT, Choice, check_cli_compatible, classifier_options, data_options, device_option,
+                      force_option, load_cli_classifier, load_cli_data, resolve_device)
 
 
 def _check_images(shield: str, dataset: str | None, data_file: str | None, n: int):
     """Up to ``n`` test images: ``--dataset`` / ``--data``, else the shield's own dataset."""
     from ..data import DATASETS
     from ..models.io import read_sidecar, resolve_weights
-    from .options import chosen_test_images
 
     if dataset is None and data_file is None:
         dataset = read_sidecar(resolve_weights(shield)).get("dataset")
         if dataset not in DATASETS:
-            raise click.UsageError(f"the shield {shield} names no registered dataset ({dataset!r}) to check the "
-                                   "export on; give --dataset NAME or --data FILE.npz")
-    return chosen_test_images(dataset, data_file, n=n, seed=0, num_classes=None)
+            raise click.UsageError(f"the shield {shield} was trained on your own data ({dataset!r}); give "
+                                   "--data SPEC (test images) to check the export on, or --n-check 0")
+    return load_cli_data(dataset, data_file, n=n, seed=0)
 
 
 @click.command("export")
 @click.option("--shield", required=True, help="Shield (shipped name or path); its detectors go inside.")
-@click.option("--classifier", required=True, help="Shipped classifier name or .safetensors path.")
+@classifier_options(help="The classifier behind the shield")
 @click.option("--format", "fmt", type=Choice(["onnx", "pt2"]), required=True,
               help="onnx (onnxruntime and other runtimes) or pt2 (a torch.export program).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write.")
@@ -44,8 +37,10 @@ def _check_images(shield: str, dataset: str | None, data_file: str | None, n: in
               help="MagNet with several autoencoders drawn at random: deploy autoencoder K only "
                    "(a random shield cannot be exported). Thresholds stay those of all members pooled.")
 @click.option("--batch-size", type=COUNT, default=500, show_default=True, help="Batch size of the check.")
+@force_option()
 @device_option()
-def export_cmd(shield, classifier, fmt, out, dataset, data_file, n_check, member, batch_size, device) -> None:
+def export_cmd(shield, classifier, normalize, fmt, out, dataset, data_file, n_check, member, batch_size, force,
+               device) -> None:
     """Write SHIELD + CLASSIFIER (+ detectors) as one model with outputs logits, labels (-1 where
     rejected) and reject_margin (rejected where > 0; -inf without a detector), then run the
     file (onnxruntime for .onnx, torch for .pt2) next to the pipeline on test images: the logits
@@ -58,7 +53,9 @@ def export_cmd(shield, classifier, fmt, out, dataset, data_file, n_check, member
 
     device = resolve_device(device)
     test = _check_images(shield, dataset, data_file, n_check) if n_check else None
-    model = _load_classifier(classifier, device)
+    model, info = load_cli_classifier(classifier, normalize, device)
+    if test is not None:
+        check_cli_compatible(test, [(model, info)], shield=shield, force=force)
     if member is None:  # refuse a random shield before its detectors are calibrated (seconds)
         check_deterministic(Shielded(load_shield(shield, device=device), model))
     pipeline = load_pipeline(shield, model, device=device)

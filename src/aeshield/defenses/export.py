@@ -315,7 +315,9 @@ def onnx_runner(path: str | Path) -> Callable[[torch.Tensor], Outputs]:
 
 def pt2_runner(path: str | Path) -> Callable[[torch.Tensor], Outputs]:
     """``images -> (logits, labels, reject_margin)`` through a ``.pt2`` program in torch."""
-    program = torch.export.load(str(path)).module()  # lead: switch to models.exported.load_exported after merge
+    from ..models.exported import load_exported
+
+    program = load_exported(path)  # refuses an archive that would unpickle anything but tensors
 
     def run(images: torch.Tensor) -> Outputs:
         with torch.no_grad():
