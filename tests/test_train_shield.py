@@ -265,3 +265,15 @@ def test_cli_trains_a_magnet_shield_on_a_npz_and_it_deploys_from_its_card(tmp_pa
 
     refused = click.testing.CliRunner().invoke(main, [*args, "--eps", "0.1"])
     assert refused.exit_code == 2 and "--eps sets the radius aaa trains against" in refused.output
+
+
+def test_every_shipped_card_reads_and_writes_back_unchanged():
+    from aeshield.defenses.cards import Card
+    from aeshield.models.io import shipped_dir
+
+    cards = [json.loads(p.read_text())["card"] for p in sorted(shipped_dir().glob("*.json"))
+             if "card" in json.loads(p.read_text())]
+    assert cards
+    for card in cards:
+        assert "num_classes" not in card and "value_range" not in card
+        assert Card.from_dict(card).to_dict() == card
