@@ -14,7 +14,21 @@ from .defenses.base import REJECT, AutoencoderPurifier, Detector, Purifier, Shie
 from .threat import Norm, ThreatModel
 
 __all__ = ["REJECT", "AutoencoderPurifier", "Detector", "Norm", "Purifier", "Shielded",
-           "ThreatModel", "__version__", "load_classifier", "load_classifier_spec", "load_shield"]
+           "ThreatModel", "TrainedShield", "__version__", "load_classifier", "load_classifier_spec", "load_data",
+           "load_shield", "train_shield"]
+
+# Imported on first use: training pulls in the trainers and the attacks, which ``import aeshield``
+# should not pay for.
+_LAZY = {"train_shield": "aeshield.defenses.train_shield", "TrainedShield": "aeshield.defenses.train_shield",
+         "load_data": "aeshield.data.user"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aeshield' has no attribute {name!r}")
 
 
 def load_classifier(name_or_path: str, device: str = "cpu"):

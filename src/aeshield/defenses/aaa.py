@@ -232,17 +232,18 @@ class AAAShieldConfig:
     training: AAAConfig = field(default_factory=AAAConfig)
 
 
-def build(config: AAAShieldConfig) -> nn.Module:
+def build(config: AAAShieldConfig, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """The autoencoder, for images of ``input_shape`` (default: its architecture's dataset's)."""
     from ..models import create_model
 
-    return create_model(config.architecture)
+    return create_model(config.architecture, input_shape)
 
 
 def train(config: AAAShieldConfig, classifiers: list[nn.Module], data, *, val=None,
           checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
     """A new autoencoder (its initial weights from the training seed too) trained by
     ``train_aaa`` against ``classifiers``."""
-    autoencoder = seeded_build(build, config, config.training.seed, device)
+    autoencoder = seeded_build(build, config, config.training.seed, device, input_shape=data.images.shape[1:])
     result = train_aaa(autoencoder, list(classifiers), data.images, data.labels, config.training,
                        x_val=None if val is None else val.images,
                        y_val=None if val is None else val.labels, checkpoint=checkpoint,

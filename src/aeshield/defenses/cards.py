@@ -34,15 +34,23 @@ class Card:
     evaluated: tuple[dict, ...] = ()
     version: int = CARD_VERSION
     # For a defense with calibrated detectors (``Defense.deploy``): the split of ``dataset`` whose
-    # clean images calibrate them, and the seed of the calibration, {"calibration_split", "seed"}.
+    # clean images calibrate them, and the seed of the calibration, {"calibration_split", "seed"};
+    # or, for a shield trained by ``train_shield``, the thresholds themselves:
+    # {"calibration": "stored", "false_positive_rate", "thresholds": {detector: threshold}, "seed"}.
     deployment: dict | None = None
+    # Written for shields of user data (``train_shield``); None in cards written before, whose
+    # dataset names both.
+    num_classes: int | None = None
+    value_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return {"version": self.version, "defense": self.defense, "config": json_safe(self.config),
                 "dataset": self.dataset, "input_shape": list(self.input_shape),
                 "trained_against": list(self.trained_against),
                 "training_threat": self.training_threat, "evaluated": [dict(e) for e in self.evaluated],
-                **({"deployment": dict(self.deployment)} if self.deployment is not None else {})}
+                **({"deployment": dict(self.deployment)} if self.deployment is not None else {}),
+                **({"num_classes": self.num_classes} if self.num_classes is not None else {}),
+                **({"value_range": list(self.value_range)} if self.value_range is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Card":
@@ -54,7 +62,9 @@ class Card:
                    trained_against=tuple(data.get("trained_against") or ()),
                    training_threat=data.get("training_threat"),
                    evaluated=tuple(data.get("evaluated") or ()), version=data["version"],
-                   deployment=data.get("deployment"))
+                   deployment=data.get("deployment"),
+                   num_classes=int(data["num_classes"]) if data.get("num_classes") is not None else None,
+                   value_range=tuple(data["value_range"]) if data.get("value_range") is not None else None)
 
 
 def default_deployment(defense: Defense, config: dict) -> dict | None:
@@ -67,15 +77,24 @@ def default_deployment(defense: Defense, config: dict) -> dict | None:
 
 
 def make_card(defense: Defense, config: Any, dataset: str, *, trained_against: Sequence[str] = (),
-              evaluated: Sequence[dict] = (), deployment: dict | None = None) -> Card:
+              evaluated: Sequence[dict] = (), deployment: dict | None = None,
+              input_shape: Sequence[int] | None = None, num_classes: int | None = None,
+              value_range: Sequence[float] | None = None) -> Card:
+    """The card of a trained ``defense``. ``input_shape`` defaults to the registered
+    ``dataset``'s shape (``()`` for another name); ``num_classes`` and ``value_range`` are
+    written only when given (``train_shield`` gives them; its value range is [0, 1])."""
     threat = defense.training_threat(config)
     config_dict = config_to_dict(config)
+    if input_shape is None:
+        input_shape = DATASETS[dataset].shape if dataset in DATASETS else ()
     return Card(defense=defense.name, config=config_dict, dataset=dataset,
-                input_shape=tuple(DATASETS[dataset].shape) if dataset in DATASETS else (),
+                input_shape=tuple(int(d) for d in input_shape),
                 trained_against=tuple(trained_against),
                 training_threat=threat.to_dict() if threat is not None else None,
                 evaluated=tuple(evaluated),
-                deployment=deployment if deployment is not None else default_deployment(defense, config_dict))
+                deployment=deployment if deployment is not None else default_deployment(defense, config_dict),
+                num_classes=int(num_classes) if num_classes is not None else None,
+                value_range=tuple(float(v) for v in value_range) if value_range is not None else None)
 
 
 def card_from_sidecar(side: dict) -> Card:

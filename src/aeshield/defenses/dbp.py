@@ -219,10 +219,18 @@ class DBPShieldConfig:
     training: DBPConfig = field(default_factory=DBPConfig)
 
 
-def build(config: DBPShieldConfig) -> nn.Module:
+def build(config: DBPShieldConfig, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """The VAE (fully connected: any ``input_shape``, default 1x28x28) or DRAW (1x28x28 only)."""
     if config.architecture == "vae":
-        return VAE(latent=config.latent, hidden=config.hidden)
+        if input_shape is None or tuple(input_shape) == (1, 28, 28):
+            return VAE(latent=config.latent, hidden=config.hidden)
+        return VAE(latent=config.latent, hidden=config.hidden, in_shape=tuple(int(d) for d in input_shape))
     if config.architecture in ("draw", "draw-attn"):
+        if input_shape is not None and tuple(input_shape) != (1, 28, 28):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"dbp architecture {config.architecture!r} takes 1x28x28 images only, not "
+                              f"{'x'.join(map(str, input_shape))}; use architecture 'vae' for other shapes")
         return DRAW(glimpses=config.glimpses, hidden=config.hidden, latent=config.latent,
                     attention=config.architecture == "draw-attn", read_n=config.read_n,
                     write_n=config.write_n)
@@ -233,7 +241,7 @@ def train(config: DBPShieldConfig, classifiers: list[nn.Module], data, *, val=No
           checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
     """A new VAE (its weights from ``init_seed``, if given) trained by ``train_vae`` on
     ``data``'s images; no classifier is involved."""
-    vae = seeded_build(build, config, config.training.seed, device)
+    vae = seeded_build(build, config, config.training.seed, device, input_shape=data.images.shape[1:])
     result = train_vae(vae, data.images, config.training, x_val=None if val is None else val.images,
                        checkpoint=checkpoint, progress=progress)
     return Trained(vae, result.history)

@@ -236,18 +236,26 @@ def magnet_detectors(autoencoder: nn.Module, classifier: nn.Module, names: Seque
 
 def magnet(autoencoder: nn.Module, classifier: nn.Module, *, detectors: Sequence[str] = ("l1", "l2", "jsd10", "jsd40"),
            fpr: float = 0.001, calibration: torch.Tensor | None = None, reformer: bool = True,
-           seed: int = 0) -> Shielded:
+           seed: int = 0, thresholds: dict[str, float] | None = None) -> Shielded:
     """The MagNet pipeline: reformer ``AE`` (or none), ``classifier``, detectors calibrated
-    at ``fpr`` each on the clean ``calibration`` images. A ``DiverseAutoencoder`` makes it
+    at ``fpr`` each on the clean ``calibration`` images, or set to stored ``thresholds`` (by
+    detector name, as ``detector_thresholds`` reads them). A ``DiverseAutoencoder`` makes it
     random; each threshold is then calibrated on every member's clean scores pooled, which
     is the rate a query meets whichever member it draws."""
     detector = None
     if detectors:
-        if calibration is None:
-            raise ValueError("MagNet's detectors need clean calibration images")
         detector = MultiDetector(magnet_detectors(autoencoder, classifier, detectors))
-        torch.manual_seed(seed)  # any randomness left in a detector's scores is reproducible
-        detector.calibrate(calibration, fpr)
+        if thresholds is not None:
+            missing = [name for name in detectors if name not in thresholds]
+            if missing:
+                raise ValueError(f"stored MagNet thresholds lack detector(s) {missing}; have {sorted(thresholds)}")
+            for name, member in zip(detectors, detector.members):
+                member.threshold.fill_(float(thresholds[name]))
+        else:
+            if calibration is None:
+                raise ValueError("MagNet's detectors need clean calibration images")
+            torch.manual_seed(seed)  # any randomness left in a detector's scores is reproducible
+            detector.calibrate(calibration, fpr)
     purifier = AutoencoderPurifier(autoencoder) if reformer else None
     return Shielded(purifier, classifier, detector).eval()
 
@@ -339,22 +347,24 @@ class MagNetConfig:
     reformer: bool = True
 
 
-def build(config: MagNetConfig) -> nn.Module:
-    """One autoencoder, or an ``nn.ModuleList`` of ``diversity`` of them."""
+def build(config: MagNetConfig, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """One autoencoder, or an ``nn.ModuleList`` of ``diversity`` of them, for images of
+    ``input_shape`` (default: the architecture's dataset's)."""
     from ..models import create_model
 
     if config.diversity < 1:
         raise ValueError(f"MagNet diversity must be >= 1 autoencoders, got {config.diversity}")
     if config.diversity == 1:
-        return create_model(config.architecture)
-    return nn.ModuleList(create_model(config.architecture) for _ in range(config.diversity))
+        return create_model(config.architecture, input_shape)
+    return nn.ModuleList(create_model(config.architecture, input_shape) for _ in range(config.diversity))
 
 
 def train(config: MagNetConfig, classifiers: Sequence[nn.Module], data, *, val=None,
           checkpoint: str | Path | None = None, progress: bool = True, device: str = "cpu") -> Trained:
     """Autoencoders trained on clean images only (``classifiers`` are not used: MagNet's
     autoencoders never see the classifier). ``init_seed`` seeds their initial weights."""
-    built = seeded_build(build, config, config.training.seed, device)  # every member's initialization
+    # every member's initialization
+    built = seeded_build(build, config, config.training.seed, device, input_shape=data.images.shape[1:])
     autoencoders = built if isinstance(built, nn.ModuleList) else nn.ModuleList([built])
     x_val = None if val is None else val.images
     if config.diversity == 1:
@@ -375,9 +385,18 @@ def as_autoencoder(module: nn.Module, member: int | None = None) -> nn.Module:
 
 
 def _deploy(module: nn.Module, config: MagNetConfig, classifier: nn.Module,
-            calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
+            calibration: torch.Tensor | None, seed: int = 0, *,
+            thresholds: dict[str, float] | None = None) -> Shielded:
     return magnet(as_autoencoder(module), classifier, detectors=config.detectors, fpr=config.fpr,
-                  calibration=calibration, reformer=config.reformer, seed=seed)
+                  calibration=calibration, reformer=config.reformer, seed=seed, thresholds=thresholds)
+
+
+def detector_thresholds(pipeline: Shielded, config: MagNetConfig) -> dict[str, float]:
+    """The calibrated threshold of each detector of a deployed MagNet, by its name in
+    ``config.detectors`` (what ``magnet(thresholds=...)`` takes back)."""
+    if pipeline.detector is None:
+        return {}
+    return {name: float(member.threshold) for name, member in zip(config.detectors, pipeline.detector.members)}
 
 
 def _from_sidecar(side: dict) -> MagNetConfig:
@@ -390,5 +409,5 @@ def _from_sidecar(side: dict) -> MagNetConfig:
 DEFENSE = Defense(
     name="magnet", config=MagNetConfig, train=train, build=build,
     purifier=lambda module, config: AutoencoderPurifier(as_autoencoder(module)),
-    deploy=_deploy, from_sidecar=_from_sidecar,
+    deploy=_deploy, from_sidecar=_from_sidecar, thresholds=detector_thresholds,
     reference="Meng and Chen (2017), MagNet: a Two-Pronged Defense against Adversarial Examples")

@@ -157,16 +157,23 @@ def train_puvae(vae: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch
 
 
 def build_pipeline(vae: nn.Module, classifier: nn.Module, *, detector: bool, sample: bool,
-                   fpr: float, calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
-    """``Shielded(PuVAE, classifier[, RMSEDetector calibrated to fpr on calibration])``."""
+                   fpr: float, calibration: torch.Tensor | None, seed: int = 0,
+                   thresholds: dict[str, float] | None = None) -> Shielded:
+    """``Shielded(PuVAE, classifier[, RMSEDetector calibrated to fpr on calibration])``; the
+    detector's threshold is ``thresholds["rmse"]`` instead when stored thresholds are given."""
     puvae = PuVAE(vae, sample=sample)
     model = Shielded(puvae, classifier)
     if detector:
-        if calibration is None:
-            raise ValueError("a PuVAE detector needs clean calibration images")
         model.detector = RMSEDetector(puvae)
-        torch.manual_seed(seed)  # the sampled mode's scores are random: fix the draw
-        model.detector.calibrate(calibration, fpr)
+        if thresholds is not None:
+            if "rmse" not in thresholds:
+                raise ValueError(f"stored PuVAE thresholds lack 'rmse'; have {sorted(thresholds)}")
+            model.detector.threshold.fill_(float(thresholds["rmse"]))
+        else:
+            if calibration is None:
+                raise ValueError("a PuVAE detector needs clean calibration images")
+            torch.manual_seed(seed)  # the sampled mode's scores are random: fix the draw
+            model.detector.calibrate(calibration, fpr)
     return model.eval()
 
 
@@ -186,10 +193,11 @@ class PuVAEConfig:
     calibration_n: int | None = None
 
 
-def build(config: PuVAEConfig) -> nn.Module:
+def build(config: PuVAEConfig, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """The conditional VAE; its architectures take their dataset's image shape only."""
     from ..models import create_model
 
-    return create_model(config.architecture)
+    return create_model(config.architecture, input_shape)
 
 
 def train(config: PuVAEConfig, classifiers: list[nn.Module], data, *, val=None,
@@ -197,7 +205,7 @@ def train(config: PuVAEConfig, classifiers: list[nn.Module], data, *, val=None,
     """A new VAE trained by ``train_puvae`` in front of the one frozen classifier."""
     if len(classifiers) != 1:
         raise ValueError(f"PuVAE trains against exactly one classifier, got {len(classifiers)}")
-    vae = seeded_build(build, config, config.training.seed, device)
+    vae = seeded_build(build, config, config.training.seed, device, input_shape=data.images.shape[1:])
     result = train_puvae(vae, classifiers[0], data.images, data.labels, config.training,
                          x_val=None if val is None else val.images,
                          y_val=None if val is None else val.labels, checkpoint=checkpoint,
@@ -206,14 +214,20 @@ def train(config: PuVAEConfig, classifiers: list[nn.Module], data, *, val=None,
 
 
 def _deploy(module: nn.Module, config: PuVAEConfig, classifier: nn.Module,
-            calibration: torch.Tensor | None, seed: int = 0) -> Shielded:
+            calibration: torch.Tensor | None, seed: int = 0, *,
+            thresholds: dict[str, float] | None = None) -> Shielded:
     if calibration is not None and config.calibration_n:
         from ..data import stable_permutation
 
         keep = stable_permutation(len(calibration), 2)[: config.calibration_n]
         calibration = calibration[torch.from_numpy(keep).to(calibration.device)]
     return build_pipeline(module, classifier, detector=config.detector, sample=config.sample,
-                          fpr=config.fpr, calibration=calibration, seed=seed)
+                          fpr=config.fpr, calibration=calibration, seed=seed, thresholds=thresholds)
+
+
+def detector_thresholds(pipeline: Shielded, config: PuVAEConfig) -> dict[str, float]:
+    """``{"rmse": threshold}`` of a deployed PuVAE with its detector (``{}`` without one)."""
+    return {} if pipeline.detector is None else {"rmse": float(pipeline.detector.threshold)}
 
 
 def _from_sidecar(side: dict) -> PuVAEConfig:
@@ -225,6 +239,6 @@ def _from_sidecar(side: dict) -> PuVAEConfig:
 DEFENSE = Defense(
     name="puvae", config=PuVAEConfig, train=train, build=build,
     purifier=lambda module, config: PuVAE(module, sample=config.sample), deploy=_deploy,
-    from_sidecar=_from_sidecar,
+    from_sidecar=_from_sidecar, thresholds=detector_thresholds,
     reference="Hwang, Jeong, Lee, Yoon and Lee (2019), PuVAE: A Variational Autoencoder to "
               "Purify Adversarial Examples")

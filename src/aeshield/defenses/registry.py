@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,12 +51,22 @@ class Trained:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def seeded_build(build: Callable[[Any], nn.Module], config: Any, seed: int, device: str = "cpu") -> nn.Module:
-    """``build(config)`` with its initial weights drawn after ``torch.manual_seed(seed)``: a
-    training run is then fixed by its seed alone, never by whatever the process's RNG held
-    (which depended on the cells a worker had run before)."""
+def seeded_build(build: Callable[..., nn.Module], config: Any, seed: int, device: str = "cpu", *,
+                 input_shape: Sequence[int] | None = None) -> nn.Module:
+    """``build(config[, input_shape])`` with its initial weights drawn after
+    ``torch.manual_seed(seed)``: a training run is then fixed by its seed alone, never by
+    whatever the process's RNG held (which depended on the cells a worker had run before)."""
     torch.manual_seed(seed)
-    return build(config).to(device)
+    return build_for_shape(build, config, input_shape).to(device)
+
+
+def build_for_shape(build: Callable[..., nn.Module], config: Any, input_shape: Sequence[int] | None) -> nn.Module:
+    """``build(config, input_shape=...)`` for a build that takes the image shape (the shipped
+    shields' do: their autoencoders adapt to it), else ``build(config)``. No shape (``None`` or
+    ``()``, a card of data of unknown shape) builds the architecture's default module."""
+    if input_shape and "input_shape" in inspect.signature(build).parameters:
+        return build(config, input_shape=tuple(int(d) for d in input_shape))
+    return build(config)
 
 
 def _no_threat(config: Any) -> ThreatModel | None:
@@ -75,9 +86,12 @@ class Defense:
     - ``purifier(module, config) -> nn.Module``: the trained module as a purifier (images to
       images); ``None`` for a defense that is not a shield (adversarial training makes a
       classifier).
-    - ``deploy(module, config, classifier, calibration, seed)`` (optional): the whole pipeline
-      ``Shielded(purifier, classifier, detector)``, detectors calibrated on the clean
-      ``calibration`` images; without it the pipeline is ``Shielded(purifier, classifier)``.
+    - ``deploy(module, config, classifier, calibration, seed[, thresholds=])`` (optional): the
+      whole pipeline ``Shielded(purifier, classifier, detector)``, detectors calibrated on the
+      clean ``calibration`` images, or set to stored ``thresholds`` (what ``thresholds`` read
+      from a calibrated pipeline); without it the pipeline is ``Shielded(purifier, classifier)``.
+    - ``thresholds(pipeline, config) -> dict`` (with ``deploy``): the calibrated thresholds of
+      a deployed pipeline by detector name, stored in a card so it deploys without data.
     - ``training_threat(config)``: the threat model it is trained against (None: clean data).
     - ``from_sidecar(sidecar) -> config``: the config of weights saved before cards existed.
     """
@@ -91,6 +105,7 @@ class Defense:
     training_threat: Callable[[Any], ThreatModel | None] = _no_threat
     from_sidecar: Callable[[dict], Any] | None = None
     reference: str = ""
+    thresholds: Callable[[nn.Module, Any], dict[str, float]] | None = None
 
     @property
     def is_shield(self) -> bool:
@@ -100,11 +115,15 @@ class Defense:
         return str(getattr(config, "architecture", self.name))
 
     def pipeline(self, module: nn.Module, config: Any, classifier: nn.Module,
-                 calibration: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
-        """What attacks see: ``deploy``'s pipeline, or ``Shielded(purifier, classifier)``."""
+                 calibration: torch.Tensor | None = None, seed: int = 0, *,
+                 thresholds: dict[str, float] | None = None) -> nn.Module:
+        """What attacks see: ``deploy``'s pipeline, or ``Shielded(purifier, classifier)``;
+        detectors set to stored ``thresholds`` when given (no calibration images needed)."""
         from .base import Shielded
 
         if self.deploy is not None:
+            if thresholds is not None:
+                return self.deploy(module, config, classifier, None, seed, thresholds=thresholds)
             return self.deploy(module, config, classifier, calibration, seed)
         if self.purifier is None:
             raise TypeError(f"{self.name} is not a shield; its trained module is the classifier")
@@ -187,15 +206,20 @@ def pick(cls: type, *sources: dict | None, **overrides: Any) -> Any:
 # ---- saving and loading trained defenses --------------------------------------------------
 def save_defense(module: nn.Module, path: str | Path, *, defense: str, config: Any, dataset: str,
                  trained_against: Sequence[str] = (), evaluated: Sequence[dict] = (),
-                 deployment: dict | None = None, half: bool = False, **metadata: Any) -> Path:
+                 deployment: dict | None = None, half: bool = False,
+                 input_shape: Sequence[int] | None = None, num_classes: int | None = None,
+                 value_range: Sequence[float] | None = None, **metadata: Any) -> Path:
     """Write ``module``'s weights and a sidecar carrying its card (``defenses.cards``);
-    ``deployment`` ({"calibration_split", "seed"}) for a defense with calibrated detectors."""
+    ``deployment`` ({"calibration_split", "seed"}, or stored thresholds) for a defense with
+    calibrated detectors; ``input_shape`` and ``num_classes`` for data that is not a
+    registered dataset (the module is rebuilt for that shape on load)."""
     from ..models.io import save_weights
     from .cards import make_card
 
     info = get_defense(defense)
     card = make_card(info, config, dataset, trained_against=trained_against, evaluated=evaluated,
-                     deployment=deployment)
+                     deployment=deployment, input_shape=input_shape, num_classes=num_classes,
+                     value_range=value_range)
     return save_weights(module, path, architecture=info.architecture(config), dataset=dataset,
                         half=half, kind="shield" if info.is_shield else "classifier",
                         method=defense, card=card.to_dict(), **metadata)
@@ -213,7 +237,9 @@ def load_defense(name_or_path: str | Path, device: str | torch.device = "cpu"
     card = read_card(side)
     info = get_defense(card.defense)
     config = config_from_dict(info.config, card.config)
-    module, side = load_weights(path, model=info.build(config), device=device)
+    # The card's shape rebuilds a module adapted to user data; at a dataset's own shape (every
+    # shipped card) the build is the architecture's default module.
+    module, side = load_weights(path, model=build_for_shape(info.build, config, card.input_shape), device=device)
     return module, config, info, side
 
 
@@ -242,14 +268,18 @@ def load_pipeline(name_or_path: str | Path, classifier: nn.Module, *,
                   calibration: torch.Tensor | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """The whole deployed defense in front of ``classifier``, from the shield's card alone: a
     plain shield gives ``Shielded(purifier, classifier)``; one with detectors (MagNet, PuVAE)
-    gets them calibrated as its card says, on the clean images of the card's calibration split
-    (or on ``calibration`` when given)."""
+    gets the thresholds its card stores (``train_shield``'s shields: no data needed), or is
+    calibrated as its card says, on the clean images of the card's calibration split (or on
+    ``calibration`` when given, which also overrides stored thresholds)."""
     from .cards import read_card
 
     module, config, info, side = load_defense(name_or_path, device=device)
     if info.deploy is None:
         return info.pipeline(module, config, classifier)
     deployment = read_card(side).deployment or {}
+    if calibration is None and deployment.get("calibration") == "stored":
+        return info.pipeline(module, config, classifier, seed=deployment.get("seed", 0),
+                             thresholds=deployment["thresholds"])
     if calibration is None:
         from ..data import load_dataset
 

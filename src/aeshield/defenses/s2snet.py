@@ -165,7 +165,8 @@ def train_stage2(autoencoder: nn.Module, classifier: nn.Module, x: torch.Tensor,
 
     def step(xb: torch.Tensor, yb: torch.Tensor, _gen: torch.Generator):
         encoder.eval()
-        value = stage2_loss(loss, classifier, autoencoder.decode(encoder(xb)), xb, yb)
+        # encode() rather than the encoder itself: it pads images of sizes the strides do not divide
+        value = stage2_loss(loss, classifier, autoencoder.decode(autoencoder.encode(xb)), xb, yb)
         return value, {loss: value.detach()}
 
     validate = None
@@ -206,10 +207,11 @@ class S2SNetConfig:
             raise ValueError(f"s2snet stage2 must be ce, kl or none, got {self.loss!r}")
 
 
-def build(config: S2SNetConfig) -> nn.Module:
+def build(config: S2SNetConfig, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """The autoencoder, for images of ``input_shape`` (default: the architecture's dataset's)."""
     from ..models import create_model
 
-    return create_model(config.architecture)
+    return create_model(config.architecture, input_shape)
 
 
 def train(config: S2SNetConfig, classifiers: list[nn.Module], data, *, val=None,
@@ -221,9 +223,14 @@ def train(config: S2SNetConfig, classifiers: list[nn.Module], data, *, val=None,
     x_val = None if val is None else val.images
     history: list[dict] = []
     if autoencoder is None:
-        autoencoder = seeded_build(build, config, config.stage1.seed, device)
+        autoencoder = seeded_build(build, config, config.stage1.seed, device, input_shape=data.images.shape[1:])
+        stage1_checkpoint = checkpoint
+        if checkpoint is not None and config.loss != "none":
+            # Both stages in one call: stage 1 keeps its own checkpoint, else stage 2 would find
+            # stage 1's finished one under the same name and stop at once.
+            stage1_checkpoint = Path(checkpoint).with_suffix(".stage1.ckpt")
         history = train_stage1(autoencoder, data.images, config.stage1, x_val=x_val,
-                               checkpoint=checkpoint, progress=progress).history
+                               checkpoint=stage1_checkpoint, progress=progress).history
     if config.loss != "none":
         if len(classifiers) != 1:
             raise ValueError(f"s2snet stage 2 is trained against exactly one classifier; got {len(classifiers)}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import ConfigError
 from . import autoencoders as ae
 from . import classifiers as cl
 from . import vae
@@ -21,6 +22,24 @@ class ModelSpec:
     dataset: str
     kind: str  # "classifier" or "autoencoder"
     description: str
+    # (C, H, W) -> the model for images of that shape, for an architecture that adapts to the
+    # data; None: only its dataset's shape.
+    adapt: Callable[[tuple[int, int, int]], nn.Module] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The image shape of its dataset: the shape ``factory()`` is built for."""
+        from ..data import DATASETS
+
+        return tuple(DATASETS[self.dataset].shape)
+
+
+def _conv_ae(width: int = 32, code: int = 16):
+    return lambda shape: ae.ConvAutoencoder(in_channels=shape[0], width=width, code=code, size=shape[1:])
+
+
+def _unet(width: int = 32):
+    return lambda shape: ae.UNetAutoencoder(in_channels=shape[0], width=width)
 
 
 _SPECS = [
@@ -49,12 +68,13 @@ _SPECS = [
     ModelSpec("cifar-f-quick", lambda: cl.cifar_f(width=0.5), "cifar10", "classifier",
               "4 conv + 1 fc at half width"),
     ModelSpec("conv-ae", ae.ConvAutoencoder, "mnist", "autoencoder",
-              "conv denoising AE for 28x28 grey images"),
+              "conv denoising AE for 28x28 grey images (adapts to any size and channels)", _conv_ae()),
     ModelSpec("conv-ae-small", lambda: ae.ConvAutoencoder(width=16, code=8), "mnist",
-              "autoencoder", "narrow conv AE"),
+              "autoencoder", "narrow conv AE", _conv_ae(width=16, code=8)),
     ModelSpec("conv-ae-wide", lambda: ae.ConvAutoencoder(width=64), "mnist", "autoencoder",
-              "conv AE at twice conv-ae's width (capacity for adversarial training)"),
-    ModelSpec("unet", ae.UNetAutoencoder, "cifar10", "autoencoder", "U-Net AE for 32x32 RGB"),
+              "conv AE at twice conv-ae's width (capacity for adversarial training)", _conv_ae(width=64)),
+    ModelSpec("unet", ae.UNetAutoencoder, "cifar10", "autoencoder",
+              "U-Net AE for 32x32 RGB (adapts to any size and channels)", _unet()),
     ModelSpec("cvae-mnist", vae.cvae_mnist, "mnist", "autoencoder", "PuVAE conditional VAE, z=32"),
     ModelSpec("cvae-fmnist", vae.cvae_fmnist, "fashion-mnist", "autoencoder",
               "PuVAE conditional VAE, z=128"),
@@ -67,7 +87,7 @@ _SPECS = [
     ModelSpec("cvae-cifar10-quick", vae.cvae_cifar10_quick, "cifar10", "autoencoder",
               "PuVAE conditional VAE for 3x32x32, z=1024, narrow (CPU)"),
     ModelSpec("unet-quick", lambda: ae.UNetAutoencoder(width=8), "cifar10", "autoencoder",
-              "U-Net AE at 1/4 width for CPU"),
+              "U-Net AE at 1/4 width for CPU", _unet(width=8)),
     ModelSpec("draw", draw.draw_mnist, "mnist", "autoencoder",
               "DRAW, recurrent VAE without attention: 64 glimpses, LSTM 256, z=100 (DBP paper)"),
     ModelSpec("draw-attn", draw.draw_attn_mnist, "mnist", "autoencoder",
@@ -81,10 +101,29 @@ def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
                   if fnmatch.fnmatch(n, pattern) and (kind is None or s.kind == kind))
 
 
-def create_model(name: str) -> nn.Module:
-    """Build an untrained model by registry name."""
+def adaptable(kind: str = "autoencoder") -> list[str]:
+    """The architectures of ``kind`` that adapt to any image shape."""
+    return sorted(n for n, s in MODELS.items() if s.kind == kind and s.adapt is not None)
+
+
+def create_model(name: str, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """Build an untrained model by registry name, for images of ``input_shape`` (C, H, W).
+
+    At its dataset's shape (or without ``input_shape``) it is the architecture's one module; an
+    architecture that adapts (``ModelSpec.adapt``) is built for any other shape; one that does
+    not is refused with a ``ConfigError`` naming the shape it takes.
+    """
     try:
         spec = MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
-    return spec.factory()
+    if input_shape is None or tuple(input_shape) == spec.input_shape:
+        return spec.factory()
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"{name}: input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if spec.adapt is None:
+        others = ", ".join(adaptable(spec.kind)) or "none"
+        raise ConfigError(f"architecture {name!r} takes {'x'.join(map(str, spec.input_shape))} (CxHxW) images "
+                          f"only, not {'x'.join(map(str, shape))}; for other shapes use one of: {others}")
+    return spec.adapt(shape)
