@@ -120,7 +120,7 @@ def test_the_whole_flow_through_the_cli(user_files):
     logits, labels = _reference_outputs(root, images)
 
     _cli(root, "export", "--shield", "shield.safetensors", *classifier, "--format", "onnx",
-         "--out", "shielded.onnx", "--n-check", str(N_CHECK))
+         "--out", "shielded.onnx", "--data", "test.npz", "--n-check", str(N_CHECK))
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(root / "shielded.onnx"), providers=["CPUExecutionProvider"])
@@ -129,7 +129,7 @@ def test_the_whole_flow_through_the_cli(user_files):
     assert (onnx_labels == labels.numpy()).mean() >= 0.99  # argmax ties within 1e-4 may flip
 
     _cli(root, "export", "--shield", "shield.safetensors", *classifier, "--format", "pt2",
-         "--out", "shielded.pt2", "--n-check", str(N_CHECK))
+         "--out", "shielded.pt2", "--data", "test.npz", "--n-check", str(N_CHECK))
     from aeshield.models.exported import load_exported
 
     program = load_exported(root / "shielded.pt2")

@@ -15,7 +15,9 @@ from ..defenses.aaa import AAAConfig
 from ..defenses.magnet import MagNetTrainConfig
 from ..defenses.puvae import PuVAETrainConfig
 from ..train.classifier import ClassifierConfig
-from .options import config_option, dataset_choice, device_option, progress_option, resolve_device
+from .options import (check_cli_compatible, classifier_options, config_option, data_options, data_spec,
+                      dataset_choice, device_option, force_option, load_cli_classifier, load_cli_data,
+                      progress_option, resolve_device)
 
 _OUT_HELP = "Output .safetensors path (a .json sidecar, and a .ckpt checkpoint while training, go beside it)."
 
@@ -222,62 +224,14 @@ def _shield_names() -> list[str]:
     return [name for name in list_defenses() if get_defense(name).is_shield]
 
 
-def _cli_classifier(spec: str, normalize: str | None, device: str):
-    """The classifier ``spec`` (a shipped name or a .safetensors path) for images in [0, 1].
-    # lead: switch to cli.options.load_cli_classifier at merge"""
-    import aeshield
-
-    model = aeshield.load_classifier(spec, device=device)
-    if normalize is None:
-        return model
-    numbers = [float(v) for v in normalize.split(",") if v.strip()]
-    if len(numbers) < 2 or len(numbers) % 2:
-        raise click.BadParameter(f"expected MEAN,STD (or m1,..,mC,s1,..,sC), got {normalize!r}",
-                                 param_hint="--normalize")
-    half = len(numbers) // 2
-    mean = torch.tensor(numbers[:half]).view(1, -1, 1, 1)
-    std = torch.tensor(numbers[half:]).view(1, -1, 1, 1)
-    return _Normalized(model, mean, std).to(device).eval()
-
-
-class _Normalized(torch.nn.Module):
-    # lead: drop with the fallback above (models.specs.Normalized replaces it)
-    def __init__(self, model, mean, std) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, x):
-        return self.model((x - self.mean) / self.std)
-
-
-def _cli_data(spec: str, split: str):
-    """Labelled images of ``spec``: a registered dataset's ``split``, or a .npz file (all of it).
-    # lead: switch to cli.options.load_cli_data at merge"""
-    from ..data import DATASETS, load_dataset
-    from ..data.user import load_npz
-    from ..errors import ConfigError, nearest
-
-    if spec in DATASETS:
-        return load_dataset(spec, split)
-    if spec.endswith(".npz"):
-        return load_npz(spec)
-    raise ConfigError(f"--data {spec!r}: expected a dataset name{nearest(spec, DATASETS)} "
-                      f"({', '.join(DATASETS)}) or a .npz file with arrays x and y")
-
-
 @train.command("shield")
 @click.option("--defense", default="aaa", show_default=True,
               help="The shield to train: aaa, magnet, puvae, s2snet or dbp (any registered shield).")
-@click.option("--classifier", "classifiers", multiple=True, required=True,
-              help="Frozen classifier to protect (shipped name or .safetensors path); repeat for an ensemble (aaa).")
-@click.option("--normalize", default=None, metavar="MEAN,STD",
-              help="The classifier expects normalised input: per-channel MEAN,STD (or m1,..,mC,s1,..,sC).")
-@click.option("--data", "data_spec", required=True, metavar="SPEC",
-              help="Training images: a dataset name or a .npz file (arrays x and y).")
+@classifier_options(multiple=True, help="Frozen classifier to protect; repeat for an ensemble (aaa)")
+@data_options
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
-              show_default=True, help="Share of a .npz's images held out to validate and calibrate (seeded).")
+              show_default=True, help="Share of a file's or folder's images held out to validate and calibrate "
+                                      "(seeded; a registered dataset uses its own validation split).")
 @click.option("--eps", type=click.FloatRange(min=0), default=None,
               help="L-inf radius to train against (aaa; the other shields train on clean images).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (every training stage).")
@@ -289,11 +243,11 @@ def _cli_data(spec: str, split: str):
               show_default=True, help="Clean images each detector rejects (magnet, puvae); stored in the card.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the initial weights, data order, validation split and calibration.")
-@click.option("--force", is_flag=True, help="Train even where the classifier and the data do not match.")
+@force_option()
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
 @device_option()
 @progress_option()
-def train_shield_cmd(defense, classifiers, normalize, data_spec, val_fraction, eps, epochs, train_limit,
+def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fraction, eps, epochs, train_limit,
                      batch_size, architecture, false_positive_rate, seed, force, out, device, progress) -> None:
     """Train any shield for your classifier(s) on your images (resumes from <out>.ckpt).
 
@@ -312,21 +266,21 @@ def train_shield_cmd(defense, classifiers, normalize, data_spec, val_fraction, e
     if eps is not None and defense != "aaa":
         raise ConfigError(f"--eps sets the radius aaa trains against; {defense} trains on clean images only")
     device = resolve_device(device)
-    models = [_cli_classifier(spec, normalize, device) for spec in classifiers]
-    data = _cli_data(data_spec, "train")
-    val = None
-    if data_spec in DATASETS:
-        val = _cli_data(data_spec, "val").subset(1000, seed=1)
+    loaded = [load_cli_classifier(spec, normalize, device) for spec in classifier]
+    # A file or folder is split here, seeded, so that the validation images are the same on a resumed run.
+    data = load_cli_data(dataset, data_file, split="train", seed=seed, val_fraction=val_fraction)
+    val = load_cli_data(dataset, data_file, split="val", seed=seed, val_fraction=val_fraction)
+    if dataset is not None or data_spec(dataset, data_file) in DATASETS:
+        val = val.subset(1000, seed=1)
+    forced = check_cli_compatible(val, loaded, force=force)
     if train_limit is not None:
         data = data.subset(train_limit, seed=seed)
     config = default_config(defense, tuple(data.images.shape[1:]), seed=seed, epochs=epochs,
                             batch_size=batch_size, architecture=architecture)
-    # lead: check_cli_compatible(..., force=force) goes here at merge; train_shield already
-    # refuses labels the classifiers cannot give and images they cannot take.
-    del force
-    shield = train_shield(models, data, ThreatModel("Linf", eps) if eps is not None else None, defense, config,
-                          val=val, val_fraction=val_fraction, false_positive_rate=false_positive_rate,
-                          out=out, progress=progress, device=device, seed=seed, trained_against=list(classifiers))
+    shield = train_shield([model for model, _ in loaded], data, ThreatModel("Linf", eps) if eps is not None else None,
+                          defense, config, val=val, false_positive_rate=false_positive_rate, out=out,
+                          progress=progress, device=device, seed=seed, trained_against=list(classifier),
+                          forced=forced)
     card = shield.card
     line = (f"saved {defense} shield {shield.path}: {'x'.join(map(str, card.input_shape))} images, "
             f"{card.num_classes} classes")

@@ -123,7 +123,8 @@ class Shielded(nn.Module):
 
     @property
     def in_shape(self) -> tuple[int, ...] | None:
-        return getattr(self.classifier, "in_shape", None)
+        """(C, H, W) the pipeline takes: the classifier's, else the shield's (from its card)."""
+        return getattr(self.classifier, "in_shape", None) or getattr(self.purifier, "in_shape", None)
 
     @property
     def stochastic(self) -> bool:

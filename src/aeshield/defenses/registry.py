@@ -243,6 +243,24 @@ def load_defense(name_or_path: str | Path, device: str | torch.device = "cpu"
     return module, config, info, side
 
 
+def with_input_shape(purifier: nn.Module, input_shape) -> nn.Module:
+    """``purifier`` carrying the (C, H, W) its card was trained on as ``in_shape``, so that a
+    pipeline whose classifier declares none (a user's ``nn.Module``) still checks its inputs
+    and exports without being told the shape."""
+    if input_shape and getattr(purifier, "in_shape", None) is None:
+        purifier.in_shape = tuple(int(d) for d in input_shape)
+    return purifier
+
+
+def _shaped(pipeline: nn.Module, side: dict) -> nn.Module:
+    from .cards import read_card
+
+    purifier = getattr(pipeline, "purifier", None)
+    if purifier is not None:
+        with_input_shape(purifier, read_card(side).input_shape)
+    return pipeline
+
+
 def load_shield(name_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A trained shield as its purifier, from its card alone."""
     from ..models.io import read_sidecar, resolve_weights
@@ -258,10 +276,12 @@ def load_shield(name_or_path: str | Path, device: str | torch.device = "cpu") ->
         from .base import AutoencoderPurifier
 
         return frozen_for_use(AutoencoderPurifier(load_weights(name_or_path, device=device)[0]))
-    module, config, info, _ = load_defense(name_or_path, device=device)
+    module, config, info, side = load_defense(name_or_path, device=device)
     if info.purifier is None:
         raise WeightsError(f"{name_or_path} holds a {info.name} model, which is not a shield")
-    return frozen_for_use(info.purifier(module, config))
+    from .cards import read_card
+
+    return frozen_for_use(with_input_shape(info.purifier(module, config), read_card(side).input_shape))
 
 
 def load_pipeline(name_or_path: str | Path, classifier: nn.Module, *,
@@ -275,11 +295,11 @@ def load_pipeline(name_or_path: str | Path, classifier: nn.Module, *,
 
     module, config, info, side = load_defense(name_or_path, device=device)
     if info.deploy is None:
-        return info.pipeline(module, config, classifier)
+        return _shaped(info.pipeline(module, config, classifier), side)
     deployment = read_card(side).deployment or {}
     if calibration is None and deployment.get("calibration") == "stored":
-        return info.pipeline(module, config, classifier, seed=deployment.get("seed", 0),
-                             thresholds=deployment["thresholds"])
+        return _shaped(info.pipeline(module, config, classifier, seed=deployment.get("seed", 0),
+                                     thresholds=deployment["thresholds"]), side)
     if calibration is None:
         from ..data import load_dataset
 
@@ -288,4 +308,4 @@ def load_pipeline(name_or_path: str | Path, classifier: nn.Module, *,
             raise ValueError(f"{name_or_path}: its card names no calibration split for the detectors; "
                              "pass calibration= clean images")
         calibration = load_dataset(side["dataset"], split).images
-    return info.pipeline(module, config, classifier, calibration.to(device), deployment.get("seed", 0))
+    return _shaped(info.pipeline(module, config, classifier, calibration.to(device), deployment.get("seed", 0)), side)

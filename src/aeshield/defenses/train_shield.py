@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from ..data.tensors import as_labeled_images, split_labeled
-from ..errors import ConfigError
+from ..errors import ConfigError, nearest
 from ..inputs import InputError, checked_logits, validate_labels
 from ..models.modes import frozen_for_use
 from ..threat import Norm, ThreatModel
 from .aaa import frozen
 from .cards import Card, make_card
-from .registry import Defense, build_for_shape, config_to_dict, get_defense, list_defenses, save_defense
+from .registry import (Defense, build_for_shape, config_to_dict, get_defense, list_defenses, save_defense,
+                       with_input_shape)
 
 __all__ = ["TrainedShield", "default_config", "train_shield"]
 
@@ -61,7 +62,7 @@ class TrainedShield:
     @property
     def purifier(self) -> nn.Module:
         """The trained module as a purifier (images to images), ready for use."""
-        return frozen_for_use(self.defense.purifier(self.module, self.config))
+        return frozen_for_use(with_input_shape(self.defense.purifier(self.module, self.config), self.card.input_shape))
 
     def pipeline(self, classifier: nn.Module | None = None, *, calibration: torch.Tensor | None = None) -> nn.Module:
         """``Shielded(purifier, classifier[, detector])`` for ``classifier`` (default: the first
@@ -76,6 +77,7 @@ class TrainedShield:
                                           thresholds=deployment["thresholds"])
         else:
             model = self.defense.pipeline(self.module, self.config, classifier, calibration, seed)
+        with_input_shape(model.purifier, self.card.input_shape)
         return model.eval()
 
     def save(self, path: str | Path) -> Path:
@@ -115,7 +117,7 @@ def train_shield(classifiers: nn.Module | Sequence[nn.Module], data: Any, threat
                  defense: str = "aaa", config: Any = None, *, val: Any = None, val_fraction: float = 0.1,
                  false_positive_rate: float = 0.01, out: str | Path | None = None, progress: bool = True,
                  device: str | torch.device = "cpu", seed: int = 0,
-                 trained_against: Sequence[str] | None = None) -> TrainedShield:
+                 trained_against: Sequence[str] | None = None, forced: Sequence[str] = ()) -> TrainedShield:
     """Train a ``defense`` shield in front of the frozen ``classifiers`` on ``data``.
 
     Args:
@@ -128,8 +130,10 @@ def train_shield(classifiers: nn.Module | Sequence[nn.Module], data: Any, threat
             replaces the config's ``eps``); MagNet, PuVAE, S2SNet and DBP train on clean
             images only and ignore it.
         defense: a registered shield defense: ``aaa``, ``magnet``, ``puvae``, ``s2snet``, ``dbp``.
-        config: the defense's config dataclass (e.g. ``AAAShieldConfig``); default: its
-            defaults for the data's image shape (``default_config``) with ``seed``.
+        config: the defense's config dataclass (e.g. ``AAAShieldConfig``), or a dict of settings
+            that replace its defaults (a top-level field such as ``architecture``, or a training
+            setting such as ``epochs`` or ``attack_steps``, set in every training stage); default:
+            its defaults for the data's image shape (``default_config``) with ``seed``.
         val: clean held-out images (same forms as ``data``); default: a seeded ``val_fraction``
             of ``data``. They validate training and calibrate the detectors.
         false_positive_rate: the rate of clean images each detector (MagNet, PuVAE) rejects; it
@@ -141,6 +145,8 @@ def train_shield(classifiers: nn.Module | Sequence[nn.Module], data: Any, threat
         seed: of the validation split and the detectors' calibration, and of training when
             ``config`` is not given.
         trained_against: names of the classifiers for the card (default: their class names).
+        forced: mismatches between classifiers and data that the caller chose to override
+            (``defenses.compat.check_compatible(..., force=True)``); kept in the sidecar.
 
     Returns:
         A ``TrainedShield``. Bad arguments raise ``ConfigError`` or ``InputError`` with one line
@@ -182,7 +188,8 @@ def train_shield(classifiers: nn.Module | Sequence[nn.Module], data: Any, threat
     card = make_card(info, config, data.name, trained_against=names, deployment=deployment,
                      input_shape=input_shape, num_classes=num_classes, value_range=VALUE_RANGE)
     metadata = {"data_hash": data.sha256, "val_hash": val.sha256, "train_n": len(data), "val_n": len(val),
-                **{k: v for k, v in trained.details.items() if k not in ("history",)}}
+                **{k: v for k, v in trained.details.items() if k not in ("history",)},
+                **({"forced_mismatches": list(forced)} if forced else {})}
     shield = TrainedShield(info, module, config, card, classifiers, trained.history, metadata=metadata)
     if out_path is not None:
         shield.save(out_path)
@@ -241,10 +248,19 @@ def _num_classes(classifiers: list[nn.Module], probe: torch.Tensor) -> int:
 
 def _config(info: Defense, config: Any, input_shape: tuple[int, ...], seed: int, threat: ThreatModel | None,
             false_positive_rate: float) -> Any:
-    if config is None:
+    if config is None or isinstance(config, dict):
+        settings = dict(config or {})
+        top = {k: settings.pop(k) for k in list(settings) if k in _field_names(info.config)}
         config = default_config(info.name, input_shape, seed=seed)
+        unknown = set(settings) - _stage_field_names(config)
+        if unknown:
+            known = sorted(_field_names(info.config) | _stage_field_names(config))
+            raise ConfigError(f"config: {info.name} has no setting {', '.join(map(repr, sorted(unknown)))}"
+                              f"{nearest(min(unknown), known)}; its settings: {', '.join(known)}")
+        config = _replace_in_stages(dataclasses.replace(config, **top), settings)
     elif not isinstance(config, info.config):
-        raise ConfigError(f"config: {info.name} takes a {info.config.__name__}, got {type(config).__name__}")
+        raise ConfigError(f"config: {info.name} takes a {info.config.__name__} or a dict of its settings, "
+                          f"got {type(config).__name__}")
     if threat is not None:
         if not isinstance(threat, ThreatModel):
             raise ConfigError(f"threat: expected an aeshield.ThreatModel, got {type(threat).__name__}")
@@ -283,6 +299,16 @@ def _puvae_architecture(default: str, shape: tuple[int, ...]) -> str:
         raise ConfigError(f"puvae's conditional VAEs take {' or '.join(sizes)} images, not "
                           f"{'x'.join(map(str, shape))}; for other shapes use defense aaa, magnet, s2snet or dbp")
     return default if default in fitting else next((n for n in fitting if "quick" not in n), fitting[0])
+
+
+def _field_names(cls: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _stage_field_names(config: Any) -> set[str]:
+    """The settings of ``config``'s nested training dataclasses (what ``_replace_in_stages`` sets)."""
+    return {name for f in dataclasses.fields(config) if dataclasses.is_dataclass(value := getattr(config, f.name))
+            for name in _field_names(value)}
 
 
 def _replace_in_stages(config: Any, values: dict[str, Any]) -> Any:
