@@ -24,20 +24,25 @@ def mnist_small():
     return train, test
 
 
-@pytest.fixture(scope="session")
-def trained_mlp(mnist_small):
-    """A small MLP trained for a few epochs on real MNIST: ~90% clean accuracy."""
-    train, _ = mnist_small
-    torch.manual_seed(0)
-    model = tiny_mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        for xb, yb in zip(train.images.split(100), train.labels.split(100)):
+def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
+        lr: float = 3e-3) -> nn.Module:
+    """Plain Adam training in fixed batch order: how a test makes a small classifier that works."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for xb, yb in zip(images.split(batch_size), labels.split(batch_size)):
             loss = nn.functional.cross_entropy(model(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(mnist_small):
+    """A small MLP trained for a few epochs on real MNIST: ~90% clean accuracy."""
+    train, _ = mnist_small
+    torch.manual_seed(0)
+    return fit(tiny_mlp(), train.images, train.labels, epochs=8, batch_size=100)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+
+from conftest import fit
 
 NET = '''\
 """A user's classifier: it expects images normalised with MNIST's mean and std."""
@@ -60,14 +61,7 @@ def user_files(tmp_path_factory):
 
     torch.manual_seed(0)
     net = _load_module(root / "usernet.py").make_net()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    x = (train.images - MEAN) / STD
-    for _ in range(4):
-        for xb, yb in zip(x.split(100), train.labels.split(100)):
-            loss = nn.functional.cross_entropy(net(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(net, (train.images - MEAN) / STD, train.labels, epochs=4, batch_size=100)
     save_file(net.state_dict(), root / "net.safetensors")
     return root
 

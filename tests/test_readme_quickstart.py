@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import fit
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODELS = '''\
 from torch import nn
@@ -48,13 +50,7 @@ def user_folder(tmp_path):
     np.savez(tmp_path / "test.npz", x=test.images.numpy(), y=test.labels.numpy())
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(10):
-        for xb, yb in zip(train.images.split(50), train.labels.split(50)):
-            loss = nn.functional.cross_entropy(net(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(net, train.images, train.labels, epochs=10, batch_size=50)
     save_file(net.state_dict(), tmp_path / "net.safetensors")
     return tmp_path
 
