@@ -198,3 +198,16 @@ def test_a_spec_field_that_feeds_a_defense_config_agrees_with_it_in_type_and_def
                 assert spec_types[f.name] == config_types[f.name], (spec.__name__, f.name)
                 assert _default(spec_fields[f.name]) == _default(f), (spec.__name__, f.name)
     assert shared >= 30
+
+
+def test_every_key_a_shipped_target_hashes_is_the_one_it_had_before_fields_were_added():
+    """Artifact keys, records' model specs and shield cards of every target and profile (smoke
+    included) are those computed at 87088e0, before the training schedules' fields existed: a
+    field added at its default must not orphan a trained artifact or a committed record."""
+    from config_keys import keys
+
+    expected = json.loads((Path(__file__).parent / "fixtures" / "config_keys.json").read_text())
+    got = keys()
+    assert set(got) == set(expected)
+    changed = sorted(k for k in expected if got[k] != expected[k])
+    assert not changed, changed[:10]
