@@ -7,6 +7,7 @@ import json
 import platform
 import subprocess
 import sys
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -161,3 +162,41 @@ def manifest(config: dict | None = None, data_hashes: dict | None = None) -> dic
 def config_hash(payload: Any) -> str:
     text = json.dumps(payload, sort_keys=True, default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- configs as dicts: fields added later ---------------------------------------------------
+# A field added to a config or spec dataclass after artifacts, cards and records were keyed by
+# its dict would change every one of those keys. Declared with ``added_later(default)``, it is
+# left out of ``config_dict`` while it holds its default, so every existing key stays as it
+# was, and a run that sets it gets keys of its own.
+ADDED_LATER = "omit_at_default"
+
+
+def added_later(default: Any) -> Any:
+    """``dataclasses.field(default=...)`` for a field that ``config_dict`` (so artifact keys,
+    cards and record keys) leaves out while it holds ``default``. Its metadata also carries
+    ``hash_if_default: False`` for ``experiments.config.spec_dict``."""
+    return field(default=default, metadata={ADDED_LATER: True, "hash_if_default": False})
+
+
+def config_dict(config: Any) -> dict:
+    """``dataclasses.asdict(config)`` without the fields declared ``added_later`` that hold
+    their default, in nested dataclasses (also inside dicts, lists and tuples) too."""
+    return _prune(config, asdict(config))
+
+
+def _prune(value: Any, data: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            held = getattr(value, f.name)
+            if f.metadata.get(ADDED_LATER) and held == f.default:
+                del data[f.name]
+            else:
+                _prune(held, data[f.name])
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _prune(v, data[k])
+    elif isinstance(value, (list, tuple)):
+        for v, d in zip(value, data):
+            _prune(v, d)
+    return data

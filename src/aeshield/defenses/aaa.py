@@ -10,7 +10,9 @@ where the inner maximization is L-inf PGD on ``CE(F_k(G(x + delta)), y)``, run e
 the outer loss is one of ``xent`` (CE), ``mse`` (per-image sum of squared errors to the clean
 input, averaged over the batch) or ``xent+mse`` (CE + lambda * mse). With several classifiers
 (ensemble training) each step draws one ``F_k`` at random. Threat model of the result:
-white-box L-inf against the whole pipeline ``F(G(.))``.
+white-box L-inf against the whole pipeline ``F(G(.))``. ``schedule`` "fast" or "free" replaces
+the inner PGD by FGSM from a random start or by minibatch replay (``defenses.schedules``); the
+model they update is G, the adversary still attacks ``F_k(G(.))`` end to end.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,10 +30,13 @@ from torch import nn
 from ..attacks.gradient import pgd_train
 from ..threat import ThreatModel
 from ..inputs import check_training_config
+from ..records import added_later, config_dict
 from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
+from .schedules import (FreeReplay, OverfitGuard, check_schedule, combine, craft, guard_batch, guarded,
+                        updates_per_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +69,24 @@ class AAAConfig:
     # Half-cosine lr annealing to 0 over the run (replaces the plateau schedule, which never
     # fires on a few-epoch CPU budget).
     cosine_lr: bool = False
+    # Attack schedule of training (``defenses.schedules``): "pgd" (Madry), "fast" (FGSM from a
+    # random start, step fgsm_step_factor * eps; Wong et al. 2020) or "free" (each minibatch
+    # replayed `replays` times, the perturbation carried; Shafahi et al. 2019). Declared
+    # ``added_later``: at their defaults they leave every existing key and card as it was.
+    schedule: str = added_later("pgd")
+    replays: int = added_later(4)
+    fgsm_step_factor: float = added_later(1.25)
+    # "fast": after each epoch a PGD-`guard_steps` check on `guard_n` fixed images; a fall of
+    # more than guard_drop below the best restores the last good state and multiplies the step
+    # factor by guard_backoff (None: no guard).
+    guard_drop: float | None = added_later(0.2)
+    guard_n: int = added_later(256)
+    guard_steps: int = added_later(10)
+    guard_backoff: float = added_later(0.75)
 
     def __post_init__(self) -> None:
         check_training_config(self)
+        check_schedule(self)
         if self.loss not in LOSS_VARIANTS:
             raise ValueError(f"unknown AAA loss {self.loss!r}; use one of {LOSS_VARIANTS}")
         if self.craft_mode not in ("eval", "train"):
@@ -133,37 +153,65 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
     threat = ThreatModel("Linf", config.eps)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
     visits = [0] * len(classifiers)
-    result = AAAResult(config=asdict(config), visits=visits)
+    result = AAAResult(config=config_dict(config), visits=visits)
 
     with frozen(*classifiers):
         if config.warmup_steps and not (checkpoint and Path(checkpoint).exists()):
             _warmup(autoencoder, optimizer, x, config)
 
-        total = total_updates(x.shape[0], config.batch_size, config.epochs)
+        total = total_updates(x.shape[0], config.batch_size, config.epochs) * updates_per_batch(config)
+        free = FreeReplay(config.replays) if config.schedule == "free" else None
+        guard = None
+        if guarded(config):
+            gx, gy = guard_batch(*((x_val, y_val) if x_val is not None and y_val is not None else (x, y)),
+                                 config.guard_n, config.seed + 2)
+            guard = OverfitGuard(lambda: [Shielded(autoencoder.eval(), c) for c in classifiers],
+                                 {"autoencoder": autoencoder}, optimizer, gx, gy, eps=config.eps,
+                                 steps=config.guard_steps, drop=config.guard_drop,
+                                 backoff=config.guard_backoff, step_factor=config.fgsm_step_factor)
 
-        def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+        def set_lr() -> None:
             if config.cosine_lr:
                 # The warm-up's updates are in the optimizer's count (also after a resume,
                 # which restores that count), so the schedule starts after them.
                 cosine_lr(optimizer, config.lr, total, offset=config.warmup_steps)
-            k = int(torch.randint(len(classifiers), (1,), generator=gen))
-            visits[k] += 1
-            classifier = classifiers[k]
-            autoencoder.train(config.craft_mode == "train")
-            x_adv = pgd_train(Shielded(autoencoder, classifier), xb, yb, threat=threat,
-                              step_size=config.step_size, steps=config.attack_steps, generator=gen)
-            autoencoder.train()
+
+        def outer(x_adv: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, classifier: nn.Module):
             reconstruction = autoencoder(x_adv)
             logits = classifier(reconstruction)
             loss, metrics = aaa_loss(config.loss, logits, yb, reconstruction, xb, config.lam)
             metrics["adv_acc"] = (logits.argmax(1) == yb).float().mean()
             return loss, metrics
 
+        def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+            if free is None:
+                set_lr()
+            k = int(torch.randint(len(classifiers), (1,), generator=gen))
+            visits[k] += 1
+            classifier = classifiers[k]
+            if free is not None:  # crafts in training mode: one pass gives both gradients
+                autoencoder.train()
+
+                def replay_threat() -> ThreatModel:
+                    set_lr()
+                    return threat
+                return free.step(xb, lambda x_adv: outer(x_adv, xb, yb, classifier), optimizer, replay_threat)
+            autoencoder.train(config.craft_mode == "train")
+            x_adv = craft(Shielded(autoencoder, classifier), xb, yb, schedule=config.schedule, threat=threat,
+                          step_size=config.step_size, steps=config.attack_steps,
+                          step_factor=guard.step_factor if guard is not None else config.fgsm_step_factor,
+                          generator=gen)
+            autoencoder.train()
+            return outer(x_adv, xb, yb, classifier)
+
         val_fn: Callable[[], dict] | None = None
         if x_val is not None and y_val is not None:
             def validate() -> dict:
                 return validate_aaa(autoencoder, classifiers, x_val, y_val, config)
             val_fn = validate
+        extra = {"visits": _Visits(visits), **{k: v for k, v in (("free", free), ("guard", guard)) if v is not None}}
+        if guard is not None and not (checkpoint and Path(checkpoint).exists()):
+            guard.baseline()
 
         loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                           checkpoint_every=config.checkpoint_every,
@@ -171,8 +219,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                           early_stop_patience=config.early_stop_patience,
                           val_metric="val_adv_loss")
         result.loop = fit({"autoencoder": autoencoder}, optimizer, step, x, y, loop,
-                          val_fn=val_fn, checkpoint=checkpoint, progress=progress,
-                          extra={"visits": _Visits(visits)})
+                          val_fn=combine(guard.check if guard is not None else None, val_fn),
+                          checkpoint=checkpoint, progress=progress, extra=extra)
     result.history = result.loop.history
     autoencoder.eval()
     return result

@@ -2,6 +2,8 @@
 
 Each step replaces the batch by L-inf PGD examples (random start, ``attack_steps`` steps) and
 minimizes their cross-entropy. Threat model of the result: white-box L-inf at ``eps``.
+``schedule`` "fast" or "free" trades the PGD inner loop for FGSM from a random start or for
+minibatch replay (``defenses.schedules``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from torch import nn
 
 from ..attacks.gradient import pgd_train
 from ..inputs import check_training_config
+from ..records import added_later
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
+from .schedules import (FreeReplay, OverfitGuard, check_schedule, combine, craft, guard_batch, guarded,
+                        updates_per_batch)
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,24 @@ class AdversarialTrainingConfig:
     # Anneal the lr from ``lr`` to 0 along a half cosine over the whole run instead of the
     # plateau schedule, which never fires on a few-epoch CPU budget.
     cosine_lr: bool = False
+    # Attack schedule of training (``defenses.schedules``): "pgd" (Madry), "fast" (FGSM from a
+    # random start, step fgsm_step_factor * eps; Wong et al. 2020) or "free" (each minibatch
+    # replayed `replays` times, the perturbation carried; Shafahi et al. 2019). Declared
+    # ``added_later``: at their defaults they leave every existing key and card as it was.
+    schedule: str = added_later("pgd")
+    replays: int = added_later(4)
+    fgsm_step_factor: float = added_later(1.25)
+    # "fast": after each epoch a PGD-`guard_steps` check on `guard_n` fixed images; a fall of
+    # more than guard_drop below the best restores the last good state and multiplies the step
+    # factor by guard_backoff (None: no guard).
+    guard_drop: float | None = added_later(0.2)
+    guard_n: int = added_later(256)
+    guard_steps: int = added_later(10)
+    guard_backoff: float = added_later(0.75)
 
     def __post_init__(self) -> None:
         check_training_config(self)
+        check_schedule(self)
 
 
 def steps_taken(optimizer: torch.optim.Optimizer) -> int:
@@ -87,20 +107,41 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """Adversarially train ``model`` in place (it may start from natural weights)."""
     threat = ThreatModel("Linf", config.eps)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    total = total_updates(x.shape[0], config.batch_size, config.epochs)
+    total = total_updates(x.shape[0], config.batch_size, config.epochs) * updates_per_batch(config)
+    free = FreeReplay(config.replays) if config.schedule == "free" else None
+    guard = None
+    if guarded(config):
+        gx, gy = guard_batch(*((x_val, y_val) if x_val is not None and y_val is not None else (x, y)),
+                             config.guard_n, config.seed + 2)
+        guard = OverfitGuard(lambda: [model.eval()], {"model": model}, optimizer, gx, gy, eps=config.eps,
+                             steps=config.guard_steps, drop=config.guard_drop, backoff=config.guard_backoff,
+                             step_factor=config.fgsm_step_factor)
+
+    def prepare() -> ThreatModel:
+        """The lr and the (ramped) ball of the next update."""
+        if config.cosine_lr:
+            cosine_lr(optimizer, config.lr, total)
+        return ThreatModel("Linf", config.eps * ramp(optimizer, config.eps_ramp_steps))
+
+    def outer(x_adv: torch.Tensor, yb: torch.Tensor):
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, yb)
+        return loss, {"loss": loss.detach(), "adv_acc": (logits.argmax(1) == yb).float().mean()}
 
     def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+        if free is not None:
+            model.train()
+            return free.step(xb, lambda x_adv: outer(x_adv, yb), optimizer, prepare)
         if config.cosine_lr:
             cosine_lr(optimizer, config.lr, total)
         model.eval()  # craft without touching BatchNorm statistics or dropout masks
         scale = ramp(optimizer, config.eps_ramp_steps)
-        x_adv = pgd_train(model, xb, yb, threat=ThreatModel("Linf", config.eps * scale),
-                          step_size=config.step_size * scale, steps=config.attack_steps,
-                          generator=gen)
+        x_adv = craft(model, xb, yb, schedule=config.schedule, threat=ThreatModel("Linf", config.eps * scale),
+                      step_size=config.step_size * scale, steps=config.attack_steps,
+                      step_factor=guard.step_factor if guard is not None else config.fgsm_step_factor,
+                      generator=gen)
         model.train()
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, yb)
-        return loss, {"loss": loss.detach(), "adv_acc": (logits.argmax(1) == yb).float().mean()}
+        return outer(x_adv, yb)
 
     val_fn: Callable[[], dict] | None = None
     if x_val is not None and y_val is not None:
@@ -115,12 +156,16 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     "val_adv_acc": float((logits_adv.argmax(1) == y_val).float().mean()),
                     "val_clean_acc": float((logits.argmax(1) == y_val).float().mean())}
         val_fn = validate
+    extra = {k: v for k, v in (("free", free), ("guard", guard)) if v is not None}
+    if guard is not None and not (checkpoint and Path(checkpoint).exists()):
+        guard.baseline()
 
     loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                       checkpoint_every=config.checkpoint_every,
                       plateau_patience=config.plateau_patience, val_metric="val_adv_loss")
-    result = fit({"model": model}, optimizer, step, x, y, loop, val_fn=val_fn,
-                 checkpoint=checkpoint, progress=progress)
+    result = fit({"model": model}, optimizer, step, x, y, loop,
+                 val_fn=combine(guard.check if guard is not None else None, val_fn),
+                 checkpoint=checkpoint, progress=progress, extra=extra or None)
     model.eval()
     return result
 

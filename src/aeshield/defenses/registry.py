@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..models.modes import frozen_for_use
+from ..records import config_dict
 from ..threat import ThreatModel
 
 # name -> "module:attribute" of its Defense; one line registers a defense shipped with aeshield.
@@ -157,8 +158,10 @@ def list_defenses() -> list[str]:
 
 # ---- configs as JSON ---------------------------------------------------------------------
 def config_to_dict(config: Any) -> dict:
-    """A config dataclass (nested ones included) as JSON-able values."""
-    return json_safe(dataclasses.asdict(config))
+    """A config dataclass (nested ones included) as JSON-able values; a field declared
+    ``records.added_later`` is left out while it holds its default (``records.config_dict``),
+    so that the cards and checkpoint markers of configs written before it existed read the same."""
+    return json_safe(config_dict(config))
 
 
 def json_safe(value: Any) -> Any:

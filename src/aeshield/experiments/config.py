@@ -16,7 +16,7 @@ import copy
 import functools
 import re
 import types
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from ..eval.harness import AttackSpec
+from ..records import added_later, config_dict
 from ..threat import Norm, ThreatModel
 from .methods import get_method
 from .smoke import SUFFIX, smoke_config, smoke_spec
@@ -52,6 +53,12 @@ class AdvTrainSpec:
     val_n: int = 500
     eps_ramp_steps: int = 0
     cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
+    # The attack schedule of training and its settings (``defenses.schedules``), as in the
+    # defense's config; at their defaults they are in no key (``records.added_later``).
+    schedule: str = added_later("pgd")
+    replays: int = added_later(4)
+    fgsm_step_factor: float = added_later(1.25)
+    guard_drop: float | None = added_later(0.2)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,12 @@ class ShieldSpec:
     cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
     # A training seed of its own (a replicate); None trains on the target's seed as before.
     seed: int | None = field(default=None, metadata={"hash_if_default": False})
+    # The attack schedule of training and its settings (``defenses.schedules``), as in the
+    # defense's config; at their defaults they are in no key (``records.added_later``).
+    schedule: str = added_later("pgd")
+    replays: int = added_later(4)
+    fgsm_step_factor: float = added_later(1.25)
+    guard_drop: float | None = added_later(0.2)
 
 
 @dataclass(frozen=True)
@@ -358,10 +371,11 @@ def _suite(s: dict, where: str) -> SuiteSpec:
 
 def spec_dict(spec: Any) -> dict:
     """``asdict(spec)`` for hashing: a field whose metadata says ``hash_if_default: False`` is
-    left out while it holds its default, so adding such a field keeps existing hashes."""
-    out = asdict(spec)
+    left out while it holds its default, so adding such a field keeps existing hashes (a field
+    declared ``records.added_later`` also is, in every other dict of the spec: record keys, cards)."""
+    out = config_dict(spec)
     for f in fields(spec):
-        if f.metadata.get("hash_if_default", True) is False and out[f.name] == f.default:
+        if f.metadata.get("hash_if_default", True) is False and f.name in out and out[f.name] == f.default:
             del out[f.name]
     return out
 

@@ -20,7 +20,7 @@ from ..attacks.registry import get_attack
 from ..defenses.base import Shielded
 from ..eval.harness import evaluate
 from ..io import write_json_atomic
-from ..records import EvalRecord, config_hash, manifest
+from ..records import EvalRecord, config_dict, config_hash, manifest
 from ..models.io import shipped_dir
 from ..store import ArtifactStore
 from ..train.classifier import accuracy
@@ -144,7 +144,7 @@ class Runner:
                                                dataset=self.config.dataset, half=True, kind="classifier",
                                                training="pgd-adversarial-training", spec_hash=spec_hash,
                                                source_target=self.config.name,
-                                               adversarial_training=asdict(self.config.adversarial_training))
+                                               adversarial_training=config_dict(self.config.adversarial_training))
                 reloaded = self.store.load_weights(path)
                 extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
                          "test_n": len(self.test)}

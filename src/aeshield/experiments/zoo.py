@@ -20,6 +20,7 @@ from torch import nn
 from ..data import load_dataset
 from ..defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
 from ..models import create_model
+from ..records import config_dict
 from ..store import ArtifactStore
 from ..train.classifier import ClassifierConfig, accuracy, train_classifier
 from .config import ExperimentConfig, RowSpec, spec_dict
@@ -155,7 +156,7 @@ class ModelZoo:
             clean = accuracy(model, self.test.images, self.test.labels)
             self.store.save_weights(model, path, architecture=base.model, dataset=self.config.dataset,
                                     kind="classifier", training="pgd-adversarial-training",
-                                    clean_accuracy=clean, config=asdict(cfg), spec_hash=key,
+                                    clean_accuracy=clean, config=config_dict(cfg), spec_hash=key,
                                     history=result.history, data_hash=self.train.sha256)
             path.with_suffix(".ckpt").unlink(missing_ok=True)
 
@@ -230,7 +231,7 @@ class ModelZoo:
         """The specs a row's pipeline is built from, as its records' spec names them."""
         base = asdict(self.config.classifiers[classifier])
         if row.kind == "adversarial-training":
-            return {"base": base, "at": asdict(self.config.adversarial_training)}
+            return {"base": base, "at": config_dict(self.config.adversarial_training)}
         if row.kind == "shield":
             spec = self.config.shields[row.shield]
             key = {"base": base, "shield": spec_dict(spec)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +10,7 @@ from torch import nn
 from ...defenses import aaa
 from ...defenses.base import Shielded
 from ...models.io import load_weights, save_weights
+from ...records import config_dict
 from ...train.classifier import accuracy
 from ..config import ShieldSpec
 from . import Method, from_spec
@@ -38,7 +38,7 @@ def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
                                 runner.test.labels) for c in spec.against}
     save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
                  kind="shield", method="aaa", trained_against=runner.classifier_specs(spec.against),
-                 config=asdict(cfg.training), clean_accuracy=native_clean, history=trained.history,
+                 config=config_dict(cfg.training), clean_accuracy=native_clean, history=trained.history,
                  visits=trained.details["visits"], data_hash=runner.train.sha256)
 
 

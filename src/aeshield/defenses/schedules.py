@@ -1,0 +1,269 @@
+"""Attack schedules for adversarial training, shared by AAA and Madry adversarial training.
+
+One option, ``schedule``, chooses how each training step finds its adversarial examples:
+
+- ``"pgd"`` (the default): Madry et al. (2018), a random start then ``attack_steps`` PGD steps
+  per minibatch (``attack_steps + 1`` forward-backward passes per update).
+- ``"fast"``: Wong, Rice and Kolter (2020), "Fast is better than free": FGSM from a uniform
+  random start in the eps-ball, step ``alpha = fgsm_step_factor * eps`` (their rule:
+  1.25 eps), then projected back to the ball and the pixel range; two passes per update.
+- ``"free"``: Shafahi et al. (2019), "Adversarial Training for Free!": each minibatch is
+  replayed ``replays`` times; one forward-backward per replay gives both the parameter gradient
+  (one update of the model) and the input gradient, which moves the perturbation by ``eps``
+  times its sign (their step), clipped to the ball. The perturbation is carried across replays
+  and across minibatches (zeros at the start). One pass per update, so an epoch costs
+  ``replays`` passes per minibatch: divide ``epochs`` by ``replays`` to keep the cost of
+  ``pgd``'s epochs in updates, as the paper does.
+
+"free" ascends the training loss itself (that is what makes its gradient free): for AAA's
+``xent`` it is the cross-entropy of ``F(G(x + delta))``, for ``mse`` and ``xent+mse`` the
+perturbation also grows G's reconstruction error. It crafts in training mode, with the
+function it updates (AAA's ``craft_mode`` applies to "pgd" and "fast").
+
+**Catastrophic overfitting.** FGSM training can collapse within an epoch: accuracy under
+FGSM soars while accuracy under PGD falls to about 0 (Wong et al. 2020, section 5; the larger
+the step, the sooner). ``OverfitGuard`` is the guard the issue asked for, chosen over N-FGSM
+(de Jorge et al. 2022) and GradAlign (Andriushchenko and Flammarion 2020) because it keeps
+Wong et al.'s method unchanged and adds only a measurement (GradAlign doubles the cost of a
+step with its double backpropagation; N-FGSM changes the attack whose cost was measured):
+after each epoch a PGD check (``guard_steps`` steps, step ``2.5 eps / steps``, a fixed seed) on
+a fixed batch of ``guard_n`` images; when its accuracy falls more than ``guard_drop`` below the
+best seen, the model and optimizer go back to the last state that passed the check and the
+FGSM step factor is multiplied by ``guard_backoff``. Each check is a record of the history
+(``guard_adv_acc``, ``guard_restored``, ``guard_step_factor``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..attacks.gradient import pgd_train
+from ..errors import ConfigError
+from ..threat import ThreatModel
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("pgd", "free", "fast")
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def check_schedule(config) -> None:
+    """The schedule settings of a trainer's config (``schedule``, ``replays``,
+    ``fgsm_step_factor``, ``guard_*``); called from its ``__post_init__``."""
+    name = type(config).__name__
+    if config.schedule not in SCHEDULES:
+        raise ConfigError(f"{name}: unknown schedule {config.schedule!r}; use one of {SCHEDULES}")
+    if config.replays < 1:
+        raise ConfigError(f"{name}: replays must be at least 1, got {config.replays}")
+    if not config.fgsm_step_factor > 0:
+        raise ConfigError(f"{name}: fgsm_step_factor must be positive, got {config.fgsm_step_factor}")
+    if config.guard_drop is not None and not 0 <= config.guard_drop <= 1:
+        raise ConfigError(f"{name}: guard_drop is a fraction of accuracy in [0, 1] (or None: off), "
+                          f"got {config.guard_drop}")
+    if not 0 < config.guard_backoff <= 1:
+        raise ConfigError(f"{name}: guard_backoff must lie in (0, 1], got {config.guard_backoff}")
+    if config.guard_n < 1 or config.guard_steps < 1:
+        raise ConfigError(f"{name}: guard_n and guard_steps must be at least 1")
+
+
+def updates_per_batch(config) -> int:
+    """Optimizer updates per minibatch: ``replays`` for "free", else 1 (lr schedules count them)."""
+    return config.replays if config.schedule == "free" else 1
+
+
+def guarded(config) -> bool:
+    """Whether the overfitting guard runs: the "fast" schedule with a ``guard_drop``."""
+    return config.schedule == "fast" and config.guard_drop is not None
+
+
+def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, schedule: str, threat: ThreatModel,
+          step_size: float, steps: int, step_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """The adversarial examples of one "pgd" or "fast" training step (``free`` crafts inside
+    ``FreeReplay.step``). "pgd" is ``pgd_train`` exactly as the trainers always called it (the
+    same random draws); "fast" is the same random start and one step of
+    ``step_factor * eps``, projected to the ball and the pixel range."""
+    if schedule == "pgd":
+        return pgd_train(model, x, y, threat=threat, step_size=step_size, steps=steps, generator=generator)
+    if schedule == "fast":
+        return pgd_train(model, x, y, threat=threat, step_size=step_factor * threat.eps, steps=1,
+                         generator=generator)
+    raise ValueError(f"craft takes the 'pgd' or 'fast' schedule, got {schedule!r}")
+
+
+class FreeReplay:
+    """Shafahi et al.'s minibatch replay with the perturbation ``delta`` carried across replays
+    and minibatches; checkpointed with the loop (``state_dict``), so a resumed run carries the
+    same perturbation.
+
+    ``step`` makes ``replays - 1`` updates itself and returns the loss of the last replay for
+    the training loop's own update; that backward pass also gives ``delta`` its gradient, and
+    the perturbation step it calls for is taken before the next replay (or the next checkpoint).
+    """
+
+    def __init__(self, replays: int) -> None:
+        self.replays = replays
+        self.delta: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, int, float] | None = None  # (leaf, batch rows, eps)
+        self.updates = 0  # optimizer updates made by ``step`` itself, for tests and logs
+
+    def _ascend(self, leaf: torch.Tensor, rows: int, eps: float) -> None:
+        if leaf.grad is None:
+            return
+        assert self.delta is not None
+        self.delta[:rows] = (leaf.detach() + eps * leaf.grad.sign()).clamp(-eps, eps)
+
+    def _settle(self) -> None:
+        """Take the perturbation step of the last replay (its gradient came from the loop's backward)."""
+        if self._pending is not None:
+            leaf, rows, eps = self._pending
+            self._ascend(leaf, rows, eps)
+            self._pending = None
+
+    def step(self, x: torch.Tensor, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+             threat: Callable[[], ThreatModel]) -> tuple[torch.Tensor, dict]:
+        """Replay the minibatch ``x``: ``loss_fn(x_adv) -> (loss, metrics)`` runs the model (in
+        training mode) and its outer loss; ``threat()`` is called before each update (it may set
+        the lr of that update and return a ramped ball)."""
+        self._settle()
+        rows = x.shape[0]
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
+            self.delta = torch.zeros_like(x)
+        elif self.delta.shape[0] < rows:
+            pad = torch.zeros((rows - self.delta.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+            self.delta = torch.cat([self.delta.to(x.device), pad])
+        self.delta = self.delta.to(x.device)
+        for replay in range(self.replays):
+            ball = threat()
+            leaf = self.delta[:rows].clone().requires_grad_(True)
+            loss, metrics = loss_fn(ball.project(x + leaf, x))
+            if replay == self.replays - 1:
+                self._pending = (leaf, rows, ball.eps)
+                return loss, metrics
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._ascend(leaf, rows, ball.eps)
+            optimizer.step()
+            self.updates += 1
+        raise AssertionError("unreachable")
+
+    def state_dict(self) -> dict:
+        self._settle()
+        return {"delta": self.delta.detach().cpu() if self.delta is not None else torch.empty(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        delta = state["delta"]
+        self.delta = delta.clone() if delta.numel() else None
+        self._pending = None
+
+
+def guard_batch(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch of the guard's check: ``n`` images drawn with their own generator (so
+    the training run's draws do not move)."""
+    if x.shape[0] <= n:
+        return x, y
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n].to(x.device)
+    return x[idx], y[idx]
+
+
+class OverfitGuard:
+    """The catastrophic-overfitting guard of the "fast" schedule (see the module docstring).
+
+    ``models()`` gives the models whose accuracy is checked, in the mode to check them (AAA:
+    ``Shielded(G, F_k)`` for each classifier, the mean accuracy counts); ``modules`` and
+    ``optimizer`` are what a restore puts back. ``step_factor`` is the FGSM step factor the
+    schedule reads; ``baseline()`` measures and keeps the starting state (call it on a fresh
+    run, not a resumed one: the checkpoint restores the guard through ``state_dict``).
+    """
+
+    def __init__(self, models: Callable[[], Sequence[nn.Module]], modules: Mapping[str, nn.Module],
+                 optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                 steps: int, drop: float, backoff: float, step_factor: float) -> None:
+        self.models, self.modules, self.optimizer = models, dict(modules), optimizer
+        self.x, self.y = x, y
+        self.threat = ThreatModel("Linf", eps)
+        self.steps, self.drop, self.backoff = steps, drop, backoff
+        self.step_factor = step_factor
+        self.best = -math.inf
+        self.restores = 0
+        self.good: dict | None = None
+
+    def measure(self) -> float:
+        """Mean accuracy of ``models()`` under PGD-``steps`` on the guard's batch (fixed seed)."""
+        step_size = 2.5 * self.threat.eps / self.steps
+        accs = []
+        for model in self.models():
+            x_adv = pgd_train(model, self.x, self.y, threat=self.threat, step_size=step_size,
+                              steps=self.steps, generator=torch.Generator().manual_seed(2024))
+            with torch.no_grad():
+                accs.append(float((model(x_adv).argmax(1) == self.y).float().mean()))
+        return sum(accs) / len(accs)
+
+    def _snapshot(self) -> None:
+        self.good = {"modules": {k: copy.deepcopy(m.state_dict()) for k, m in self.modules.items()},
+                     "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def _restore(self) -> None:
+        assert self.good is not None
+        taken = [s.get("step") for s in self.optimizer.state.values()]
+        for k, m in self.modules.items():
+            m.load_state_dict(self.good["modules"][k])
+        self.optimizer.load_state_dict(copy.deepcopy(self.good["optimizer"]))
+        # The moments go back, the update count does not: lr schedules that read it stay on time.
+        for state, step in zip(self.optimizer.state.values(), taken):
+            if step is not None and "step" in state:
+                state["step"] = step.clone() if torch.is_tensor(step) else step
+
+    def baseline(self) -> None:
+        self.best = self.measure()
+        self._snapshot()
+
+    def check(self) -> dict:
+        """The end-of-epoch check: restore and lower the step factor on a collapse."""
+        acc = self.measure()
+        record = {"guard_adv_acc": acc, "guard_restored": 0.0}
+        if self.good is not None and acc < self.best - self.drop:
+            self._restore()
+            self.step_factor *= self.backoff
+            self.restores += 1
+            after = self.measure()
+            logger.warning("catastrophic overfitting: PGD-%d accuracy %.3f, best %.3f; restored the last "
+                           "good state (accuracy %.3f) and lowered the FGSM step factor to %.4g",
+                           self.steps, acc, self.best, after, self.step_factor)
+            record.update(guard_restored=1.0, guard_adv_acc_restored=after)
+        else:
+            self.best = max(self.best, acc)
+            self._snapshot()
+        record["guard_step_factor"] = float(self.step_factor)
+        return record
+
+    def state_dict(self) -> dict:
+        return {"step_factor": torch.tensor(self.step_factor, dtype=torch.float64),
+                "best": torch.tensor(self.best, dtype=torch.float64),
+                "restores": torch.tensor(self.restores), "good": self.good or {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_factor = float(state["step_factor"])
+        self.best = float(state["best"])
+        self.restores = int(state["restores"])
+        self.good = state["good"] or None
+
+
+def combine(*fns: Callable[[], dict] | None) -> Callable[[], dict] | None:
+    """One end-of-epoch function running each given one in order and merging their records."""
+    present = [f for f in fns if f is not None]
+    if not present:
+        return None
+
+    def run() -> dict:
+        out: dict = {}
+        for f in present:
+            out.update(f())
+        return out
+    return run
