@@ -38,6 +38,11 @@ TRAINERS = {
     # AAA has no --batch-size: 128 images a step, 2 steps an epoch.
     "aaa": (["train", "aaa", "--classifier", "mnist-c", "--dataset", "mnist", "--autoencoder", "conv-ae-small",
              "--attack-steps", "2", "--step-size", "0.1", "--epochs", "2", "--train-limit", "256"], 2),
+    # The attack schedules (issue 26): the free perturbation and the guard's state are checkpointed.
+    "aaa-fast": (["train", "aaa", "--classifier", "mnist-c", "--dataset", "mnist", "--autoencoder", "conv-ae-small",
+                  "--schedule", "fast", "--epochs", "2", "--train-limit", "256"], 2),
+    "aaa-free": (["train", "aaa", "--classifier", "mnist-c", "--dataset", "mnist", "--autoencoder", "conv-ae-small",
+                  "--schedule", "free", "--replays", "3", "--epochs", "2", "--train-limit", "256"], 2),
     "puvae": (["train", "puvae", "--classifier", "mnist-c", "--dataset", "mnist", "--epochs", "2",
                "--batch-size", "128", "--train-limit", "256"], 2),
     "magnet": (["train", "magnet", "--dataset", "mnist", "--epochs", "2", "--batch-size", "64",

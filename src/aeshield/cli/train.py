@@ -12,6 +12,7 @@ import click
 import torch
 
 from ..defenses.aaa import AAAConfig
+from ..defenses.schedules import SCHEDULES
 from ..defenses.magnet import MagNetTrainConfig
 from ..defenses.puvae import PuVAETrainConfig
 from ..train.classifier import ClassifierConfig
@@ -121,19 +122,25 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @config_option(AAAConfig, "step_size", help="Training PGD step size.")
 @config_option(AAAConfig, "attack_steps", help="Training PGD steps.")
 @config_option(AAAConfig, "epochs", help="Epochs.")
+@config_option(AAAConfig, "schedule", type=click.Choice(list(SCHEDULES)),
+               help="Training attack: pgd (Madry), fast (FGSM from a random start, Wong et al. 2020) or "
+                    "free (minibatch replay, Shafahi et al. 2019).")
+@config_option(AAAConfig, "replays", help="free: updates per minibatch, the perturbation carried.")
+@config_option(AAAConfig, "fgsm_step_factor", help="fast: FGSM step as a multiple of eps.")
 @_TRAIN_LIMIT
 @config_option(AAAConfig, "seed", help="Seed of the initial weights, data order and attack starts.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
 @device_option()
 @progress_option()
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
-                  train_limit, seed, out, device, progress) -> None:
+                  schedule, replays, fgsm_step_factor, train_limit, seed, out, device, progress) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
     from ..defenses.aaa import train_aaa
     from ..models.io import save_weights
 
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
-                    epochs=epochs, seed=seed)
+                    epochs=epochs, seed=seed, schedule=schedule, replays=replays,
+                    fgsm_step_factor=fgsm_step_factor)
     device = resolve_device(device)
     frozen = [_classifier(c, dataset, device) for c in classifiers]
     train_set, val = _training_sets(dataset, train_limit, seed, val_n=500, device=device)

@@ -1,0 +1,181 @@
+"""Attack schedules for adversarial training (issue 26): "fast", "free" and the guard against
+catastrophic overfitting, for AAA and Madry adversarial training alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeshield.attacks.gradient import pgd_train
+from aeshield.defenses.aaa import AAAConfig, AAAShieldConfig, train_aaa
+from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training, steps_taken
+from aeshield.defenses.registry import config_from_dict, config_to_dict
+from aeshield.defenses.schedules import FreeReplay, craft
+from aeshield.errors import ConfigError
+from aeshield.threat import ThreatModel
+
+
+def _data(n: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _classifier(seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _autoencoder(seed: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Sigmoid(), nn.Unflatten(1, (1, 8, 8)))
+
+
+def test_fast_is_one_step_from_a_random_start_inside_the_ball():
+    x, y = _data()
+    model, threat = _classifier().eval(), ThreatModel("Linf", 0.3)
+    fast = craft(model, x, y, schedule="fast", threat=threat, step_size=0.01, steps=40, step_factor=1.25,
+                 generator=torch.Generator().manual_seed(0))
+    assert threat.contains(fast, x).all() and fast.min() >= 0 and fast.max() <= 1
+    # The same random start and one step of 1.25 eps: pgd_train with steps=1.
+    one = pgd_train(model, x, y, threat=threat, step_size=0.375, steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast, one)
+    # "pgd" is pgd_train exactly as the trainers called it before the schedules existed.
+    pgd = craft(model, x, y, schedule="pgd", threat=threat, step_size=0.05, steps=3, step_factor=1.25,
+                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pgd, pgd_train(model, x, y, threat=threat, step_size=0.05, steps=3,
+                                      generator=torch.Generator().manual_seed(0)))
+
+
+def test_free_replays_each_minibatch_m_times_and_carries_the_perturbation():
+    x, y = _data()
+    model = _classifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threat = ThreatModel("Linf", 0.1)
+    free = FreeReplay(replays=3)
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(xb, yb):
+        def run(x_adv):
+            seen.append((x_adv - xb).detach().clone())
+            loss = F.cross_entropy(model(x_adv), yb)
+            return loss, {"loss": loss.detach()}
+        return run
+
+    for b, (xb, yb) in enumerate(zip(x.split(32), y.split(32))):
+        loss, _ = free.step(xb, loss_fn(xb, yb), optimizer, lambda: threat)
+        optimizer.zero_grad(set_to_none=True)  # what the training loop does with the last replay
+        loss.backward()
+        optimizer.step()
+        assert steps_taken(optimizer) == 3 * (b + 1)  # m parameter updates per minibatch
+    assert free.updates == 4
+    assert torch.equal(seen[0], torch.zeros_like(seen[0]))  # zeros at the start
+    for earlier, later in zip(seen, seen[1:]):
+        # each replay starts where the last one's step left the perturbation, across minibatches
+        assert (later - earlier).abs().max() > 0
+    state = free.state_dict()["delta"]  # the last replay's step, taken for the checkpoint
+    assert state.abs().max() <= 0.1 + 1e-7 and state.abs().max() > 0
+    assert all(d.abs().max() <= 0.1 + 1e-6 for d in seen)
+
+
+@pytest.mark.parametrize("schedule", ["fast", "free"])
+def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp_path):
+    x, y = _data(96)
+    ckpt = tmp_path / "at.ckpt"
+    config = AdversarialTrainingConfig(epochs=2, batch_size=32, schedule=schedule, replays=2,
+                                       checkpoint_every=1, guard_n=16, guard_steps=2)
+    result = adversarial_training(_classifier(), x, y, config, x_val=x[:16], y_val=y[:16], checkpoint=ckpt,
+                                  progress=False)
+    payload = torch.load(ckpt, weights_only=True)
+    steps = next(iter(payload["optimizer"]["state"].values()))["step"]
+    assert int(steps) == (2 if schedule == "free" else 1) * 3 * 2
+    if schedule == "free":
+        assert payload["extra"]["free"]["delta"].abs().max() <= 0.3 + 1e-6
+    else:
+        assert float(payload["extra"]["guard"]["step_factor"]) == 1.25
+        assert all("guard_adv_acc" in h and h["guard_restored"] == 0.0 for h in result.history)
+    aaa = train_aaa(_autoencoder(), [_classifier(), _classifier(3)], x, y,
+                    AAAConfig(epochs=1, batch_size=32, warmup_steps=2, schedule=schedule, replays=2,
+                              guard_n=16, guard_steps=2), x_val=x[:16], y_val=y[:16], progress=False)
+    assert aaa.config["schedule"] == schedule and sum(aaa.visits) == 3
+    assert ("guard_adv_acc" in aaa.history[0]) == (schedule == "fast")
+
+
+def test_schedule_fields_are_left_out_of_configs_at_their_default_and_checked():
+    assert "schedule" not in config_to_dict(AAAShieldConfig())["training"]
+    assert "guard_drop" not in config_to_dict(AdversarialTrainingConfig())
+    fast = AAAShieldConfig(training=AAAConfig(schedule="fast", fgsm_step_factor=1.0))
+    data = config_to_dict(fast)["training"]
+    assert data["schedule"] == "fast" and data["fgsm_step_factor"] == 1.0 and "replays" not in data
+    assert config_from_dict(AAAShieldConfig, config_to_dict(fast)) == fast
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        AAAConfig(schedule="fgsm")
+    with pytest.raises(ConfigError, match="replays"):
+        AdversarialTrainingConfig(schedule="free", replays=0)
+    with pytest.raises(ConfigError, match="guard_drop"):
+        AdversarialTrainingConfig(guard_drop=2.0)
+
+
+def test_a_spec_passes_the_schedule_to_the_defense_config_and_keys_only_what_it_sets():
+    from aeshield.experiments.config import AdvTrainSpec, ShieldSpec, spec_dict
+    from aeshield.experiments.methods import from_spec
+
+    spec = ShieldSpec(method="aaa", autoencoder="conv-ae", against=("A",))
+    fast = dataclasses.replace(spec, schedule="fast", fgsm_step_factor=1.0)
+    assert "schedule" not in spec_dict(spec) and spec_dict(fast)["schedule"] == "fast"
+    assert from_spec(AAAConfig, fast, seed=0).schedule == "fast"
+    assert from_spec(AAAConfig, fast, seed=0).fgsm_step_factor == 1.0
+    at = AdvTrainSpec(schedule="free", replays=8)
+    assert from_spec(AdversarialTrainingConfig, at, seed=0).replays == 8
+    assert spec_dict(at)["replays"] == 8 and "replays" not in spec_dict(AdvTrainSpec())
+
+
+@pytest.mark.slow
+def test_the_overfitting_guard_fires_on_an_oversized_fgsm_step_and_restores_the_last_good_state():
+    """A small CNN, FGSM-trained at eps 0.2 on 1,000 MNIST images to about 37% PGD-10 accuracy,
+    then trained on with a deliberately oversized step (4 eps: after the clip, every pixel at a
+    corner of the ball) and a large lr (1e-2): PGD accuracy falls to 16% in one epoch. The guard
+    restores the state before that epoch (its accuracy again), lowers the step factor to 3 and,
+    on a second collapse, to 2.25. (With the step at 1 eps and the same lr, the accuracy fell to
+    19.5%, under the guard's 20-point threshold: the oversized step makes the difference here.
+    The collapse is of PGD and training accuracy together, a large-step divergence, not the
+    FGSM-accuracy-soars signature of Wong et al.'s catastrophic overfitting, which did not
+    appear within 20 epochs on 2,000 images at this size.)"""
+    from aeshield.data import load_dataset
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train, val = load_dataset("mnist", "train"), load_dataset("mnist", "val")
+        x, y, xv, yv = train.images[:1000], train.labels[:1000], val.images[:200], val.labels[:200]
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 16, 5, 2, 2), nn.ReLU(), nn.Conv2d(16, 32, 5, 2, 2), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(32 * 49, 64), nn.ReLU(), nn.Linear(64, 10))
+        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+        for _ in range(2):  # natural pre-training
+            for i in range(0, 1000, 50):
+                loss = F.cross_entropy(model(x[i:i + 50]), y[i:i + 50])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        common = dict(eps=0.2, batch_size=50, schedule="fast", guard_n=200)
+        first = adversarial_training(model, x, y, AdversarialTrainingConfig(
+            epochs=4, fgsm_step_factor=1.0, guard_drop=1.0, **common), x_val=xv, y_val=yv, progress=False)
+        good = first.history[-1]["guard_adv_acc"]
+        assert good > 0.3
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        oversized = adversarial_training(model, x, y, AdversarialTrainingConfig(
+            epochs=2, lr=1e-2, fgsm_step_factor=4.0, guard_drop=0.2, **common), x_val=xv, y_val=yv, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    epoch1, epoch2 = oversized.history
+    assert epoch1["guard_restored"] == 1.0 and epoch1["guard_adv_acc"] < good - 0.2
+    assert epoch1["guard_step_factor"] == 3.0
+    assert epoch1["guard_adv_acc_restored"] == pytest.approx(good)  # not the collapsed value
+    assert epoch1["val_adv_acc"] > epoch1["guard_adv_acc"] + 0.1  # validation measures the restored model
+    assert epoch2["guard_restored"] == 1.0 and epoch2["guard_step_factor"] == 2.25
+    # Restored twice to the state before the oversized run: its weights are back.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
