@@ -1,0 +1,64 @@
+"""A short measurement of the training attack schedules (issue 26), not the benchmark: AAA in
+front of the shipped mnist-b on MNIST, one shield per schedule at about the same training wall
+time, then clean and PGD-40 (step 0.01, one random start) accuracy on 500 test images.
+
+    OMP_NUM_THREADS=2 python scripts/measure_schedules.py --threads 2
+
+Each schedule gets a share of the first 10,000 training images sized to the same budget from
+the per-minibatch costs measured beforehand (``--images``); prints one JSON line per schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import aeshield
+from aeshield.attacks.gradient import pgd
+from aeshield.data import load_dataset
+from aeshield.defenses.aaa import AAAConfig, train_aaa
+from aeshield.defenses.base import Shielded
+from aeshield.models import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", default="pgd=2800,fast=10000,free=6000",
+                        help="training images (1 epoch) per schedule")
+    parser.add_argument("--replays", type=int, default=4)
+    parser.add_argument("--test-n", type=int, default=500)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
+    x_test, y_test = test.images[:args.test_n], test.labels[:args.test_n]
+    classifier = aeshield.load_classifier("mnist-b")
+    for item in args.images.split(","):
+        schedule, n = item.split("=")
+        config = AAAConfig(epochs=1, batch_size=32, lr=0.01, attack_steps=10, step_size=0.03, seed=0,
+                           schedule=schedule, replays=args.replays)
+        torch.manual_seed(0)
+        g = create_model("conv-ae")
+        start = time.perf_counter()
+        result = train_aaa(g, [classifier], train.images[:int(n)], train.labels[:int(n)], config, progress=False)
+        wall = time.perf_counter() - start
+        model = Shielded(g.eval(), classifier).eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            clean = float((model(x_test).argmax(1) == y_test).float().mean())
+        x_adv = pgd(model, x_test, y_test, eps=0.3, step_size=0.01, steps=40, restarts=1,
+                    generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            robust = float((model(x_adv).argmax(1) == y_test).float().mean())
+        guard = [{k: round(v, 3) for k, v in h.items() if k.startswith("guard")} for h in result.history]
+        print(json.dumps({"schedule": schedule, "train_images": int(n), "updates": (int(n) + 31) // 32
+                          * (args.replays if schedule == "free" else 1), "train_wall_s": round(wall, 1),
+                          "clean": clean, "pgd40": robust, "eval_wall_s": round(time.perf_counter() - start, 1),
+                          "guard": guard, "threads": args.threads}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
