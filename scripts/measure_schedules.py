@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", default="pgd=2800,fast=10000,free=6000",
-                        help="training images (1 epoch) per schedule")
+                        help="training images per schedule, NxE for E epochs (default 1)")
     parser.add_argument("--replays", type=int, default=4)
     parser.add_argument("--test-n", type=int, default=500)
     args = parser.parse_args()
@@ -37,8 +37,9 @@ def main() -> None:
     x_test, y_test = test.images[:args.test_n], test.labels[:args.test_n]
     classifier = aeshield.load_classifier("mnist-b")
     for item in args.images.split(","):
-        schedule, n = item.split("=")
-        config = AAAConfig(epochs=1, batch_size=32, lr=0.01, attack_steps=10, step_size=0.03, seed=0,
+        schedule, size = item.split("=")
+        n, _, epochs = size.partition("x")
+        config = AAAConfig(epochs=int(epochs or 1), batch_size=32, lr=0.01, attack_steps=10, step_size=0.03, seed=0,
                            schedule=schedule, replays=args.replays)
         torch.manual_seed(0)
         g = create_model("conv-ae")
@@ -54,10 +55,11 @@ def main() -> None:
         with torch.no_grad():
             robust = float((model(x_adv).argmax(1) == y_test).float().mean())
         guard = [{k: round(v, 3) for k, v in h.items() if k.startswith("guard")} for h in result.history]
-        print(json.dumps({"schedule": schedule, "train_images": int(n), "updates": (int(n) + 31) // 32
-                          * (args.replays if schedule == "free" else 1), "train_wall_s": round(wall, 1),
-                          "clean": clean, "pgd40": robust, "eval_wall_s": round(time.perf_counter() - start, 1),
-                          "guard": guard, "threads": args.threads}), flush=True)
+        updates = (int(n) + 31) // 32 * config.epochs * (args.replays if schedule == "free" else 1)
+        print(json.dumps({"schedule": schedule, "train_images": int(n), "epochs": config.epochs, "updates": updates,
+                          "train_wall_s": round(wall, 1), "clean": clean, "pgd40": robust,
+                          "eval_wall_s": round(time.perf_counter() - start, 1), "guard": guard,
+                          "threads": args.threads}), flush=True)
 
 
 if __name__ == "__main__":

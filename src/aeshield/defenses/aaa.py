@@ -30,13 +30,13 @@ from torch import nn
 from ..attacks.gradient import pgd_train
 from ..threat import ThreatModel
 from ..inputs import check_training_config
-from ..records import added_later, config_dict
+from ..records import config_dict
 from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
-from .schedules import (FreeReplay, OverfitGuard, check_schedule, combine, craft, guard_batch, guarded,
-                        updates_per_batch)
+from .schedules import (FreeReplay, OverfitGuard, ScheduleSettings, check_schedule, combine, craft, guard_batch,
+                        guarded, updates_per_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ LOSS_VARIANTS = ("xent", "mse", "xent+mse")
 
 
 @dataclass(frozen=True)
-class AAAConfig:
-    """Settings of one AAA training run (paper defaults for MNIST, CPU-sized epochs)."""
+class AAAConfig(ScheduleSettings):
+    """Settings of one AAA training run (paper defaults for MNIST, CPU-sized epochs); the
+    attack schedule's keyword-only settings (``schedule``, ``replays``, ``fgsm_step_factor``,
+    ``guard_*``) come from ``schedules.ScheduleSettings``."""
 
     loss: str = "xent+mse"
     # lambda weighs the per-image sum of squared errors (about 5-20 on MNIST) against the
@@ -69,20 +71,6 @@ class AAAConfig:
     # Half-cosine lr annealing to 0 over the run (replaces the plateau schedule, which never
     # fires on a few-epoch CPU budget).
     cosine_lr: bool = False
-    # Attack schedule of training (``defenses.schedules``): "pgd" (Madry), "fast" (FGSM from a
-    # random start, step fgsm_step_factor * eps; Wong et al. 2020) or "free" (each minibatch
-    # replayed `replays` times, the perturbation carried; Shafahi et al. 2019). Declared
-    # ``added_later``: at their defaults they leave every existing key and card as it was.
-    schedule: str = added_later("pgd")
-    replays: int = added_later(4)
-    fgsm_step_factor: float = added_later(1.25)
-    # "fast": after each epoch a PGD-`guard_steps` check on `guard_n` fixed images; a fall of
-    # more than guard_drop below the best restores the last good state and multiplies the step
-    # factor by guard_backoff (None: no guard).
-    guard_drop: float | None = added_later(0.2)
-    guard_n: int = added_later(256)
-    guard_steps: int = added_later(10)
-    guard_backoff: float = added_later(0.75)
 
     def __post_init__(self) -> None:
         check_training_config(self)

@@ -19,16 +19,18 @@ from torch import nn
 
 from ..attacks.gradient import pgd_train
 from ..inputs import check_training_config
-from ..records import added_later
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
-from .schedules import (FreeReplay, OverfitGuard, check_schedule, combine, craft, guard_batch, guarded,
-                        updates_per_batch)
+from .schedules import (FreeReplay, OverfitGuard, ScheduleSettings, check_schedule, combine, craft, guard_batch,
+                        guarded, updates_per_batch)
 
 
 @dataclass(frozen=True)
-class AdversarialTrainingConfig:
+class AdversarialTrainingConfig(ScheduleSettings):
+    """Settings of one Madry training run; the attack schedule's keyword-only settings come
+    from ``schedules.ScheduleSettings``."""
+
     eps: float = 0.3
     step_size: float = 0.01
     attack_steps: int = 40
@@ -46,20 +48,6 @@ class AdversarialTrainingConfig:
     # Anneal the lr from ``lr`` to 0 along a half cosine over the whole run instead of the
     # plateau schedule, which never fires on a few-epoch CPU budget.
     cosine_lr: bool = False
-    # Attack schedule of training (``defenses.schedules``): "pgd" (Madry), "fast" (FGSM from a
-    # random start, step fgsm_step_factor * eps; Wong et al. 2020) or "free" (each minibatch
-    # replayed `replays` times, the perturbation carried; Shafahi et al. 2019). Declared
-    # ``added_later``: at their defaults they leave every existing key and card as it was.
-    schedule: str = added_later("pgd")
-    replays: int = added_later(4)
-    fgsm_step_factor: float = added_later(1.25)
-    # "fast": after each epoch a PGD-`guard_steps` check on `guard_n` fixed images; a fall of
-    # more than guard_drop below the best restores the last good state and multiplies the step
-    # factor by guard_backoff (None: no guard).
-    guard_drop: float | None = added_later(0.2)
-    guard_n: int = added_later(256)
-    guard_steps: int = added_later(10)
-    guard_backoff: float = added_later(0.75)
 
     def __post_init__(self) -> None:
         check_training_config(self)

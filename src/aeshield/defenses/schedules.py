@@ -40,11 +40,14 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..attacks.gradient import pgd_train
 from ..errors import ConfigError
+from ..records import added_later
 from ..threat import ThreatModel
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,30 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("pgd", "free", "fast")
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleSettings:
+    """The schedule settings of a trainer's config (``AAAConfig`` and
+    ``AdversarialTrainingConfig`` inherit them; keyword-only, so the configs' positional order
+    is unchanged). Declared ``records.added_later``: at their defaults they are in no artifact
+    key, card or record key, so configs written before them read and hash the same.
+
+    - ``schedule``: "pgd", "fast" or "free" (see the module docstring);
+    - ``replays``: free's m, updates per minibatch;
+    - ``fgsm_step_factor``: fast's alpha / eps (Wong et al.: 1.25);
+    - ``guard_drop``: fast's guard fires when PGD accuracy falls more than this (a fraction)
+      below the best seen (None: no guard); ``guard_n`` images, ``guard_steps`` PGD steps;
+      ``guard_backoff`` multiplies the step factor on each restore.
+    """
+
+    schedule: str = added_later("pgd")
+    replays: int = added_later(4)
+    fgsm_step_factor: float = added_later(1.25)
+    guard_drop: float | None = added_later(0.2)
+    guard_n: int = added_later(256)
+    guard_steps: int = added_later(10)
+    guard_backoff: float = added_later(0.75)
 
 
 def check_schedule(config) -> None:
