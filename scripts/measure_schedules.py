@@ -6,6 +6,20 @@ time, then clean and PGD-40 (step 0.01, one random start) accuracy on 500 test i
 
 Each schedule gets a share of the first 10,000 training images sized to the same budget from
 the per-minibatch costs measured beforehand (``--images``); prints one JSON line per schedule.
+
+Measured 2026-12-05 at 451f73f, 2 threads on a 2-core machine shared with other jobs (load
+average 4-6, so wall times are inflated and not comparable between runs to better than ~2x),
+conv-ae, batch 32, lr 0.01, eps 0.3, PGD-10 step 0.03 for "pgd", fast factor 1.25, free m=4;
+passes = forward-backward passes of a 32-image batch through G and mnist-b:
+
+    schedule  images x epochs  updates  passes  train wall  clean  PGD-40 (n=500)
+    pgd       2,800 x 1           88     968      271 s     96.0%   35.6%
+    fast      10,000 x 1         313     626      143 s     97.4%   24.4%
+    fast      10,000 x 2         626    1252      475 s     97.8%   37.0%
+    free      6,000 x 1 (m=4)    752     752      291 s     97.4%    0.4%
+
+(the guard's checks, PGD-10 on 256 training images, never fired; the last fast run shared
+the cores with a test run for part of its time.)
 """
 
 from __future__ import annotations
