@@ -494,7 +494,7 @@ def test_a_purifier_without_a_single_latent_space_gets_no_latent_attack(trained_
 def test_the_audit_attacks_shipped_puvae_and_magnet_with_their_detectors():
     import aeshield
     from aeshield.defenses.puvae import PuVAE
-    from aeshield.cli.audit import _deployed, _deployment
+    from aeshield.cli.options import deployed_pipeline as _deployed, deployment_description as _deployment
 
     clf = aeshield.load_classifier("mnist-b")
     x = torch.rand(3, 1, 28, 28)

@@ -92,7 +92,7 @@ def test_orthogonal_pgd_stays_in_the_ball_and_a_restart_never_unfools(batch):
 @pytest.fixture(scope="module")
 def shipped_magnet():
     from aeshield import load_classifier
-    from aeshield.cli.audit import _deployed
+    from aeshield.cli.options import deployed_pipeline as _deployed
 
     return _deployed("magnet-mnist", load_classifier("mnist-b"), "cpu").eval()
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from .options import (COUNT, EPS, Choice, check_cli_compatible, classifier_options, data_options, data_spec,
-                      device_option, force_option, guard_published, load_cli_classifier, load_cli_data,
-                      progress_option, resolve_device, seed_option, source_checkout)
+                      deployed_pipeline, deployment_description, device_option, force_option, guard_published,
+                      load_cli_classifier, load_cli_data, progress_option, resolve_device, seed_option,
+                      source_checkout)
 from ..eval.audit import BUDGETS, measures_as_current_protocol
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
     forced = check_cli_compatible(test, [(clf, info)] + ([(sur, sur_info)] if sur is not None else []),
                                   shield=shield, force=force)
     dataset = test.name
-    model = _deployed(shield, clf, device) if shield else clf
+    model = deployed_pipeline(shield, clf, device) if shield else clf
     test = test.to(device)
     digests = _weights_used(classifier, shield, surrogate,
                             {"classifier": info.weights_sha256,
@@ -89,40 +90,10 @@ def _run_one(*, classifier: str, shield: str | None, surrogate: str | None, data
                  out=out, progress=progress, batch_size=batch_size, defense=shield or "none",
                  classifier=classifier, dataset=dataset, data_source=test.source,
                  data_hash=test.sha256, config={"command": sys.argv, "surrogate_name": surrogate,
-                                                 "weights_sha256": digests, "deployment": _deployment(shield),
+                                                 "weights_sha256": digests,
+                                                 "deployment": deployment_description(shield),
                                                  **({"normalize": info.normalize} if info.normalize else {}),
                                                  **({"forced_mismatches": forced} if forced else {})})
-
-
-def _deployment(shield: str | None) -> str | None:
-    """What besides the weights defines the audited pipeline (None: shield + classifier)."""
-    if not shield:
-        return None
-    from ..defenses.cards import read_card
-    from ..defenses.registry import get_defense, list_defenses
-    from ..models.io import read_sidecar, resolve_weights
-
-    side = read_sidecar(resolve_weights(shield))
-    method = side.get("method")
-    if method not in list_defenses() or get_defense(method).deploy is None:
-        return None
-    if side.get("source_target"):
-        return f"{method} as configured in {side['source_target']}, detectors calibrated there"
-    deployment = read_card(side).deployment or {}
-    return f"{method} as its card configures it, detectors calibrated on {deployment.get('calibration_split')}"
-
-
-def _deployed(shield: str, classifier, device: str):
-    """``shield`` in front of ``classifier`` as its card deploys it: a shipped PuVAE or MagNet
-    comes with its detectors, calibrated on the card's clean split with its seed, so the audit
-    attacks the whole defense and not its autoencoder alone."""
-    from .. import load_shield
-    from ..defenses.base import Shielded
-    from ..defenses.registry import load_pipeline
-
-    if _deployment(shield) is None:  # no detectors (or an old file of a method aeshield lacks)
-        return Shielded(load_shield(shield, device=device), classifier).eval()
-    return load_pipeline(shield, classifier, device=device)
 
 
 def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str | None, norm: str,
@@ -138,7 +109,7 @@ def _finished_audit(path: Path, *, classifier: str, shield: str, surrogate: str 
         same = (summary["budget"] == budget and summary["n"] == n and summary["seed"] == seed
                 and threat["norm"] == norm and abs(threat["eps"] - eps) < 1e-9
                 and manifest.get("weights_sha256") == _weights_used(classifier, shield, surrogate)
-                and manifest.get("deployment") == _deployment(shield)
+                and manifest.get("deployment") == deployment_description(shield)
                 and measures_as_current_protocol(saved))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .options import (COUNT, EPS, SIZE, Choice, check_cli_compatible, classifier_options, data_options, data_spec,
-                      device_option, force_option, load_cli_classifier, load_cli_data, progress_option,
-                      resolve_device, seed_option)
+                      deployed_pipeline, device_option, force_option, load_cli_classifier, load_cli_data,
+                      progress_option, resolve_device, seed_option)
 
 
 class RegisteredAttack(Choice):
@@ -63,8 +63,6 @@ def _attack_settings(name: str, options: dict) -> dict:
 def eval_cmd(classifier, normalize, shield, dataset, data_file, attacks, norm, eps, steps, step_size, restarts, wrap,
              n, seed, batch_size, device, progress, force, out) -> None:
     """Evaluate a (shielded) classifier under attack; prints accuracy with a Wilson interval."""
-    from .. import load_shield
-    from ..defenses.base import Shielded
     from ..eval import AttackSpec, evaluate
     from ..records import manifest
     from ..io import write_json_atomic
@@ -76,7 +74,7 @@ def eval_cmd(classifier, normalize, shield, dataset, data_file, attacks, norm, e
     clf, info = load_cli_classifier(classifier, normalize, device)
     test = load_cli_data(dataset, data_file, n=n, seed=seed, num_classes=info.num_classes)
     forced = check_cli_compatible(test, [(clf, info)], shield=shield, force=force)
-    model = Shielded(load_shield(shield, device=device), clf) if shield else clf
+    model = deployed_pipeline(shield, clf, device) if shield else clf  # detectors included
     test = test.to(device)
     shared = {"steps": steps, "step_size": step_size, "restarts": restarts}
     specs = [AttackSpec(a, _attack_settings(a, shared), wrap=None if wrap == "none" else wrap)
@@ -86,7 +84,9 @@ def eval_cmd(classifier, normalize, shield, dataset, data_file, attacks, norm, e
                       seed=seed, defense=shield or "none", classifier=classifier, dataset=name,
                       data_source=test.source, data_hash=test.sha256, progress=progress)
     click.echo(f"{name} ({test.source}), n={record.n}, threat {threat.describe()}")
-    click.echo(f"clean accuracy:  {record.clean.format()}")
+    rejected = (f"   clean reject rate {100 * record.clean_reject_rate:.1f} % (a reject counts as robust "
+                "under attack)" if record.clean_reject_rate is not None else "")
+    click.echo(f"clean accuracy:  {record.clean.format()}{rejected}")
     for a in record.attacks:
         click.echo(f"after {a.name:30s} {a.accuracy_after.format()}  ({a.seconds:.1f}s)")
     click.echo(f"robust accuracy: {record.robust.format()} (worst case over the cascade)")

@@ -186,6 +186,41 @@ def check_cli_compatible(data, classifiers, *, shield: str | None = None, force:
     return list(dict.fromkeys(found))  # check_compatible has logged each as a warning
 
 
+def deployment_description(shield: str | None) -> str | None:
+    """What besides the weights defines the audited pipeline (None: shield + classifier)."""
+    if not shield:
+        return None
+    from ..defenses.cards import read_card
+    from ..defenses.registry import get_defense, list_defenses
+    from ..models.io import read_sidecar, resolve_weights
+
+    side = read_sidecar(resolve_weights(shield))
+    method = side.get("method")
+    if method not in list_defenses() or get_defense(method).deploy is None:
+        return None
+    if side.get("source_target"):
+        return f"{method} as configured in {side['source_target']}, detectors calibrated there"
+    deployment = read_card(side).deployment or {}
+    if deployment.get("calibration") == "stored":
+        return (f"{method} as its card configures it, detectors at the thresholds its card stores "
+                f"(false-positive rate {deployment.get('false_positive_rate')} on clean held-out images)")
+    return f"{method} as its card configures it, detectors calibrated on {deployment.get('calibration_split')}"
+
+
+def deployed_pipeline(shield: str, classifier, device: str):
+    """``shield`` in front of ``classifier`` as its card deploys it: a shipped PuVAE or MagNet
+    comes with its detectors, calibrated on the card's clean split with its seed (a shield of
+    ``train_shield`` with the thresholds its card stores), so that eval and the audit attack
+    the whole defense and not its autoencoder alone."""
+    from .. import load_shield
+    from ..defenses.base import Shielded
+    from ..defenses.registry import load_pipeline
+
+    if deployment_description(shield) is None:  # no detectors (or an old file of a method aeshield lacks)
+        return Shielded(load_shield(shield, device=device), classifier).eval()
+    return load_pipeline(shield, classifier, device=device)
+
+
 def _field(cls: type, name: str) -> tuple[dataclasses.Field, Any]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
