@@ -21,8 +21,9 @@ Three rows:
 Robust accuracy is printed for every row, so that speed is not bought with weakness.
 
 The model: ``--weights PATH``, else shipped weights for ``--model`` if aeshield ships any
-(``aeshield.models.io``; ``--model`` defaults to mnist-b), else a quick natural training (1 epoch over 10k MNIST training
-images, Adam, fixed seed; a few tens of seconds), which ``autoattack_fidelity.py`` reuses.
+(``aeshield.models.io``; ``--model`` defaults to mnist-b), else a quick natural training (1
+epoch over 10k MNIST training images, Adam, fixed seed; a few tens of seconds), which
+``autoattack_fidelity.py`` reuses.
 """
 
 from __future__ import annotations
