@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from aeshield.attacks import BPDA, EOT, bim, cw_l2, fgsm, latent_pgd, pgd, reconstruction_pgd
-from aeshield.attacks.gradient import input_gradient, logit_objective
+from aeshield.attacks.gradient import _step, _step_project, input_gradient, logit_objective
 from aeshield.defenses import Shielded
 from aeshield.models import ConvAutoencoder
 from aeshield.threat import ThreatModel
@@ -96,6 +96,42 @@ def test_restart_never_unfools(trained_mlp, mnist_small):
         fooled_many = trained_mlp(many).argmax(1) != y
     assert fooled_one.any()
     assert (fooled_many | ~fooled_one).all()
+
+
+@pytest.mark.parametrize("norm,eps,step", [("Linf", 0.3, 0.01), ("Linf", 0.05, 0.02), ("L2", 1.5, 0.2),
+                                            ("L2", 0.5, 0.4)])
+def test_fused_step_is_step_then_project_bit_for_bit(norm, eps, step, batch):
+    """The PGD loop's in-place step and projection gives the same bits as the plain composition,
+    leaves its inputs alone and records no graph."""
+    x0, _ = batch
+    g = torch.Generator().manual_seed(1)
+    x_adv = ThreatModel(norm, eps).project(x0 + 0.3 * torch.randn(x0.shape, generator=g), x0)
+    grad = torch.randn(x0.shape, generator=g)
+    grad[0] = 0  # a zero gradient: sign 0, norm clamped
+    grad[1, 0, :5] = 0
+    threat = ThreatModel(norm, eps)
+    expected = threat.project(_step(x_adv, grad, step, threat.norm), x0)
+    before = x_adv.clone(), grad.clone()
+    got = _step_project(x_adv, grad, x0, step, threat, torch.empty_like(x_adv))
+    assert torch.equal(got, expected)
+    assert torch.equal(x_adv, before[0]) and torch.equal(grad, before[1])
+    assert not got.requires_grad
+
+
+def test_early_stop_gives_the_same_examples(trained_mlp, mnist_small):
+    """Early stop (examples leave the batch once fooled, several times in a run) only saves work:
+    the per-example bookkeeping gives the same result as attacking every example. (One restart:
+    later restarts draw their random start for the examples left, so their draws differ.)"""
+    _, test = mnist_small
+    x, y = test.images[:200], test.labels[:200]
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    kw = dict(eps=0.07, steps=8, step_size=0.02, restarts=1)
+    stop = pgd(trained_mlp, x, y, early_stop=True, generator=g(), **kw)
+    full = pgd(trained_mlp, x, y, early_stop=False, generator=g(), **kw)
+    with torch.no_grad():
+        fooled = trained_mlp(stop).argmax(1) != y
+    assert 0 < fooled.sum() < len(y)  # some leave early, some stay to the end
+    assert torch.equal(stop, full)
 
 
 def test_cw_respects_l2_budget_and_fools(trained_mlp, mnist_small):
