@@ -35,8 +35,7 @@ from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
-from .schedules import (FreeReplay, OverfitGuard, ScheduleSettings, check_schedule, combine, craft, guard_batch,
-                        guarded, updates_per_batch)
+from .schedules import ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +147,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
             _warmup(autoencoder, optimizer, x, config)
 
         total = total_updates(x.shape[0], config.batch_size, config.epochs) * updates_per_batch(config)
-        free = FreeReplay(config.replays) if config.schedule == "free" else None
-        guard = None
-        if guarded(config):
-            gx, gy = guard_batch(*((x_val, y_val) if x_val is not None and y_val is not None else (x, y)),
-                                 config.guard_n, config.seed + 2)
-            guard = OverfitGuard(lambda: [Shielded(autoencoder.eval(), c) for c in classifiers],
-                                 {"autoencoder": autoencoder}, optimizer, gx, gy, eps=config.eps,
-                                 steps=config.guard_steps, drop=config.guard_drop,
-                                 backoff=config.guard_backoff, step_factor=config.fgsm_step_factor)
+        free, guard = schedule_state(config, lambda: [Shielded(autoencoder.eval(), c) for c in classifiers],
+                                     {"autoencoder": autoencoder}, optimizer, x, y, x_val, y_val)
 
         def set_lr() -> None:
             if config.cosine_lr:

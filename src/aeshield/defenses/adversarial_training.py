@@ -22,8 +22,7 @@ from ..inputs import check_training_config
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
-from .schedules import (FreeReplay, OverfitGuard, ScheduleSettings, check_schedule, combine, craft, guard_batch,
-                        guarded, updates_per_batch)
+from .schedules import ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,7 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     threat = ThreatModel("Linf", config.eps)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     total = total_updates(x.shape[0], config.batch_size, config.epochs) * updates_per_batch(config)
-    free = FreeReplay(config.replays) if config.schedule == "free" else None
-    guard = None
-    if guarded(config):
-        gx, gy = guard_batch(*((x_val, y_val) if x_val is not None and y_val is not None else (x, y)),
-                             config.guard_n, config.seed + 2)
-        guard = OverfitGuard(lambda: [model.eval()], {"model": model}, optimizer, gx, gy, eps=config.eps,
-                             steps=config.guard_steps, drop=config.guard_drop, backoff=config.guard_backoff,
-                             step_factor=config.fgsm_step_factor)
+    free, guard = schedule_state(config, lambda: [model.eval()], {"model": model}, optimizer, x, y, x_val, y_val)
 
     def prepare() -> ThreatModel:
         """The lr and the (ramped) ball of the next update."""

@@ -282,6 +282,22 @@ class OverfitGuard:
         self.good = state["good"] or None
 
 
+def schedule_state(config, models: Callable[[], Sequence[nn.Module]], modules: Mapping[str, nn.Module],
+                   optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   x_val: torch.Tensor | None, y_val: torch.Tensor | None
+                   ) -> tuple[FreeReplay | None, OverfitGuard | None]:
+    """What a trainer carries for its schedule: the "free" replay state and the "fast" guard
+    (checked on validation images when given, else on training images), each None when unused."""
+    free = FreeReplay(config.replays) if config.schedule == "free" else None
+    if not guarded(config):
+        return free, None
+    gx, gy = guard_batch(*((x_val, y_val) if x_val is not None and y_val is not None else (x, y)),
+                         config.guard_n, config.seed + 2)
+    return free, OverfitGuard(models, modules, optimizer, gx, gy, eps=config.eps, steps=config.guard_steps,
+                              drop=config.guard_drop, backoff=config.guard_backoff,
+                              step_factor=config.fgsm_step_factor)
+
+
 def combine(*fns: Callable[[], dict] | None) -> Callable[[], dict] | None:
     """One end-of-epoch function running each given one in order and merging their records."""
     present = [f for f in fns if f is not None]
