@@ -63,8 +63,9 @@ def as_labeled_images(data: Any, *, name: str = "user", split: str = "train",
 
 
 def split_labeled(data: LabeledImages, fraction: float, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
-    """``(train, val)``: a seeded ``fraction`` of ``data`` held out (at least one image each)."""
-    from .cifar import stable_permutation
+    """``(train, val)``: a seeded ``fraction`` of ``data`` held out (at least one image each), the
+    same partition that ``load_data(file, "train"/"val")`` takes of a file."""
+    from .user import partition
 
     if not 0 < fraction < 1:
         raise InputError(f"val_fraction must be in (0, 1), got {fraction}")
@@ -73,14 +74,7 @@ def split_labeled(data: LabeledImages, fraction: float, seed: int = 0) -> tuple[
     if n_val >= n:
         raise InputError(f"data: {n} image(s) cannot be split into training and validation images at "
                          f"val_fraction {fraction}; give more images or a separate val set")
-    perm = torch.from_numpy(stable_permutation(n, seed)).to(data.labels.device)
-    train, val = data._take(perm[n_val:]), data._take(perm[:n_val])
-    return (_with_split(train, "train"), _with_split(val, "val"))
-
-
-def _with_split(data: LabeledImages, split: str) -> LabeledImages:
-    return LabeledImages(images=data.images, labels=data.labels, name=data.name, split=split,
-                         source=data.source, sha256=data.sha256, indices=data.indices)
+    return tuple(partition(data, split, val_fraction=fraction, seed=seed) for split in ("train", "val"))
 
 
 def _pair(item: Any, where: str) -> tuple[Any, Any]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError, nearest
+from .classifiers import Normalize
 from .modes import frozen_for_use
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
@@ -79,14 +80,13 @@ class Normalized(nn.Module):
         if len(mean) != len(std):
             raise ConfigError(f"normalize: {len(mean)} means but {len(std)} standard deviations")
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.normalize = Normalize(mean, std)
         for attribute in ("in_shape", "num_classes"):
             if hasattr(model, attribute):
                 setattr(self, attribute, getattr(model, attribute))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        return self.model(self.normalize(x))
 
 
 def state_dict_sha256(model: nn.Module) -> str:
