@@ -49,7 +49,6 @@ def export_cmd(shield, classifier, normalize, fmt, out, dataset, data_file, n_ch
     from ..defenses.base import Shielded
     from ..defenses.export import check_deterministic, check_export, export_onnx, export_pt2, fixed_member
     from ..defenses.registry import load_pipeline, load_shield
-    from ..models.io import read_sidecar, resolve_weights
 
     device = resolve_device(device)
     test = _check_images(shield, dataset, data_file, n_check) if n_check else None
@@ -61,7 +60,7 @@ def export_cmd(shield, classifier, normalize, fmt, out, dataset, data_file, n_ch
     pipeline = load_pipeline(shield, model, device=device)
     if member is not None:
         fixed_member(pipeline, member)
-    shape = pipeline.in_shape or tuple(read_sidecar(resolve_weights(shield)).get("card", {}).get("input_shape") or ())
+    shape = pipeline.in_shape  # the classifier's, else the shield card's (load_pipeline sets it)
     if not shape and test is not None:
         shape = tuple(test.images.shape[1:])
     if not shape:
