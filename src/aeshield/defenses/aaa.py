@@ -35,6 +35,7 @@ from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
+from .query_access import QuerySettings, check_query, query_access
 from .schedules import ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,11 @@ LOSS_VARIANTS = ("xent", "mse", "xent+mse")
 
 
 @dataclass(frozen=True)
-class AAAConfig(ScheduleSettings):
+class AAAConfig(ScheduleSettings, QuerySettings):
     """Settings of one AAA training run (paper defaults for MNIST, CPU-sized epochs); the
     attack schedule's keyword-only settings (``schedule``, ``replays``, ``fgsm_step_factor``,
-    ``guard_*``) come from ``schedules.ScheduleSettings``."""
+    ``guard_*``) come from ``schedules.ScheduleSettings``, those for query-only classifiers
+    (``query_method``, ``query_*``, ``surrogate*``) from ``query_access.QuerySettings``."""
 
     loss: str = "xent+mse"
     # lambda weighs the per-image sum of squared errors (about 5-20 on MNIST) against the
@@ -74,6 +76,7 @@ class AAAConfig(ScheduleSettings):
     def __post_init__(self) -> None:
         check_training_config(self)
         check_schedule(self)
+        check_query(self)
         if self.loss not in LOSS_VARIANTS:
             raise ValueError(f"unknown AAA loss {self.loss!r}; use one of {LOSS_VARIANTS}")
         if self.craft_mode not in ("eval", "train"):
@@ -124,6 +127,7 @@ class AAAResult:
     history: list[dict] = field(default_factory=list)
     visits: list[int] = field(default_factory=list)  # training steps per classifier
     loop: LoopResult | None = None
+    queries: int = 0  # images sent to the QueryOnly classifiers, distillation included
 
 
 def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Tensor,
@@ -134,16 +138,22 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
 
     The classifiers stay in eval mode with ``requires_grad`` off for the whole run, so their
     weights, BatchNorm statistics and dropout never change; only G's parameters are optimized.
+    A ``models.query.QueryOnly`` classifier is reached through ``config.query_method``
+    (``defenses.query_access``); the queries it answered are in ``result.queries`` and in each
+    epoch's history.
     """
     if not classifiers:
         raise ValueError("AAA needs at least one classifier to train against")
+    resuming = bool(checkpoint and Path(checkpoint).exists())
+    access = query_access(classifiers, config, x, fit=not resuming)
+    classifiers = access.used
     threat = ThreatModel("Linf", config.eps)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
     visits = [0] * len(classifiers)
     result = AAAResult(config=config_dict(config), visits=visits)
 
     with frozen(*classifiers):
-        if config.warmup_steps and not (checkpoint and Path(checkpoint).exists()):
+        if config.warmup_steps and not resuming:
             _warmup(autoencoder, optimizer, x, config)
 
         total = total_updates(x.shape[0], config.batch_size, config.epochs) * updates_per_batch(config)
@@ -161,9 +171,11 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
             logits = classifier(reconstruction)
             loss, metrics = aaa_loss(config.loss, logits, yb, reconstruction, xb, config.lam)
             metrics["adv_acc"] = (logits.argmax(1) == yb).float().mean()
+            access.after_step(classifier, reconstruction)
             return loss, metrics
 
         def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+            access.settle()  # a surrogate's refresh, between this step's forward and the last's backward
             if free is None:
                 set_lr()
             k = int(torch.randint(len(classifiers), (1,), generator=gen))
@@ -190,7 +202,9 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                 return validate_aaa(autoencoder, classifiers, x_val, y_val, config)
             val_fn = validate
         extra = {"visits": _Visits(visits), **{k: v for k, v in (("free", free), ("guard", guard)) if v is not None}}
-        if guard is not None and not (checkpoint and Path(checkpoint).exists()):
+        if access.any_query_only:
+            extra["query_access"] = access
+        if guard is not None and not resuming:
             guard.baseline()
 
         loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
@@ -199,9 +213,11 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                           early_stop_patience=config.early_stop_patience,
                           val_metric="val_adv_loss")
         result.loop = fit({"autoencoder": autoencoder}, optimizer, step, x, y, loop,
-                          val_fn=combine(guard.check if guard is not None else None, val_fn),
+                          val_fn=combine(guard.check if guard is not None else None, val_fn,
+                                         access.report if access.any_query_only else None),
                           checkpoint=checkpoint, progress=progress, extra=extra)
     result.history = result.loop.history
+    result.queries = access.queries
     autoencoder.eval()
     return result
 
@@ -276,7 +292,8 @@ def train(config: AAAShieldConfig, classifiers: list[nn.Module], data, *, val=No
                        x_val=None if val is None else val.images,
                        y_val=None if val is None else val.labels, checkpoint=checkpoint,
                        progress=progress)
-    return Trained(autoencoder, result.history, {"visits": result.visits})
+    details = {"visits": result.visits, **({"queries": result.queries} if result.queries else {})}
+    return Trained(autoencoder, result.history, details)
 
 
 def _from_sidecar(side: dict) -> AAAShieldConfig:

@@ -86,6 +86,20 @@ class ShieldSpec:
     replays: int = added_later(4)
     fgsm_step_factor: float = added_later(1.25)
     guard_drop: float | None = added_later(0.2)
+    # Classifiers of ``against`` the shield's trainer reaches only through queries (issue 28):
+    # each behind ``models.query.QueryOnly(output=query_output, decimals=query_decimals,
+    # budget=query_budget)``, and reached per ``query_method`` (``defenses.query_access``).
+    query_only: tuple[str, ...] = added_later(())
+    query_output: str = added_later("probs")
+    query_decimals: int | None = added_later(None)
+    query_budget: int | None = added_later(None)
+    query_method: str | None = added_later(None)
+    query_samples: int = added_later(10)
+    query_sigma: float = added_later(0.01)
+    surrogate: str | None = added_later(None)
+    surrogate_epochs: int = added_later(2)
+    surrogate_lr: float = added_later(1e-3)
+    surrogate_refresh: int = added_later(1)
 
 
 @dataclass(frozen=True)
@@ -407,6 +421,9 @@ def _check(config: ExperimentConfig) -> None:
         for c in getattr(shield, "against", ()) or ():
             if c not in config.classifiers:
                 raise ValueError(f"shield trained against unknown classifier {c!r}")
+        outside = set(getattr(shield, "query_only", ()) or ()) - set(getattr(shield, "against", ()) or ())
+        if outside:
+            raise ValueError(f"query_only names {sorted(outside)}, which the shield is not trained against")
     _check_training_eps(config)
     for suite in config.suites:
         unknown = set(suite.shields) - set(config.shields)

@@ -10,6 +10,7 @@ from torch import nn
 from ...defenses import aaa
 from ...defenses.base import Shielded
 from ...models.io import load_weights, save_weights
+from ...models.query import QueryOnly
 from ...records import config_dict
 from ...train.classifier import accuracy
 from ..config import ShieldSpec
@@ -27,7 +28,9 @@ def config(spec: ShieldSpec, seed: int) -> aaa.AAAShieldConfig:
 
 
 def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
-    classifiers = [runner.classifier(c) for c in spec.against]
+    classifiers = [QueryOnly(runner.classifier(c), output=spec.query_output, decimals=spec.query_decimals,
+                             budget=spec.query_budget) if c in spec.query_only else runner.classifier(c)
+                   for c in spec.against]
     cfg = config(spec, runner.config.seed)
     train_set = runner.train_subset(spec.train_limit)
     val = runner.val.subset(spec.val_n, seed=1)
@@ -39,7 +42,9 @@ def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
     save_weights(autoencoder, path, architecture=spec.autoencoder, dataset=runner.config.dataset,
                  kind="shield", method="aaa", trained_against=runner.classifier_specs(spec.against),
                  config=config_dict(cfg.training), clean_accuracy=native_clean, history=trained.history,
-                 visits=trained.details["visits"], data_hash=runner.train.sha256)
+                 visits=trained.details["visits"], data_hash=runner.train.sha256,
+                 **({"query_only": list(spec.query_only), "queries": trained.details.get("queries", 0)}
+                    if spec.query_only else {}))
 
 
 def load(runner: "Runner", spec: ShieldSpec, path: Path) -> nn.Module:
