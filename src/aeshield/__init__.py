@@ -13,14 +13,14 @@ __version__ = "0.1.0"
 from .defenses.base import REJECT, AutoencoderPurifier, Detector, Purifier, Shielded
 from .threat import Norm, ThreatModel
 
-__all__ = ["REJECT", "AutoencoderPurifier", "Detector", "Norm", "Purifier", "Shielded",
+__all__ = ["REJECT", "AutoencoderPurifier", "Detector", "Norm", "Purifier", "QueryOnly", "Shielded",
            "ThreatModel", "TrainedShield", "__version__", "load_classifier", "load_classifier_spec", "load_data",
            "load_shield", "train_shield"]
 
 # Imported on first use: training pulls in the trainers and the attacks, which ``import aeshield``
 # should not pay for.
 _LAZY = {"train_shield": "aeshield.defenses.train_shield", "TrainedShield": "aeshield.defenses.train_shield",
-         "load_data": "aeshield.data.user"}
+         "load_data": "aeshield.data.user", "QueryOnly": "aeshield.models.query"}
 
 
 def __getattr__(name: str):

@@ -29,6 +29,7 @@ from ..data.tensors import as_labeled_images, split_labeled
 from ..errors import ConfigError, nearest
 from ..inputs import InputError, checked_logits, validate_labels
 from ..models.modes import frozen_for_use
+from ..models.query import QueryOnly
 from ..threat import Norm, ThreatModel
 from .aaa import frozen
 from .cards import Card, make_card
@@ -165,7 +166,10 @@ def train_shield(classifiers: nn.Module | Sequence[nn.Module], data: Any, threat
     input_shape = tuple(int(d) for d in data.images.shape[1:])
     device = torch.device(device)
     classifiers = [c.to(device) for c in classifiers]
-    num_classes = _num_classes(classifiers, val.images[:2].to(device))
+    if info.name != "aaa" and any(isinstance(c, QueryOnly) for c in classifiers):
+        raise ConfigError(f"{info.name} needs the classifier's gradients; of the shields only aaa trains "
+                          "against a QueryOnly classifier (config query_method 'surrogate', 'nes' or 'spsa')")
+    num_classes = _num_classes(classifiers, val.images[:2].to(device), data.labels)
     validate_labels(data.labels, len(data), num_classes)
     validate_labels(val.labels, len(val), num_classes)
     if not 0 <= false_positive_rate < 1:
@@ -228,9 +232,11 @@ def _classifiers(classifiers: Any, defense: str) -> list[nn.Module]:
     return listed
 
 
-def _num_classes(classifiers: list[nn.Module], probe: torch.Tensor) -> int:
+def _num_classes(classifiers: list[nn.Module], probe: torch.Tensor, labels: torch.Tensor) -> int:
     counts = []
     for k, classifier in enumerate(classifiers):
+        if isinstance(classifier, QueryOnly) and classifier.output == "label":
+            continue  # answers carry no class count: the data's labels give it (one query saved)
         with torch.no_grad():
             was_training = classifier.training
             classifier.eval()
@@ -243,7 +249,7 @@ def _num_classes(classifiers: list[nn.Module], probe: torch.Tensor) -> int:
         counts.append(int(logits.shape[1]))
     if len(set(counts)) > 1:
         raise ConfigError(f"the classifiers give different numbers of classes {counts}; an ensemble must share them")
-    return counts[0]
+    return counts[0] if counts else int(labels.max()) + 1
 
 
 def _config(info: Defense, config: Any, input_shape: tuple[int, ...], seed: int, threat: ThreatModel | None,

@@ -21,7 +21,9 @@ CAPS: dict[str, int] = {
     "warmup_steps": 1, "kl_warmup_steps": 1, "eps_ramp_steps": 1, "fit_limit": 200,
     # evaluation
     "n": 8, "n_rmse": 8, "n_jacobian": 2, "steps": 2, "restarts": 1, "eot": 2,
-    "eot_samples": 2, "pairs": 2, "c_count": 2, "num": 3, "queries": 10,
+    "eot_samples": 2, "pairs": 2, "c_count": 2, "num": 3, "queries": 10, "square_queries": 10,
+    # query-only training (issue 28)
+    "query_samples": 2, "surrogate_epochs": 1,
 }
 TRAIN_IMAGES = 64  # every classifier, baseline and shield trains (and a detector calibrates) on these
 DATA_LIMIT = 256  # images kept per split: enough for a 5-component GMM per class (fit_limit)

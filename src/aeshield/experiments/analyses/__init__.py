@@ -7,7 +7,8 @@
 - ``detectors``: held-out false-positive rates and PuVAE's RMSE gap;
 - ``latent``: DBP's encoder + Gaussian-mixture classifier;
 - ``corruption``: accuracy under common corruptions (AAA's Figure 1);
-- ``figures``: reconstructions (AAA's Table 3, PuVAE's Figure 6).
+- ``figures``: reconstructions (AAA's Table 3, PuVAE's Figure 6);
+- ``queries``: robust accuracy against the queries a query-only shield's training spent.
 
 Each is ``fn(figure, ctx) -> AnalysisResult`` (see ``base``); a config names it by its kind.
 """
@@ -24,6 +25,7 @@ from .detectors import detector_analysis
 from .figures import figure6, reconstructions_figure
 from .gradients import auddc_analysis, gradient_similarity, smoothness
 from .latent import gmm_analysis
+from .queries import query_curve
 from .tables import paper_table, sampling_analysis
 
 Analysis = Callable[[dict, AnalysisContext], AnalysisResult]
@@ -43,6 +45,7 @@ ANALYSES: dict[str, Analysis] = {
     "dbp-auddc": auddc_analysis,
     "gmm-latent": gmm_analysis,
     "corruptions": corruptions_figure,
+    "query-curve": query_curve,
 }
 
 
