@@ -170,3 +170,37 @@ def test_a_surrogate_learns_the_classifier_it_queries():
     stats = student.fit(x, epochs=20, batch_size=64)
     assert q.spent == 512
     assert stats["surrogate_agreement"] > max(0.9, before)
+
+
+def test_a_target_trains_a_query_only_shield_records_its_queries_and_draws_the_curve(tmp_path):
+    import json
+
+    from aeshield.experiments import Runner
+    from aeshield.experiments.config import from_dict
+
+    shield = {"method": "aaa", "autoencoder": "conv-ae-small", "against": ["C"], "attack_steps": 1,
+              "epochs": 1, "train_limit": 96, "warmup_steps": 2, "val_n": 16, "batch_size": 32,
+              "schedule": "fast", "guard_drop": None}
+    config = from_dict({
+        "name": "tiny-query", "title": "query-only check", "dataset": "mnist", "seed": 0, "n": 20,
+        "batch_size": 20, "classifiers": {"C": {"model": "mnist-c", "epochs": 1, "train_limit": 300}},
+        "shields": {"white": shield,
+                    "asked": {**shield, "query_only": ["C"], "query_method": "surrogate", "surrogate": "mnist-c",
+                              "surrogate_epochs": 1, "query_output": "label"}},
+        "suites": [{"name": "linf", "threat": {"norm": "Linf", "eps": 0.3},
+                    "attacks": [{"name": "pgd", "label": "PGD-2", "params": {"steps": 2, "step_size": 0.2}}]}],
+        "rows": [{"label": "none", "kind": "natural"}, {"label": "white", "kind": "shield", "shield": "white"},
+                 {"label": "asked", "kind": "shield", "shield": "asked"}],
+        "groups": [{"label": "g", "classifiers": ["C"]}],
+        "columns": [{"label": "PGD", "suites": ["linf"]}],
+        "figures": [{"kind": "query-curve", "group": "g", "column": "PGD", "references": ["none", "white"]}],
+    }, "quick")
+    runner = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False, progress=False)
+    out = runner.run()
+    sidecar = json.loads(runner.zoo.store.file_of("shield-asked").with_suffix(".json").read_text())
+    # 96 training images (as split by the runner) asked once, then 2 of 3 steps' reconstructions.
+    assert sidecar["query_only"] == ["C"] and sidecar["queries"] >= 96
+    assert "queries" not in json.loads(runner.zoo.store.file_of("shield-white").with_suffix(".json").read_text())
+    curve = (out / "query_curve.md").read_text()
+    assert f"{sidecar['queries']:,}" in curve and "white (reference)" in curve
+    assert (out / "query_curve.png").stat().st_size > 0
