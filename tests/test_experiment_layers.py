@@ -208,6 +208,8 @@ def test_every_key_a_shipped_target_hashes_is_the_one_it_had_before_fields_were_
 
     expected = json.loads((Path(__file__).parent / "fixtures" / "config_keys.json").read_text())
     got = keys()
-    assert set(got) == set(expected)
+    # A target added since has keys of its own; every key the fixture holds must still exist.
+    targets = {k.split("/")[0] for k in expected}
+    assert {k for k in got if k.split("/")[0] in targets} == set(expected)
     changed = sorted(k for k in expected if got[k] != expected[k])
     assert not changed, changed[:10]

@@ -108,11 +108,16 @@ class SuiteSpec:
     threat: ThreatModel
     attacks: tuple[AttackSpec, ...]
     shields: tuple[str, ...] = ()  # evaluate only the rows of these shields (empty: every row)
+    # Evaluate only behind these classifiers (empty: every group's); e.g. a costly black-box
+    # attack run only where the question is asked.
+    classifiers: tuple[str, ...] = field(default=(), metadata={"hash_if_default": False})
     # Test images for this suite's cells when it differs from the rows' (e.g. a suite with no
     # attack measuring clean accuracy on the whole test split); the first n of the same subset.
     n: int | None = None
 
-    def applies_to(self, row: RowSpec) -> bool:
+    def applies_to(self, row: RowSpec, classifier: str | None = None) -> bool:
+        if classifier is not None and self.classifiers and classifier not in self.classifiers:
+            return False
         return not self.shields or (row.kind == "shield" and row.shield in self.shields)
 
 
@@ -429,6 +434,9 @@ def _check(config: ExperimentConfig) -> None:
         unknown = set(suite.shields) - set(config.shields)
         if unknown:
             raise ValueError(f"suite {suite.name!r} names unknown shields {sorted(unknown)}")
+        unknown = set(suite.classifiers) - set(config.classifiers)
+        if unknown:
+            raise ValueError(f"suite {suite.name!r} names unknown classifiers {sorted(unknown)}")
     labels = {r.label for r in config.rows}
     for column in config.columns:
         if column.value not in ("clean", "robust", "difference"):

@@ -112,7 +112,7 @@ def plan(runner: Runner) -> list[Task]:
         for group in config.groups:
             for classifier in group.classifiers:
                 for suite in config.suites:
-                    if not suite.applies_to(row):
+                    if not suite.applies_to(row, classifier):
                         continue
                     if row.kind == "natural":
                         deps = (f"classifier:{classifier}",)

@@ -211,7 +211,7 @@ class Runner:
             for group in self.config.groups:
                 for classifier in group.classifiers:
                     for suite in self.config.suites:
-                        if suite.applies_to(row):
+                        if suite.applies_to(row, classifier):
                             entries.append(self.evaluate_cell(row, classifier, suite))
         for alias, source in self.row_aliases.items():
             entries += [{**e, "row": alias} for e in entries if e["row"] == source]
