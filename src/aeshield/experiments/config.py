@@ -385,6 +385,12 @@ def _suite(s: dict, where: str) -> SuiteSpec:
     attacks = tuple(_attack(a, f"{where}.attacks.{i}") for i, a in enumerate(s["attacks"]))
     fields_ = {"name": s["name"], "threat": ThreatModel(**s["threat"]), "attacks": attacks,
                "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n")}
+    if s.get("classifiers"):
+        fields_["classifiers"] = tuple(s["classifiers"])
+    unknown = set(s) - {f.name for f in fields(SuiteSpec)}
+    if unknown:
+        raise ValueError(f"{where}: unknown suite key(s) {sorted(unknown)}; a suite takes "
+                         f"{', '.join(f.name for f in fields(SuiteSpec))}")
     return SuiteSpec(**_typed(SuiteSpec, fields_, where))
 
 
