@@ -204,3 +204,17 @@ def test_a_target_trains_a_query_only_shield_records_its_queries_and_draws_the_c
     curve = (out / "query_curve.md").read_text()
     assert f"{sidecar['queries']:,}" in curve and "white (reference)" in curve
     assert (out / "query_curve.png").stat().st_size > 0
+
+
+def test_the_command_line_refuses_query_settings_it_cannot_honour(tmp_path):
+    from click.testing import CliRunner
+
+    from aeshield.cli import main
+
+    base = ["train", "shield", "--classifier", "mnist-c", "--dataset", "mnist",
+            "--out", str(tmp_path / "s.safetensors")]
+    result = CliRunner().invoke(main, [*base, "--query-only", "label"])
+    assert result.exit_code == 2 and "--surrogate ARCHITECTURE" in result.output
+    result = CliRunner().invoke(main, [*base, "--defense", "magnet", "--query-only", "probs"])
+    assert result.exit_code == 2 and "settings of aaa" in result.output
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -250,16 +250,33 @@ def _shield_names() -> list[str]:
               show_default=True, help="Clean images each detector rejects (magnet, puvae); stored in the card.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the initial weights, data order, validation split and calibration.")
+@click.option("--schedule", type=click.Choice(["pgd", "fast", "free"]), default=None,
+              help="aaa: how each step finds its adversarial examples (default pgd; fast = FGSM from a "
+                   "random start, about 5x cheaper).")
+@click.option("--query-only", type=click.Choice(["probs", "label"]), default=None,
+              help="aaa: the classifier(s) answer only queries, with probabilities or only the label; "
+                   "nothing is differentiated through them (see --query-method).")
+@click.option("--query-method", type=click.Choice(["surrogate", "nes", "spsa"]), default="surrogate",
+              show_default=True, help="With --query-only: distil a local --surrogate from the answers and "
+                                      "train through it, or estimate gradients from queries (probs only).")
+@click.option("--surrogate", default=None,
+              help="With --query-method surrogate: the local model's architecture (`aeshield models "
+                   "--kind classifier`; it needs the classifier's number of classes).")
+@click.option("--query-budget", type=click.IntRange(min=1), default=None,
+              help="With --query-only: stop with an error once this many images were sent.")
 @force_option()
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
 @device_option()
 @progress_option()
 def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fraction, eps, epochs, train_limit,
-                     batch_size, architecture, false_positive_rate, seed, force, out, device, progress) -> None:
+                     batch_size, architecture, false_positive_rate, seed, schedule, query_only, query_method,
+                     surrogate, query_budget, force, out, device, progress) -> None:
     """Train any shield for your classifier(s) on your images (resumes from <out>.ckpt).
 
     A thin layer over ``aeshield.train_shield``: detectors are calibrated on the held-out
     clean images at --false-positive-rate and their thresholds stored in the shield's card.
+    With --query-only (aaa), the classifiers are reached only through their answers, and the
+    queries spent are printed and stored in the sidecar.
     """
     from ..data import DATASETS
     from ..defenses.train_shield import default_config, train_shield
@@ -284,7 +301,23 @@ def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fra
         data = data.subset(train_limit, seed=seed)
     config = default_config(defense, tuple(data.images.shape[1:]), seed=seed, epochs=epochs,
                             batch_size=batch_size, architecture=architecture)
-    shield = train_shield([model for model, _ in loaded], data, ThreatModel("Linf", eps) if eps is not None else None,
+    models = [model for model, _ in loaded]
+    if defense != "aaa" and (schedule or query_only):
+        raise ConfigError(f"--schedule and --query-only are settings of aaa's training, not of {defense}")
+    if schedule or query_only:
+        import dataclasses
+
+        from ..models.query import QueryOnly
+
+        settings: dict = {"schedule": schedule} if schedule else {}
+        if query_only:
+            if query_method == "surrogate" and not surrogate:
+                raise ConfigError("--query-method surrogate needs --surrogate ARCHITECTURE, the local model "
+                                  "to distil (`aeshield models --kind classifier`)")
+            models = [QueryOnly(m, output=query_only, budget=query_budget) for m in models]
+            settings.update(query_method=query_method, surrogate=surrogate)
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, **settings))
+    shield = train_shield(models, data, ThreatModel("Linf", eps) if eps is not None else None,
                           defense, config, val=val, false_positive_rate=false_positive_rate, out=out,
                           progress=progress, device=device, seed=seed, trained_against=list(classifier),
                           forced=forced)
@@ -293,4 +326,6 @@ def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fra
             f"{card.num_classes} classes")
     if card.deployment and card.deployment.get("calibration") == "stored":
         line += f", detectors calibrated at false-positive rate {card.deployment['false_positive_rate']:g}"
+    if query_only:
+        line += f"; {shield.metadata.get('queries', 0):,} queries sent to the classifier(s)"
     click.echo(line)
