@@ -277,6 +277,9 @@ class Runner:
                                                    if k != "total"}
         except (OSError, ValueError, AttributeError):
             kept = {}
+        # A renamed or removed row's evaluations are no longer behind the results.
+        rows = {r.label for r in self.config.rows}
+        kept = {k: v for k, v in kept.items() if not k.startswith("eval ") or k[5:].split(" / ")[0] in rows}
         return {**kept, **{k: v for k, v in self.timings.items() if k != "total"}}
 
     def run(self, jobs: int = 1) -> Path:
