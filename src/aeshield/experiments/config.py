@@ -459,6 +459,10 @@ def _check_selections(config: ExperimentConfig) -> None:
         if not 0 <= sel.max_clean_drop < 1:
             raise ValueError(f"selection {name!r}: max_clean_drop is a fraction of accuracy "
                              f"(0.06 = six points), got {sel.max_clean_drop}")
+    for ship_name, what in (config.raw.get("ship") or {}).items():
+        if isinstance(what, dict) and "select" in what and what["select"] not in config.selections:
+            raise ConfigError(f"ship entry {ship_name!r} selects with unknown selection {what['select']!r}; "
+                              f"known: {sorted(config.selections)}")
     for row in config.rows:
         if row.select is not None and row.select not in config.selections:
             raise ValueError(f"row {row.label!r} selects with unknown selection {row.select!r}; "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from .config import ExperimentConfig, RowSpec, SuiteSpec, load_config, spec_dict
 from .methods import get_method
 from .parallel import run_parallel
 from .record_cache import RecordCache, slug
-from .selection import resolve as resolve_selections
+from .selection import card_entry as selection_card_entry, resolve as resolve_selections, select
 from .zoo import ModelZoo, load_splits
 
 logger = logging.getLogger(__name__)
@@ -138,7 +137,9 @@ class Runner:
 
     def ship(self) -> list[Path]:
         """Export the artifacts named in the config's ``ship`` section into the package's
-        weight folder, as float16, with clean accuracy re-measured on the stored weights."""
+        weight folder, as float16, with clean accuracy re-measured on the stored weights. A
+        shield entry names its shield (``shield: KEY``) or a selection (``select: NAME``: the
+        shield it chooses on validation images, named with its rule in the card)."""
         written = []
         as_shipped: dict[str, nn.Module] = {}  # config key -> classifier re-loaded from its file
         for ship_name, what in (self.config.raw.get("ship") or {}).items():
@@ -171,7 +172,13 @@ class Runner:
                 extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
                          "test_n": len(self.test)}
             else:
-                key = what["shield"]
+                selection = None
+                if "select" in what:  # the shield a validation selection chose
+                    name = what["select"]
+                    key = select(name, self.zoo, self.records, self.out, self.progress)
+                    selection = selection_card_entry(name, self.config.selections[name], key)
+                else:
+                    key = what["shield"]
                 spec = self.config.shields[key]
                 method = get_method(spec.method)
                 _, spec_hash = self.shield_artifact(key)
@@ -182,7 +189,7 @@ class Runner:
                                                dataset=self.config.dataset, half=True, kind="shield",
                                                method=spec.method,
                                                loss=getattr(spec, "loss", None), spec_hash=spec_hash,
-                                               source_target=self.config.name, shield_spec=asdict(spec))
+                                               source_target=self.config.name, shield_spec=spec_dict(spec))
                 reloaded = method.load(self.zoo, spec, path)
                 names = what.get("classifier_names", {})
                 against = method.depends_on(spec)
@@ -204,6 +211,8 @@ class Runner:
                          "test_n": len(self.test)}
                 extra["card"] = method.card(spec, self.config.seed, self.config.dataset,
                                             extra["trained_against"])
+                if selection is not None:
+                    extra["card"]["selection"] = selection
             side = path.with_suffix(".json")
             write_json_atomic(side, {**json.loads(side.read_text()), **extra})
             written.append(path)
