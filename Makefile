@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job on its defaults) and `make test` (the suite).
-# Both create .venv and install aeshield into it first: demo the core install (what it runs),
-# test and lint the `test` extra (the suite's own packages and the extras it exercises).
+# Both create .venv and install aeshield into it first: demo the `attacks` extra (what it runs:
+# its audit column is the audit's battery, whose AutoAttack parts come from pyautoattack), test
+# and lint the `test` extra (the suite's own packages and the extras it exercises).
 # `make docs` builds the user pages and the API reference (the `docs` extra) into site/.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,6 +9,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # One stamp per install; each is redone when pyproject.toml changes.
 CORE := $(VENV)/.aeshield-core
+DEMO := $(VENV)/.aeshield-demo
 TEST := $(VENV)/.aeshield-test
 DOCS := $(VENV)/.aeshield-docs
 
@@ -20,6 +22,10 @@ $(CORE): pyproject.toml | $(BIN)/python
 	$(PIP) -e .
 	touch $(CORE)
 
+$(DEMO): pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[attacks]'
+	touch $(DEMO)
+
 $(TEST): pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[test]'
 	touch $(TEST)
@@ -30,7 +36,7 @@ $(DOCS): pyproject.toml | $(BIN)/python
 
 install: $(CORE)
 
-demo: $(CORE)
+demo: $(DEMO)
 	$(BIN)/aeshield data fetch mnist
 	$(BIN)/aeshield reproduce demo --profile quick --no-progress --out runs/results
 

@@ -286,3 +286,104 @@ def test_config_rejects_a_difference_column_without_a_known_row_to_compare_with(
         data["columns"].append(column)
         with pytest.raises(ValueError, match=message):
             from_dict(data, "quick")
+
+
+# ---- audit suites: the audit's battery for each pipeline, as a table column ----------------
+
+# A tiny budget whose first attack is exactly the PGD suite's below (loss, steps, step, restarts).
+TINY_BUDGET = dict(pgd_steps=3, pgd_restarts=1, apgd_iters=2, square_queries=10, cw_steps=2,
+                   adaptive_steps=2, eot_samples=2)
+
+
+def _audit_config(budget=None):
+    from dataclasses import replace
+
+    from aeshield.eval.audit import step_size, with_budget
+
+    data = json.loads(json.dumps(TINY))
+    data.pop("adversarial_training")
+    data["rows"] = [r for r in data["rows"] if r["kind"] != "adversarial-training"]
+    pgd = {"loss": "ce", "steps": 3, "step_size": step_size(0.3, 3, 2.5), "restarts": 1}
+    data["suites"] = [{"name": "linf", "threat": {"norm": "Linf", "eps": 0.3},
+                       "attacks": [{"name": "pgd", "label": "PGD-3", "params": pgd}]},
+                      {"name": "audit", "threat": {"norm": "Linf", "eps": 0.3}, "audit": "quick"}]
+    data["columns"].append({"label": "audit worst case", "suites": ["audit"]})
+    config = from_dict(data, "quick")
+    budget = budget or with_budget("quick", **TINY_BUDGET)
+    return replace(config, suites=(config.suites[0], replace(config.suites[1], audit=budget))), budget
+
+
+def test_config_checks_audit_suites():
+    from aeshield.errors import ConfigError
+
+    data = json.loads(json.dumps(TINY))
+    data["suites"].append({"name": "audit", "threat": {"norm": "Linf", "eps": 0.3}, "audit": "quick"})
+    suite = from_dict(data, "quick").suites[-1]
+    assert suite.audit == "quick" and suite.attacks == ()
+    data["suites"][-1]["attacks"] = [{"name": "pgd"}]
+    with pytest.raises(ConfigError, match="lists no `attacks`"):
+        from_dict(data, "quick")
+    data["suites"][-1] = {"name": "audit", "threat": {"norm": "Linf", "eps": 0.3}, "audit": "quik"}
+    with pytest.raises(ConfigError, match="unknown audit budget 'quik'; budgets: quick, standard, paper"):
+        from_dict(data, "quick")
+    data["suites"][-1] = {"name": "audit", "threat": {"norm": "Linf", "eps": 0.3}}
+    with pytest.raises(ConfigError, match="needs `attacks`"):
+        from_dict(data, "quick")
+
+
+def test_an_audit_suite_runs_the_audits_battery_and_is_never_better_than_its_pgd(tmp_path):
+    from aeshield.eval.audit import build_battery
+
+    config, budget = _audit_config()
+    runner = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
+                    progress=False)
+    out = runner.run()
+    records = {p.name: EvalRecord.load(p) for p in (out / "records").glob("*.json")}
+    for row in config.rows:
+        model, _ = runner.pipeline(row, "C")
+        battery = build_battery(model, config.suites[1].threat, budget, random=False)
+        audit, pgd = records[f"{row.label}__C__audit.json"], records[f"{row.label}__C__linf.json"]
+        assert [a.name for a in audit.attacks] == [a.title for a in battery]
+        assert audit.extra["audit"] == {"budget": "quick", "random": False}
+        # The battery's first attack is the PGD suite's, seeded alike: the cascade can only
+        # fool more, example by example.
+        assert audit.attacks[0].accuracy_after.correct == pgd.robust.correct
+        assert not (audit.flags() & ~pgd.flags()).any()
+        assert audit.robust.correct <= pgd.robust.correct
+    shielded = [a.name for a in records["shield__C__audit.json"].attacks]
+    assert {"bpda-pgd-ce", "transfer-classifier"} <= set(shielded)
+    table = (out / "table.md").read_text()
+    assert "the audit's quick battery" in table and "on n = 40 test images" in table
+    assert "shield: " + ", ".join(shielded) in table
+    suites = json.loads((out / "table.json").read_text())["suites"]
+    assert suites[1]["audit"]["pgd_steps"] == 3 and suites[1]["n"] == 40
+    # A change of budget changes the battery, so the key: the cell is measured again.
+    again = Runner(_audit_config(budget.__class__(**{**budget.to_dict(), "pgd_steps": 4}))[0],
+                   tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False, progress=False)
+    again.run()
+    assert sorted(k for k in again.timings if k.startswith("eval")) == [
+        "eval natural / C / audit", "eval shield / C / audit"]
+
+
+def test_the_audit_field_leaves_the_keys_of_the_committed_demo_pgd_records_unchanged(tmp_path):
+    from pathlib import Path
+
+    from aeshield.experiments.config import SuiteSpec, spec_dict
+    from aeshield.experiments.runner import record_spec
+    from aeshield.experiments.zoo import ModelZoo
+    from aeshield.records import config_hash
+    from aeshield.store import ArtifactStore
+    from aeshield.threat import ThreatModel
+
+    assert "audit" not in spec_dict(SuiteSpec("s", ThreatModel("Linf", 0.3), ()))
+    config = load_config("demo", "quick")
+    zoo = ModelZoo(config, None, ArtifactStore(tmp_path, "d" * 64))
+    suite = next(s for s in config.suites if s.name == "linf")
+    records = sorted((Path(__file__).parents[1] / "docs/results/demo/quick/records").glob("*__linf.json"))
+    assert len(records) == 6
+    for path in records:
+        record = EvalRecord.load(path)
+        row = next(r for r in config.rows if r.label == record.extra["row"])
+        classifier = path.name.split("__")[1]
+        spec = record_spec(config, zoo, row, classifier, suite, list(suite.attacks))
+        assert config_hash(spec) == record.extra["spec_hash"], path.name

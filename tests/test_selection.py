@@ -108,3 +108,32 @@ def test_a_selected_row_that_a_listed_row_already_shows_reuses_its_records(tmp_p
     assert [s for s, c in zip(strip, cells) if c["row"] == "chosen"] == \
         [s for s, c in zip(strip, cells) if c["row"] == source]
     assert f'row "chosen" is row "{source}"' in (out / "table.md").read_text()
+
+
+def test_a_ship_entry_that_selects_ships_the_chosen_shield_with_the_selection_in_its_card(
+        tmp_path, monkeypatch):
+    from aeshield.defenses.cards import read_card
+    from aeshield.errors import ConfigError
+    from aeshield.models.io import read_sidecar
+
+    bad = _with_selection()
+    bad["ship"] = {"x": {"select": "nope"}}
+    with pytest.raises(ConfigError, match="unknown selection 'nope'"):
+        from_dict(bad, "quick")
+    data = _with_selection()
+    data["ship"] = {"tiny-s": {"shield": "s"}, "tiny-chosen": {"select": "pick"}}
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr("aeshield.experiments.runner.shipped_dir", lambda: shipped)
+    monkeypatch.setattr("aeshield.models.io.shipped_dir", lambda: shipped)
+    runner = Runner(from_dict(data, "quick"), tmp_path / "out", artifacts=tmp_path / "artifacts",
+                    use_shipped=False, progress=False)
+    runner.run()
+    runner.ship()
+    chosen = next(r.shield for r in runner.config.rows if r.select == "pick")
+    card = read_card(read_sidecar(shipped / "tiny-chosen.safetensors"))
+    assert card.selection["name"] == "pick" and card.selection["chosen"] == chosen
+    assert card.selection["report"] == "selection_pick.md" and "30 validation images" in card.selection["rule"]
+    assert read_card(read_sidecar(shipped / "tiny-s.safetensors")).selection is None
+    if chosen == "s":  # the same shield under two names: the same bytes
+        assert (shipped / "tiny-s.safetensors").read_bytes() == (shipped / "tiny-chosen.safetensors").read_bytes()

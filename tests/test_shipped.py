@@ -95,7 +95,37 @@ def test_every_shipped_artifact_is_found_under_the_key_its_target_looks_up(targe
             path, key = runner.classifier_artifact(what["classifier"])
         elif "adversarially_trained" in what:
             path, key = runner.adversarially_trained_artifact(what["adversarially_trained"])
+        elif "select" in what:  # the shield its selection chose, as the shipped card names it
+            chosen = json.loads((shipped_dir() / f"{ship_name}.json").read_text())["card"]["selection"]["chosen"]
+            path, key = runner.shield_artifact(chosen)
         else:
             path, key = runner.shield_artifact(what["shield"])
         found = runner.store.find(path, key)
         assert found is not None and found.parent == shipped_dir(), f"{target}: {ship_name} not found"
+
+
+def test_aaa_fmnist_is_the_headline_shield_the_lambda_selection_chose():
+    """The name a user loads is the shield of aaa-fmnist's headline row (chosen on validation
+    images), with the selection in its card; the earlier lambda-0.05 shield keeps a name of its own."""
+    import hashlib
+    from pathlib import Path
+
+    from aeshield.defenses.cards import read_card
+    from aeshield.models.io import read_sidecar
+
+    side, lam04 = (json.loads((shipped_dir() / f"{n}.json").read_text()) for n in ("aaa-fmnist", "aaa-fmnist-lam0.4"))
+    weights = (shipped_dir() / "aaa-fmnist-lam0.4.safetensors").read_bytes()
+    assert (shipped_dir() / "aaa-fmnist.safetensors").read_bytes() == weights
+    assert side["weights_sha256"] == hashlib.sha256(weights).hexdigest() and side["spec_hash"] == lam04["spec_hash"]
+    selection = read_card(read_sidecar(shipped_dir() / "aaa-fmnist.safetensors")).selection
+    assert selection["name"] == "lambda" and selection["chosen"] == "xent+mse-lam0.4"
+    assert selection["report"] == "selection_lambda.md" and "2000 validation images" in selection["rule"]
+    # The published selection report chose the same shield.
+    report = (Path(__file__).parents[1] / "docs/results/aaa-fmnist/quick/selection_lambda.md").read_text()
+    assert [line.split("|")[1].strip() for line in report.splitlines() if line.endswith("| yes |")] == [
+        selection["chosen"]]
+    shield, headline = aeshield.load_shield("aaa-fmnist"), aeshield.load_shield("aaa-fmnist-lam0.4")
+    assert all(torch.equal(a, b) for a, b in zip(shield.state_dict().values(), headline.state_dict().values()))
+    assert side["shield_spec"]["lam"] == 0.4
+    old = json.loads((shipped_dir() / "aaa-fmnist-lam0.05.json").read_text())
+    assert old["shield_spec"]["lam"] == 0.05 and "selection" not in old["card"]

@@ -85,3 +85,16 @@ def test_a_smoke_run_cannot_ship(tmp_path):
     assert result.exit_code != 0 and "cannot --ship" in result.output
     with pytest.raises(ValueError, match="cannot ship"):
         reproduce("demo", "quick", tmp_path, smoke=True, ship=True)
+
+
+def test_a_smoke_run_shrinks_an_audit_suites_budget_and_keeps_its_battery():
+    from aeshield.eval.audit import get_budget
+    from aeshield.experiments.smoke import AUDIT_CAPS
+
+    full, smoke = load_config("demo", "quick"), load_config("demo", "quick", smoke=True)
+    (big,), (small,) = ([s for s in c.suites if s.audit is not None] for c in (full, smoke))
+    assert big.audit == "quick" and small.audit.name == "quick-smoke" and small.n <= CAPS["n"]
+    for key, cap in AUDIT_CAPS.items():
+        assert getattr(small.audit, key) == min(getattr(get_budget("quick"), key), cap), key
+    # The same attacks join the battery; only their sizes shrink.
+    assert small.audit.bpda_losses == get_budget("quick").bpda_losses

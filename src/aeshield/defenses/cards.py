@@ -1,11 +1,12 @@
 """Cards: what a saved defense is, written into its weights' JSON sidecar under ``"card"``.
 
 A card names the defense and its config, the dataset and input shape, the classifiers it was
-trained against, the threat model of its training, and the figures it was evaluated at (each
-with its threat model), so that ``load_shield`` rebuilds it with no other file and a reader
-knows what it claims. Sidecars written before cards (``"method"``, ``"shield_spec"``,
-``"config"``) are migrated on read, and ``migrate_sidecar`` writes the card into one while
-keeping every key it had (``spec_hash`` above all: the runner finds shipped files by it).
+trained against, the threat model of its training, the figures it was evaluated at (each with
+its threat model) and, for a shield a validation selection chose, that selection, so that
+``load_shield`` rebuilds it with no other file and a reader knows what it claims. Sidecars
+written before cards (``"method"``, ``"shield_spec"``, ``"config"``) are migrated on read, and
+``migrate_sidecar`` writes the card into one while keeping every key it had (``spec_hash``
+above all: the runner finds shipped files by it).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Card:
     # dataset names both.
     num_classes: int | None = None
     value_range: tuple[float, float] | None = None
+    # For a shield shipped as the one a validation selection chose (``reproduce --ship`` with a
+    # ``select`` entry): {"name", "rule" (in words), "chosen" (the config's shield key),
+    # "report" (the selection's report file)}; None otherwise.
+    selection: dict | None = None
 
     def to_dict(self) -> dict:
         return {"version": self.version, "defense": self.defense, "config": json_safe(self.config),
@@ -50,7 +55,8 @@ class Card:
                 "training_threat": self.training_threat, "evaluated": [dict(e) for e in self.evaluated],
                 **({"deployment": dict(self.deployment)} if self.deployment is not None else {}),
                 **({"num_classes": self.num_classes} if self.num_classes is not None else {}),
-                **({"value_range": list(self.value_range)} if self.value_range is not None else {})}
+                **({"value_range": list(self.value_range)} if self.value_range is not None else {}),
+                **({"selection": dict(self.selection)} if self.selection is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Card":
@@ -64,7 +70,8 @@ class Card:
                    evaluated=tuple(data.get("evaluated") or ()), version=data["version"],
                    deployment=data.get("deployment"),
                    num_classes=int(data["num_classes"]) if data.get("num_classes") is not None else None,
-                   value_range=tuple(data["value_range"]) if data.get("value_range") is not None else None)
+                   value_range=tuple(data["value_range"]) if data.get("value_range") is not None else None,
+                   selection=dict(data["selection"]) if data.get("selection") is not None else None)
 
 
 def default_deployment(defense: Defense, config: dict) -> dict | None:

@@ -23,11 +23,13 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from ..errors import ConfigError
+from ..eval.audit.budget import BUDGETS, AuditBudget, get_budget
 from ..eval.harness import AttackSpec
 from ..records import added_later, config_dict
 from ..threat import Norm, ThreatModel
 from .methods import get_method
-from .smoke import SUFFIX, smoke_config, smoke_spec
+from .smoke import SUFFIX, smoke_budget, smoke_config, smoke_spec
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class SuiteSpec:
     # Test images for this suite's cells when it differs from the rows' (e.g. a suite with no
     # attack measuring clean accuracy on the whole test split); the first n of the same subset.
     n: int | None = None
+    # An audit budget (quick | standard | paper): the suite's cascade is then, for each pipeline,
+    # the battery `aeshield audit` builds for it (``eval.audit.battery``), and it lists no
+    # attacks of its own. A smoke run holds the budget itself, at smoke size (``smoke_budget``).
+    audit: str | AuditBudget | None = field(default=None, metadata={"hash_if_default": False})
 
     def applies_to(self, row: RowSpec, classifier: str | None = None) -> bool:
         if classifier is not None and self.classifiers and classifier not in self.classifiers:
@@ -343,7 +349,8 @@ def smoke_experiment(data: dict[str, Any], profile: str) -> ExperimentConfig:
     their dataclass defaults (``smoke_spec``)."""
     config = from_dict(smoke_config(data), profile + SUFFIX)
     return replace(
-        config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks))
+        config, suites=tuple(replace(s, attacks=tuple(smoke_spec(a) for a in s.attacks),
+                                     audit=s.audit and smoke_budget(get_budget(s.audit)))
                              for s in config.suites),
         classifiers={k: smoke_spec(v) for k, v in config.classifiers.items()},
         shields={k: smoke_spec(v) for k, v in config.shields.items()},
@@ -382,15 +389,26 @@ def from_dict(data: dict[str, Any], profile: str) -> ExperimentConfig:
 
 
 def _suite(s: dict, where: str) -> SuiteSpec:
-    attacks = tuple(_attack(a, f"{where}.attacks.{i}") for i, a in enumerate(s["attacks"]))
-    fields_ = {"name": s["name"], "threat": ThreatModel(**s["threat"]), "attacks": attacks,
-               "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n")}
-    if s.get("classifiers"):
-        fields_["classifiers"] = tuple(s["classifiers"])
+    audit = s.get("audit")
+    if audit is not None:
+        if s.get("attacks"):
+            raise ConfigError(f"{where}: a suite with `audit: {audit}` runs the audit's battery for each "
+                              "pipeline; it lists no `attacks` of its own (put them in another suite)")
+        if not isinstance(audit, str) or audit not in BUDGETS:
+            raise ConfigError(f"{where}.audit: unknown audit budget {audit!r}; budgets: "
+                              f"{', '.join(BUDGETS)}")
+    elif "attacks" not in s:
+        raise ConfigError(f"{where}: a suite needs `attacks` (a list, empty for clean accuracy) "
+                          "or `audit: <budget>`")
     unknown = set(s) - {f.name for f in fields(SuiteSpec)}
     if unknown:
-        raise ValueError(f"{where}: unknown suite key(s) {sorted(unknown)}; a suite takes "
-                         f"{', '.join(f.name for f in fields(SuiteSpec))}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: "
+                          f"{sorted(f.name for f in fields(SuiteSpec))}")
+    attacks = tuple(_attack(a, f"{where}.attacks.{i}") for i, a in enumerate(s.get("attacks") or ()))
+    fields_ = {"name": s["name"], "threat": ThreatModel(**s["threat"]), "attacks": attacks,
+               "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n"), "audit": audit}
+    if s.get("classifiers"):
+        fields_["classifiers"] = tuple(s["classifiers"])
     return SuiteSpec(**_typed(SuiteSpec, fields_, where))
 
 
@@ -468,6 +486,10 @@ def _check_selections(config: ExperimentConfig) -> None:
         if not 0 <= sel.max_clean_drop < 1:
             raise ValueError(f"selection {name!r}: max_clean_drop is a fraction of accuracy "
                              f"(0.06 = six points), got {sel.max_clean_drop}")
+    for ship_name, what in (config.raw.get("ship") or {}).items():
+        if isinstance(what, dict) and "select" in what and what["select"] not in config.selections:
+            raise ConfigError(f"ship entry {ship_name!r} selects with unknown selection {what['select']!r}; "
+                              f"known: {sorted(config.selections)}")
     for row in config.rows:
         if row.select is not None and row.select not in config.selections:
             raise ValueError(f"row {row.label!r} selects with unknown selection {row.select!r}; "

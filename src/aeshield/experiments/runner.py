@@ -10,27 +10,31 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..data import cache_dir
-from ..attacks.registry import get_attack
+from ..attacks.registry import attacks as registered_attacks, get_attack
 from ..defenses.base import Shielded
-from ..eval.harness import evaluate
+from ..eval.audit.battery import build_battery
+from ..eval.audit.budget import get_budget
+from ..eval.harness import AttackSpec, evaluate
+from ..eval.sanity import detect_randomness
 from ..io import write_json_atomic
 from ..records import EvalRecord, config_dict, config_hash, manifest
 from ..models.io import shipped_dir
+from ..models.modes import eval_mode
 from ..store import ArtifactStore
 from ..train.classifier import accuracy
 from .analyses import AnalysisContext, check_available, run_analyses
 from .analyses.tables import render_tables
-from .config import ExperimentConfig, RowSpec, load_config, spec_dict
+from .config import ExperimentConfig, RowSpec, SuiteSpec, load_config, spec_dict
 from .methods import get_method
 from .parallel import run_parallel
 from .record_cache import RecordCache, slug
-from .selection import resolve as resolve_selections
+from .selection import card_entry as selection_card_entry, resolve as resolve_selections, select
 from .zoo import ModelZoo, load_splits
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,24 @@ def check_extras(config: ExperimentConfig) -> None:
     specs += [selection.attack for selection in config.selections.values()]
     for spec in specs:
         get_attack(spec.name).check_available()
+    # An audit suite may run every attack that joins the audit's battery at its norm.
+    for suite in config.suites:
+        if suite.audit is not None:
+            for attack in registered_attacks():
+                if attack.audit is not None and suite.threat.norm in attack.norms:
+                    attack.check_available()
     check_available(config.figures)
+
+
+def record_spec(config: ExperimentConfig, zoo: ModelZoo, row: RowSpec, classifier: str, suite: SuiteSpec,
+                attacks: list[AttackSpec], audit: dict | None = None) -> dict:
+    """What one cell's record depends on (its key is the hash of this): the row, the classifier,
+    the suite's cascade as run, threat, n, seed and the specs of the models; for an audit suite
+    also the budget (``audit``), so that a change of battery or budget re-measures."""
+    return {"row": spec_dict(row), "classifier": classifier, "suite": suite.name,
+            "attacks": [a.to_dict() for a in attacks], "threat": suite.threat.to_dict(),
+            "n": suite.n or row.n or config.n, "seed": config.seed,
+            "model": zoo.model_key(row, classifier), **(audit or {})}
 
 
 class Runner:
@@ -116,7 +137,9 @@ class Runner:
 
     def ship(self) -> list[Path]:
         """Export the artifacts named in the config's ``ship`` section into the package's
-        weight folder, as float16, with clean accuracy re-measured on the stored weights."""
+        weight folder, as float16, with clean accuracy re-measured on the stored weights. A
+        shield entry names its shield (``shield: KEY``) or a selection (``select: NAME``: the
+        shield it chooses on validation images, named with its rule in the card)."""
         written = []
         as_shipped: dict[str, nn.Module] = {}  # config key -> classifier re-loaded from its file
         for ship_name, what in (self.config.raw.get("ship") or {}).items():
@@ -149,7 +172,13 @@ class Runner:
                 extra = {"clean_accuracy": accuracy(reloaded, self.test.images, self.test.labels),
                          "test_n": len(self.test)}
             else:
-                key = what["shield"]
+                selection = None
+                if "select" in what:  # the shield a validation selection chose
+                    name = what["select"]
+                    key = select(name, self.zoo, self.records, self.out, self.progress)
+                    selection = selection_card_entry(name, self.config.selections[name], key)
+                else:
+                    key = what["shield"]
                 spec = self.config.shields[key]
                 method = get_method(spec.method)
                 _, spec_hash = self.shield_artifact(key)
@@ -160,7 +189,7 @@ class Runner:
                                                dataset=self.config.dataset, half=True, kind="shield",
                                                method=spec.method,
                                                loss=getattr(spec, "loss", None), spec_hash=spec_hash,
-                                               source_target=self.config.name, shield_spec=asdict(spec))
+                                               source_target=self.config.name, shield_spec=spec_dict(spec))
                 reloaded = method.load(self.zoo, spec, path)
                 names = what.get("classifier_names", {})
                 against = method.depends_on(spec)
@@ -182,6 +211,8 @@ class Runner:
                          "test_n": len(self.test)}
                 extra["card"] = method.card(spec, self.config.seed, self.config.dataset,
                                             extra["trained_against"])
+                if selection is not None:
+                    extra["card"]["selection"] = selection
             side = path.with_suffix(".json")
             write_json_atomic(side, {**json.loads(side.read_text()), **extra})
             written.append(path)
@@ -233,12 +264,27 @@ class Runner:
     def record_path(self, row_label: str, classifier: str, suite: str) -> Path:
         return self.out / "records" / f"{slug(row_label)}__{classifier}__{suite}.json"
 
+    def suite_attacks(self, row: RowSpec, classifier: str, suite: SuiteSpec, model: nn.Module,
+                      test) -> tuple[list[AttackSpec], dict]:
+        """A cell's cascade and what the record's spec adds for it. A suite with ``audit`` runs
+        the battery ``aeshield audit`` builds for this pipeline: through EOT when the pipeline is
+        random (measured on the first 64 test images, as the audit measures it, or declared
+        ``stochastic``), with a transfer attack from the row's surrogate when its method has one."""
+        if suite.audit is None:
+            return list(suite.attacks), {}
+        budget = get_budget(suite.audit)
+        devices = [test.images.device] if test.images.device.type == "cuda" else []
+        # Measured without touching the random state: a random purifier's draws stay the evaluation's.
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), eval_mode(model):
+            measured, _ = detect_randomness(model, test.images[:64])
+        random = measured or bool(getattr(model, "stochastic", False))
+        battery = build_battery(model, suite.threat, budget, random=random,
+                                surrogate=self.zoo.surrogate(row, classifier))
+        return battery, {"audit": budget.to_dict(), "random": random}
+
     def _evaluate_one(self, row, classifier, suite, model, defense, test) -> dict:
-        spec = {"row": spec_dict(row), "classifier": classifier, "suite": suite.name,
-                "attacks": [a.to_dict() for a in suite.attacks], "threat": suite.threat.to_dict(),
-                "n": suite.n or row.n or self.config.n, "seed": self.config.seed,
-                "model": self.zoo.model_key(row, classifier)}
-        key = config_hash(spec)
+        attacks, audit = self.suite_attacks(row, classifier, suite, model, test)
+        key = config_hash(record_spec(self.config, self.zoo, row, classifier, suite, attacks, audit))
         weights = self.zoo.weights_of(row, classifier)
         path = self.record_path(row.label, classifier, suite.name)
         if path.exists():
@@ -251,8 +297,8 @@ class Runner:
                 # build) or the shipped float16 file instead of the cached float32 one.
                 logger.info("record %s was measured on other weights; re-evaluating", path.name)
         start = time.perf_counter()
-        surrogate = self.zoo.surrogate(row, classifier) if any(a.wrap == "surrogate" for a in suite.attacks) else None
-        record = evaluate(model, test.images, test.labels, suite.attacks, suite.threat,
+        surrogate = self.zoo.surrogate(row, classifier) if any(a.wrap == "surrogate" for a in attacks) else None
+        record = evaluate(model, test.images, test.labels, attacks, suite.threat,
                           batch_size=self.config.batch_size, seed=self.config.seed,
                           defense=defense, classifier=f"{classifier} ({self.config.classifiers[classifier].model})",
                           dataset=self.config.dataset, data_source=test.source,
@@ -260,7 +306,9 @@ class Runner:
                           checkpoint=path.with_suffix(".partial.json"))
         record.extra.update({"spec_hash": key, "weights": weights, "row": row.label,
                              "suite": suite.name, "target": self.config.name,
-                             "profile": self.config.profile})
+                             "profile": self.config.profile,
+                             **({"audit": {"budget": audit["audit"]["name"], "random": audit["random"]}}
+                                if audit else {})})
         record.save(path)
         path.with_suffix(".partial.json").unlink(missing_ok=True)
         self.timings[f"eval {row.label} / {classifier} / {suite.name}"] = time.perf_counter() - start

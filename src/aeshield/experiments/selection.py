@@ -96,6 +96,19 @@ def resolve(zoo: ModelZoo, records: RecordCache, out: Path, progress: bool = Tru
     return replace(config, rows=rows)
 
 
+def rule(sel: SelectionSpec) -> str:
+    """The selection's rule in words (for a card or a report)."""
+    return (f"the most robust under {sel.attack.title} ({sel.threat.describe()}) on {sel.n} validation "
+            f"images (seed {sel.seed}) among {', '.join(sel.among)}, of those whose clean accuracy "
+            f"behind {sel.classifier} is within {100 * sel.max_clean_drop:g} points of "
+            f"{sel.classifier}'s own on the same images; if none is, the cleanest")
+
+
+def card_entry(name: str, sel: SelectionSpec, chosen: str) -> dict:
+    """What a shipped shield's card says of the selection that chose it."""
+    return {"name": name, "rule": rule(sel), "chosen": chosen, "report": f"selection_{name}.md"}
+
+
 def _fmt(d: dict) -> str:
     return Accuracy(d["correct"], d["n"]).format()
 
@@ -123,4 +136,4 @@ def _render(config: ExperimentConfig, out: Path, name: str, sel: SelectionSpec, 
     write_text_atomic(out / f"selection_{name}.md", "\n".join(lines) + "\n")
 
 
-__all__ = ["choose", "resolve", "select"]
+__all__ = ["card_entry", "choose", "resolve", "rule", "select"]

@@ -25,6 +25,12 @@ CAPS: dict[str, int] = {
     # query-only training (issue 28)
     "query_samples": 2, "surrogate_epochs": 1,
 }
+# An audit suite's budget (``eval.audit.budget.AuditBudget``) at smoke size: the same battery,
+# every attack of it at a few steps, restarts, queries and EOT samples.
+AUDIT_CAPS: dict[str, int] = {
+    "pgd_steps": 2, "pgd_restarts": 1, "apgd_iters": 2, "apgd_restarts": 1, "square_queries": 10,
+    "cw_steps": 2, "eot_samples": 2, "adaptive_steps": 2,
+}
 TRAIN_IMAGES = 64  # every classifier, baseline and shield trains (and a detector calibrates) on these
 DATA_LIMIT = 256  # images kept per split: enough for a 5-component GMM per class (fit_limit)
 SUFFIX = "-smoke"
@@ -57,6 +63,12 @@ def smoke_spec(spec: Any) -> Any:
     return replace(spec, **changes)
 
 
+def smoke_budget(budget: Any) -> Any:
+    """An audit budget with its sizes capped (``AUDIT_CAPS``), named ``<name>-smoke``."""
+    return replace(budget, name=budget.name + SUFFIX,
+                   **{k: min(getattr(budget, k), cap) for k, cap in AUDIT_CAPS.items()})
+
+
 def _cap(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: (min(v, CAPS[k]) if k in CAPS and _is_number(v) else _cap(v)) for k, v in node.items()}
@@ -69,4 +81,5 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_config", "smoke_spec"]
+__all__ = ["AUDIT_CAPS", "CAPS", "DATA_LIMIT", "SUFFIX", "TRAIN_IMAGES", "smoke_budget", "smoke_config",
+           "smoke_spec"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ...eval.audit.budget import get_budget
 from ...eval.harness import evaluate
 from ...records import Accuracy, EvalRecord
 from ...io import write_json_atomic, write_text_atomic
@@ -113,9 +114,30 @@ def table_cells(config: ExperimentConfig, entries: list[dict]) -> list[dict]:
     return cells
 
 
-def _threat_lines(config: ExperimentConfig) -> list[str]:
+def _audit_line(config: ExperimentConfig, suite, entries: list[dict]) -> str:
+    """An audit suite's line: its budget, its n, and each pipeline's battery as its records list it."""
+    budget = get_budget(suite.audit)
+    batteries: dict[tuple[str, ...], list[str]] = {}  # attack labels -> the rows that ran them
+    for row in config.rows:
+        records = [e["record"] for e in entries if e["row"] == row.label and e["suite"] == suite.name]
+        if records:
+            batteries.setdefault(tuple(a.name for a in records[0].attacks), []).append(row.label)
+    cascades = "; ".join(f"{', '.join(rows)}: {', '.join(labels)}" for labels, rows in batteries.items())
+    only = f", only for shield(s) {', '.join(suite.shields)}" if suite.shields else ""
+    return (f"- suite `{suite.name}`: threat model {suite.threat.describe()}{only}, the audit's "
+            f"{budget.name} battery (the cascade `aeshield audit` builds for each pipeline at this budget, "
+            f"without its sanity checks; PGD: {budget.pgd_steps} steps, {budget.pgd_restarts} "
+            f"restart(s); AutoAttack's parts: {budget.apgd_iters} iterations; Square: "
+            f"{budget.square_queries} queries) on n = {suite.n or config.n} test images (the first n "
+            f"of the same subset); cascade: {cascades or 'not measured yet'}")
+
+
+def _threat_lines(config: ExperimentConfig, entries: list[dict] | None = None) -> list[str]:
     lines = []
     for suite in config.suites:
+        if suite.audit is not None:
+            lines.append(_audit_line(config, suite, entries or []))
+            continue
         if not suite.attacks:
             lines.append(f"- suite `{suite.name}`: no attack, clean accuracy on n = "
                          f"{suite.n or config.n} test images")
@@ -143,7 +165,7 @@ def render_tables(config: ExperimentConfig, entries: list[dict], out: Path,
               f"{config.seed}){_row_sizes(config)}; groups of several classifiers pool their examples. "
               "Cells: accuracy % "
               "[Wilson 95% interval]. An example counts as robust only if it survives every restart "
-              "and every attack of the cascade.", ""] + _threat_lines(config)
+              "and every attack of the cascade.", ""] + _threat_lines(config, entries)
     for alias, source in (aliases or {}).items():
         row = next(r for r in config.rows if r.label == alias)
         header.append(f"- row \"{alias}\" is row \"{source}\": the shield that selection "
@@ -175,7 +197,9 @@ def render_tables(config: ExperimentConfig, entries: list[dict], out: Path,
     write_json_atomic(out / "table.json", {"target": config.name, "profile": config.profile,
                                            "dataset": config.dataset, "data_source": source,
                                            "suites": [{"name": s.name, "threat": s.threat.to_dict(),
-                                                       "attacks": [a.to_dict() for a in s.attacks]}
+                                                       "attacks": [a.to_dict() for a in s.attacks],
+                                                       **({"audit": get_budget(s.audit).to_dict(),
+                                                           "n": s.n or config.n} if s.audit else {})}
                                                       for s in config.suites],
                                            "cells": cells})
     return markdown
