@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ...attacks.registry import Stage, get_attack
 from ...eval.audit.budget import get_budget
 from ...eval.harness import evaluate
 from ...records import Accuracy, EvalRecord
@@ -124,6 +125,8 @@ def _audit_line(config: ExperimentConfig, suite, entries: list[dict]) -> str:
             batteries.setdefault(tuple(a.name for a in records[0].attacks), []).append(row.label)
     cascades = "; ".join(f"{', '.join(rows)}: {', '.join(labels)}" for labels, rows in batteries.items())
     only = f", only for shield(s) {', '.join(suite.shields)}" if suite.shields else ""
+    if suite.classifiers:
+        only += f", only behind classifier(s) {', '.join(suite.classifiers)}"
     return (f"- suite `{suite.name}`: threat model {suite.threat.describe()}{only}, the audit's "
             f"{budget.name} battery (the cascade `aeshield audit` builds for each pipeline at this budget, "
             f"without its sanity checks; PGD: {budget.pgd_steps} steps, {budget.pgd_restarts} "
@@ -144,9 +147,20 @@ def _threat_lines(config: ExperimentConfig, entries: list[dict] | None = None) -
             continue
         attacks = "; ".join(a.title for a in suite.attacks)
         only = f", only for shield(s) {', '.join(suite.shields)}" if suite.shields else ""
+        behind = f", only behind classifier(s) {', '.join(suite.classifiers)}" if suite.classifiers else ""
+        size = f", n = {suite.n} test images (the first n of the same subset)" if suite.n else ""
         lines.append(f"- suite `{suite.name}`: threat model {suite.threat.describe()} "
-                     f"(white-box, whole pipeline){only}, cascade: {attacks}")
+                     f"({_access(suite)}, whole pipeline){only}{behind}{size}, cascade: {attacks}")
     return lines
+
+
+def _access(suite) -> str:
+    """What the suite's attacks see: gradients (white-box) or only outputs (black-box)."""
+    blind = [get_attack(a.name).audit is not None and get_attack(a.name).audit.stage is Stage.BLACK_BOX
+             for a in suite.attacks]
+    if all(blind):
+        return "black-box: the attack sees only the pipeline's outputs"
+    return "white-box and black-box attacks" if any(blind) else "white-box"
 
 
 def _row_sizes(config: ExperimentConfig) -> str:
