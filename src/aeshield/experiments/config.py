@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from ..errors import ConfigError
+from ..defenses.query_access import QuerySettings
 from ..eval.audit.budget import BUDGETS, AuditBudget, get_budget
 from ..eval.harness import AttackSpec
 from ..records import added_later, config_dict
@@ -64,7 +65,7 @@ class AdvTrainSpec:
 
 
 @dataclass(frozen=True)
-class ShieldSpec:
+class ShieldSpec(QuerySettings):
     method: str  # "aaa"
     autoencoder: str
     against: tuple[str, ...]
@@ -91,17 +92,11 @@ class ShieldSpec:
     # Classifiers of ``against`` the shield's trainer reaches only through queries (issue 28):
     # each behind ``models.query.QueryOnly(output=query_output, decimals=query_decimals,
     # budget=query_budget)``, and reached per ``query_method`` (``defenses.query_access``).
+    # ``query_method`` and its settings are inherited from ``QuerySettings``.
     query_only: tuple[str, ...] = added_later(())
     query_output: str = added_later("probs")
     query_decimals: int | None = added_later(None)
     query_budget: int | None = added_later(None)
-    query_method: str | None = added_later(None)
-    query_samples: int = added_later(10)
-    query_sigma: float = added_later(0.01)
-    surrogate: str | None = added_later(None)
-    surrogate_epochs: int = added_later(2)
-    surrogate_lr: float = added_later(1e-3)
-    surrogate_refresh: int = added_later(1)
 
 
 @dataclass(frozen=True)
