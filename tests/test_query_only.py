@@ -145,7 +145,7 @@ def test_aaa_through_estimated_gradients_trains_the_shield_and_counts_every_quer
     assert classifier.grads == 0 and all(torch.equal(a, b) for a, b in zip(before, classifier.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(start, g.parameters()))
     saved = torch.load(tmp_path / "g.ckpt", weights_only=True)
-    assert int(saved["extra"]["query_access"]["estimator_0"]["queries"]) == q.spent
+    assert int(saved["extra"]["query_access"]["estimator_0"]["classifier.queries"]) == q.spent
 
 
 @pytest.mark.parametrize("output", ["probs", "label"])

@@ -222,7 +222,7 @@ class QueryAccess:
             classifier.observe_later(reconstruction)
 
     def report(self) -> dict:
-        return {"queries": float(self.queries)} if self.queries or self.any_query_only else {}
+        return {"queries": float(self.queries)}
 
     @property
     def any_query_only(self) -> bool:
@@ -230,20 +230,19 @@ class QueryAccess:
 
     def state_dict(self) -> dict:
         state: dict = {}
-        for k, (g, u) in enumerate(zip(self.given, self.used)):
+        for k, u in enumerate(self.used):
             if isinstance(u, DistilledSurrogate):
                 state[f"surrogate_{k}"] = u.checkpoint_state()
-            elif isinstance(u, EstimatedGradient):
-                state[f"estimator_{k}"] = {"generator": u.generator.get_state(), "queries": g.queries.clone()}
+            elif isinstance(u, EstimatedGradient):  # its generator and its classifier's query count
+                state[f"estimator_{k}"] = u.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for k, (g, u) in enumerate(zip(self.given, self.used)):
+        for k, u in enumerate(self.used):
             if isinstance(u, DistilledSurrogate) and f"surrogate_{k}" in state:
                 u.restore(state[f"surrogate_{k}"])
             elif isinstance(u, EstimatedGradient) and f"estimator_{k}" in state:
-                u.generator.set_state(state[f"estimator_{k}"]["generator"])
-                g.queries.copy_(state[f"estimator_{k}"]["queries"])
+                u.load_state_dict(state[f"estimator_{k}"])
 
 
 def query_access(classifiers: Sequence[nn.Module], config, x: torch.Tensor, *, fit: bool) -> QueryAccess:

@@ -401,9 +401,8 @@ def _suite(s: dict, where: str) -> SuiteSpec:
                           f"{sorted(f.name for f in fields(SuiteSpec))}")
     attacks = tuple(_attack(a, f"{where}.attacks.{i}") for i, a in enumerate(s.get("attacks") or ()))
     fields_ = {"name": s["name"], "threat": ThreatModel(**s["threat"]), "attacks": attacks,
-               "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n"), "audit": audit}
-    if s.get("classifiers"):
-        fields_["classifiers"] = tuple(s["classifiers"])
+               "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n"), "audit": audit,
+               "classifiers": tuple(s.get("classifiers", ()) or ())}
     return SuiteSpec(**_typed(SuiteSpec, fields_, where))
 
 

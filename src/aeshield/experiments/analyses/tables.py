@@ -156,8 +156,8 @@ def _threat_lines(config: ExperimentConfig, entries: list[dict] | None = None) -
 
 def _access(suite) -> str:
     """What the suite's attacks see: gradients (white-box) or only outputs (black-box)."""
-    blind = [get_attack(a.name).audit is not None and get_attack(a.name).audit.stage is Stage.BLACK_BOX
-             for a in suite.attacks]
+    hooks = [get_attack(a.name).audit for a in suite.attacks]
+    blind = [hook is not None and hook.stage is Stage.BLACK_BOX for hook in hooks]
     if all(blind):
         return "black-box: the attack sees only the pipeline's outputs"
     return "white-box and black-box attacks" if any(blind) else "white-box"
