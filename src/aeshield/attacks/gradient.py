@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..distributed import rows_rand, rows_randn
 from ..inputs import check_count, check_positive, checked_logits, validate_images, validate_labels
 from ..threat import Norm, ThreatModel
 from .losses import LossFn, get_loss, misclassified
@@ -108,11 +109,11 @@ def _copy_rows_(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, scratc
 def _random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
     shape = x.shape
     if threat.norm is Norm.LINF:
-        delta = (torch.rand(shape, generator=generator) * 2 - 1) * threat.eps
+        delta = (rows_rand(shape, generator) * 2 - 1) * threat.eps
     else:
-        direction = torch.randn(shape, generator=generator)
+        direction = rows_randn(shape, generator)
         direction /= direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        radius = torch.rand(shape[0], generator=generator).view(-1, *([1] * (x.dim() - 1)))
+        radius = rows_rand((shape[0],), generator).view(-1, *([1] * (x.dim() - 1)))
         delta = direction * radius * threat.eps
     return threat.project(x + delta.to(x.device, x.dtype), x)
 

@@ -4,6 +4,8 @@ types and defaults from the config dataclasses that define them."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -62,7 +64,27 @@ SIZE = click.FloatRange(min=0)
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` as cuda when available; any other name must be a device torch knows."""
+    """``auto`` as cuda when available; any other name must be a device torch knows. Under
+    ``torchrun`` this also joins the process group (:func:`join_ranks`), and a CUDA device is
+    this rank's GPU."""
+    return join_ranks(_device(name))
+
+
+def join_ranks(device: str) -> str:
+    """Started by ``torchrun``: join its process group for ``device`` (gloo on CPUs, NCCL on
+    GPUs), send the other ranks' standard output to /dev/null (rank 0 prints the results), and
+    return this rank's device. Started alone: ``device`` unchanged."""
+    from .. import distributed
+
+    if not distributed.launched():
+        return device
+    world = distributed.init(device)
+    if not world.main and sys.stdout is sys.__stdout__:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return str(distributed.device_of_rank(device))
+
+
+def _device(name: str) -> str:
     import torch
 
     if name == "auto":

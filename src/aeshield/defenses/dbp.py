@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import rows_randn
 from ..train.loop import LoopConfig, LoopResult, fit
 from .base import AutoencoderPurifier
 from ..models.draw import DRAW
@@ -74,7 +75,7 @@ class VAE(nn.Module):
     def elbo_terms(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A sampled pass: decoder logits and the per-image KL to ``N(0, I)``."""
         mu, logvar = self.posterior(x)
-        eps = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
+        eps = rows_randn(mu.shape, generator).to(mu.device, mu.dtype)
         z = mu + eps * (0.5 * logvar).exp()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         return self.decode_logits(z), kl
@@ -114,7 +115,7 @@ def jacobian_penalty(vae: nn.Module, x: torch.Tensor, projections: int = 1,
     with torch.enable_grad():
         out = vae(x)
         for _ in range(projections):
-            v = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+            v = rows_randn(out.shape, generator).to(out.device, out.dtype)
             (g,) = torch.autograd.grad((out * v).sum(), x, create_graph=create_graph, retain_graph=True)
             total = total + g.flatten(1).pow(2).sum(1)
     return total / projections

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import rows_randn
 from ..inputs import check_training_config
 from ..train.loop import LoopConfig, LoopResult, fit
 from .base import AutoencoderPurifier, Detector, Shielded
@@ -280,7 +281,7 @@ def train_magnet_autoencoder(autoencoder: nn.Module, x: torch.Tensor, config: Ma
     """Mean squared error from noisy clean images to the clean images (no classifier involved)."""
 
     def step(xb: torch.Tensor, _y: torch.Tensor, gen: torch.Generator):
-        noise = torch.randn(xb.shape, generator=gen).to(xb.device) * config.noise
+        noise = rows_randn(xb.shape, gen).to(xb.device) * config.noise
         loss = (autoencoder((xb + noise).clamp(0, 1)) - xb).pow(2).mean()
         return loss, {"mse": loss.detach()}
 
@@ -304,7 +305,7 @@ def train_diverse_autoencoders(autoencoders: nn.ModuleList, x: torch.Tensor, con
     """
 
     def step(xb: torch.Tensor, _y: torch.Tensor, gen: torch.Generator):
-        noise = torch.randn(xb.shape, generator=gen).to(xb.device) * config.noise
+        noise = rows_randn(xb.shape, gen).to(xb.device) * config.noise
         noisy = (xb + noise).clamp(0, 1)
         return diversity_loss(torch.stack([ae(noisy) for ae in autoencoders]), xb, config.eta)
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import distributed
 from ..attacks.gradient import pgd_train
 from ..errors import ConfigError
 from ..records import added_later
@@ -181,12 +182,16 @@ class FreeReplay:
         raise AssertionError("unreachable")
 
     def state_dict(self) -> dict:
+        """The perturbation of the whole global batch (under torchrun, gathered from the ranks'
+        interleaved shares, so that a checkpoint resumes on any number of ranks)."""
         self._settle()
-        return {"delta": self.delta.detach().cpu() if self.delta is not None else torch.empty(0)}
+        if self.delta is None:
+            return {"delta": torch.empty(0)}
+        return {"delta": distributed.gather_rows(self.delta.detach()).cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         delta = state["delta"]
-        self.delta = delta.clone() if delta.numel() else None
+        self.delta = distributed.my_rows(delta).clone() if delta.numel() else None
         self._pending = None
 
 

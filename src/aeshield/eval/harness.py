@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..attacks import BPDA, EOT, registry
 from ..defenses.base import Shielded
 from ..inputs import check_count, checked_logits, validate_images, validate_labels
@@ -180,6 +181,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     attack added, and per-example robust flags. ``checkpoint`` (a JSON path) stores the flags
     after every attack so that an interrupted evaluation resumes where it stopped. An attack
     whose optional package is missing raises ``MissingExtraError`` before anything runs.
+
+    Started by ``torchrun`` (``aeshield.distributed.init``), each rank runs every ``W``-th batch
+    of each attack and the flags are gathered after it: the record is the one a single process
+    writes, whatever the number of ranks (a random pipeline's draws are seeded per batch).
     """
     for spec in attacks:
         registry.get_attack(spec.name).check_available()
@@ -212,7 +217,11 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     device = images.device
     labels = labels.to(device)
     n = images.shape[0]
-    clean_labels = predict(model, images, batch_size)
+    main = distributed.is_main()
+    # A random pipeline draws from the global random state: seeded per batch (and given back),
+    # so that a batch's draws do not depend on what ran before it, nor on which rank runs it.
+    with distributed.seeded(distributed.batch_seed(seed, -1, 0), device):
+        clean_labels = predict(model, images, batch_size)
     clean_correct = clean_labels == labels
     clean_reject = clean_labels == REJECT
     robust = clean_correct.clone()
@@ -221,9 +230,9 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        "n": n, "seed": seed, "labels": labels.tolist()[:50]})
     done: list[dict] = []
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt and ckpt.exists():
-        state = json.loads(ckpt.read_text())
-        if state.get("key") == key:
+    if ckpt:  # read by rank 0, which alone writes it
+        state = distributed.broadcast_object(json.loads(ckpt.read_text()) if main and ckpt.exists() else None)
+        if state is not None and state.get("key") == key:
             robust = flags_from_string(state["flags"], device)
             done = state["results"]
             logger.info("resumed evaluation from %s after %d attack(s)", ckpt, len(done))
@@ -247,16 +256,23 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         start, before = time.perf_counter(), int(robust.sum())
         todo = robust.nonzero().squeeze(1)
         batches = todo.split(batch_size) if todo.numel() else ()
-        for b, idx in enumerate(tqdm(batches, desc=spec.title[:40], disable=not progress, leave=False)):
+        # Under torchrun the batches are dealt to the ranks; each batch keeps its images and seeds.
+        for b in tqdm(distributed.my_batches(len(batches)), desc=spec.title[:40],
+                      disable=not (progress and main), leave=False):
+            idx = batches[b]
             x, y = images[idx], labels[idx]
-            x_adv = craft(attack_model, spec, x, y, attack_threat, attack_generator(seed, index, b))
-            robust[idx] = handled(predict(model, x_adv, batch_size), y)
+            with distributed.seeded(distributed.batch_seed(seed, index, b), device):
+                x_adv = craft(attack_model, spec, x, y, attack_threat, attack_generator(seed, index, b))
+                robust[idx] = handled(predict(model, x_adv, batch_size), y)
+        robust = distributed.all_and(robust)  # each rank lowered only the flags of its batches
+        peak = _peak_rss_mb()
         result = AttackResult(spec.title, {**spec.params, "wrap": spec.wrap}, attack_threat.to_dict(),
                               before - int(robust.sum()), Accuracy.from_flags(robust),
-                              time.perf_counter() - start, _peak_rss_mb())
+                              distributed.all_max(time.perf_counter() - start),
+                              None if peak is None else distributed.all_max(peak))
         results.append(result)
         logger.info("%-40s robust %s  (%.1fs)", spec.title, result.accuracy_after.format(), result.seconds)
-        if ckpt:
+        if ckpt and main:
             write_json_atomic(ckpt, {"key": key, "flags": flags_to_string(robust),
                                      "results": [r.to_dict() for r in results]})
 

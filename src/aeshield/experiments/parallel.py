@@ -211,6 +211,70 @@ def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
     return timings
 
 
+def run_ranks(runner: Runner) -> dict[str, float]:
+    """Under ``torchrun``: every task of the plan on one rank, as the worker processes of
+    ``run_parallel`` share them on one machine. Rank 0 plans; the tasks go in dependency levels
+    (classifiers, then what trains on them, then the cells), each level dealt to the ranks
+    longest first onto the least loaded, with a barrier between levels. Each task runs as if
+    its rank were alone (``distributed.alone``), so a record is the one a single process writes.
+    The artifacts and records are files: on several nodes, the artifact cache and the output
+    folder must be on a disk they share. Returns every rank's timings."""
+    from .. import distributed
+
+    world = distributed.world()
+    tasks = distributed.broadcast_object(plan(runner) if world.main else None)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    for depth, level in enumerate(_levels(tasks)):
+        shares = _deal(level, world.size)
+        mine = shares[world.rank]
+        logger.info("level %d: %s", depth, "; ".join(
+            f"rank {r}: {', '.join(t.key for t in share) or 'nothing'}" for r, share in enumerate(shares)))
+        with distributed.alone():
+            for task in mine:
+                timings.update(_run_on(runner, task))
+                logger.info("done %s (%.0fs elapsed)", task.key, time.perf_counter() - start)
+        distributed.barrier()
+    merged: dict[str, float] = {}
+    for part in distributed.all_gather_object(timings):
+        merged.update(part)
+    return merged
+
+
+_TRAINING_WEIGHT = 1e6
+
+
+def _levels(tasks: list[Task]) -> list[list[Task]]:
+    """The tasks by depth in their dependency graph: a task's level is one more than its deepest
+    dependency's (dependencies outside the list are done already)."""
+    by_key = {t.key: t for t in tasks}
+    depth: dict[str, int] = {}
+
+    def level(task: Task) -> int:
+        if task.key not in depth:
+            depth[task.key] = 1 + max((level(by_key[d]) for d in task.deps if d in by_key), default=-1)
+        return depth[task.key]
+
+    out: list[list[Task]] = []
+    for task in tasks:
+        d = level(task)
+        out.extend([] for _ in range(d + 1 - len(out)))
+        out[d].append(task)
+    return out
+
+
+def _deal(tasks: list[Task], ranks: int) -> list[list[Task]]:
+    """Longest first, each task to the rank with the least work so far (then the fewest tasks).
+    A training job outweighs any cell (its cost is not measured in advance)."""
+    shares: list[list[Task]] = [[] for _ in range(ranks)]
+    load = [0.0] * ranks
+    for task in sorted(tasks, key=lambda t: (t.kind == "cell", -t.cost)):
+        r = min(range(ranks), key=lambda i: (load[i], len(shares[i]), i))
+        shares[r].append(task)
+        load[r] += task.cost if task.kind == "cell" else _TRAINING_WEIGHT
+    return shares
+
+
 STOP_GRACE_SECONDS = 3.0  # a worker's time to unwind its task after SIGTERM before it is killed
 _POLL_SECONDS = 0.2
 
@@ -397,6 +461,12 @@ def _run(settings: tuple, task: Task) -> dict[str, float]:
         runner = runner_class(config, out_root, artifacts=artifacts, use_shipped=use_shipped,
                         progress=False, device=device)
         _WORKER_RUNNERS[key] = runner
+    return _run_on(runner, task)
+
+
+def _run_on(runner: Runner, task: Task) -> dict[str, float]:
+    """Run one task with ``runner``; returns the timings it added."""
+    config = runner.config
     before = dict(runner.timings)
     if task.kind == "classifier":
         runner.classifier(task.name)
@@ -411,4 +481,4 @@ def _run(settings: tuple, task: Task) -> dict[str, float]:
     return {k: v for k, v in runner.timings.items() if before.get(k) != v}
 
 
-__all__ = ["Task", "default_jobs", "plan", "run_parallel"]
+__all__ = ["Task", "default_jobs", "plan", "run_parallel", "run_ranks"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import cache_dir
 from ..attacks.registry import attacks as registered_attacks, get_attack
 from ..defenses.base import Shielded
@@ -32,7 +33,7 @@ from .analyses import AnalysisContext, check_available, run_analyses
 from .analyses.tables import render_tables
 from .config import ExperimentConfig, RowSpec, SuiteSpec, load_config, spec_dict
 from .methods import get_method
-from .parallel import run_parallel
+from .parallel import run_parallel, run_ranks
 from .record_cache import RecordCache, slug
 from .selection import card_entry as selection_card_entry, resolve as resolve_selections, select
 from .zoo import ModelZoo, load_splits
@@ -335,9 +336,23 @@ class Runner:
         the records in that many worker processes first; the table is the same either way."""
         check_extras(self.config)
         start = time.perf_counter()
-        self.resolve_selections()
-        if jobs > 1:
-            self.timings.update(run_parallel(self, jobs))
+        if distributed.world().distributed:  # torchrun: each job and cell on one rank
+            # Rank 0 resolves the selections (training what they compare) before the others
+            # read them from its files.
+            if distributed.is_main():
+                with distributed.alone():
+                    self.resolve_selections()
+            distributed.barrier()
+            if not distributed.is_main():
+                with distributed.alone():
+                    self.resolve_selections()
+            self.timings.update(run_ranks(self))
+            if not distributed.is_main():
+                return self.out  # rank 0 renders the tables from the records
+        else:
+            self.resolve_selections()
+            if jobs > 1:
+                self.timings.update(run_parallel(self, jobs))
         entries = self.evaluate_all()
         tables = render_tables(self.config, entries, self.out, self.row_aliases)
         run_analyses(self.config.figures, AnalysisContext(

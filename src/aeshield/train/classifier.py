@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import load_dataset
+from ..distributed import rows_rand, rows_randint
 from ..inputs import check_training_config
 from ..models import create_model
 from ..models.io import remove_stale_temporaries, save_weights
@@ -50,11 +51,11 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     """Seeded random crop with zero padding and horizontal flip, batched (no per-image loop)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = rows_randint(0, 2 * pad + 1, (n,), gen)
+    dy = rows_randint(0, 2 * pad + 1, (n,), gen)
     rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (n, h)
     cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (n, w)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    flip = (rows_rand((n,), gen) < 0.5).to(x.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch_idx = torch.arange(n, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

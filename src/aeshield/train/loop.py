@@ -7,6 +7,11 @@ where an uninterrupted one would, with the same weights and the same history. Le
 drops on a validation plateau; training stops early after ``patience`` epochs without
 improvement and keeps the best weights. A checkpoint write killed half-way (SIGKILL) leaves a
 temporary file beside the checkpoint; the next run over that checkpoint removes it.
+
+Started by ``torchrun`` (``aeshield.distributed``), the loop is data-parallel: ``batch_size`` is
+the global batch, each rank takes its interleaved share of it (``DistributedSampler`` over the
+permutation one process uses), the gradients are averaged before each update, rank 0 alone
+writes checkpoints and logs, and a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
+from ..errors import ConfigError
 from ..io import remove_temporaries, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ class LoopResult:
 
 def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, scheduler,
                      gen: torch.Generator, state: dict, extra: Mapping[str, Stateful] | None = None) -> None:
+    # Every rank builds the payload (an extra state may gather from the ranks); rank 0 writes it.
     payload = {
         "modules": {k: m.state_dict() for k, m in modules.items()},
         "optimizer": optimizer.state_dict(),
@@ -74,7 +82,8 @@ def _save_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer, sc
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # sampling on the GPU (e.g. a VAE's z)
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    if distributed.is_main():
+        write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn,
@@ -90,10 +99,16 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
     (a checkpoint written without it leaves it as it is).
     """
     trainable = dict(trainable if trainable is not None else modules)
+    world = distributed.world()
+    if world.distributed and config.batch_size % world.size:
+        raise ConfigError(f"batch size {config.batch_size} is the global batch, which {world.size} ranks "
+                          f"cannot share evenly: use a multiple of {world.size}")
+    progress = progress and world.main
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
     gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # only for dropout; attacks use their own generators
+    # Only for dropout and a VAE's samples (attacks use their own generators); each rank its own.
+    torch.manual_seed(config.seed + world.rank)
     result = LoopResult()
     start_epoch, start_step = 0, 0
     best_state: dict | None = None
@@ -103,11 +118,16 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
     sums: dict[str, float] = {}
     counted = 0
     stale = 0  # epochs without improvement, for early stopping
-    if ckpt:
+    if ckpt and world.main:
         for tmp in remove_temporaries(ckpt):  # a checkpoint write killed half-way
             logger.info("removed %s, left by a run killed while writing its checkpoint", tmp)
-    if ckpt and ckpt.exists():
+    # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
+    payload = None
+    if ckpt and world.main and ckpt.exists():
         payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if ckpt and world.distributed:
+        payload = distributed.broadcast_object(payload)
+    if payload is not None:
         for k, m in modules.items():
             m.load_state_dict(payload["modules"][k])
         optimizer.load_state_dict(payload["optimizer"])
@@ -115,6 +135,8 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             scheduler.load_state_dict(payload["scheduler"])
         gen.set_state(payload["generator"])
         torch.set_rng_state(payload["torch_rng"])
+        if world.rank:  # rank 0's global state was saved; the others draw their own
+            torch.manual_seed(config.seed + world.rank + 104_729 * payload["state"]["steps"])
         if "cuda_rng" in payload and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["cuda_rng"])
         for k, v in (extra or {}).items():
@@ -134,12 +156,21 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             return result
         logger.info("resumed from %s at epoch %d step %d", ckpt, start_epoch, start_step)
 
+    with distributed.data_parallel(trainable, optimizer):
+        return _epochs(modules, optimizer, scheduler, step_fn, x, y, config, val_fn, ckpt, progress,
+                       trainable, extra, gen, result, start_epoch, start_step, best_state, sums,
+                       counted, stale)
+
+
+def _epochs(modules, optimizer, scheduler, step_fn, x, y, config: LoopConfig, val_fn, ckpt, progress,
+            trainable, extra, gen, result: LoopResult, start_epoch: int, start_step: int, best_state,
+            sums: dict, counted: int, stale: int) -> LoopResult:
+    world = distributed.world()
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     for epoch in range(start_epoch, config.epochs):
         # The permutation is a pure function of (seed, epoch): a resumed run sees the same order.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
-        batches = order.split(config.batch_size)
+        batches = _epoch_batches(n, config, epoch)
         first = start_step if epoch == start_epoch else 0
         if first == 0:
             sums, counted = {}, 0
@@ -149,7 +180,8 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             idx = batches[step].to(x.device)
             for m in trainable.values():
                 m.train()
-            loss, metrics = step_fn(x[idx], y[idx], gen)
+            with distributed.global_batch(idx.numel() * world.size):
+                loss, metrics = step_fn(x[idx], y[idx], gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -160,6 +192,7 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             bar.set_postfix(loss=f"{loss.item():.3f}")
             done_now = config.max_steps is not None and result.steps >= config.max_steps
             if ckpt and (result.steps % config.checkpoint_every == 0 or done_now):
+                sums = distributed.mean_over_ranks(sums)
                 _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
                     "epoch": epoch, "step_in_epoch": step + 1, "history": result.history,
                     "steps": result.steps, "best_epoch": result.best_epoch,
@@ -169,6 +202,7 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
                 return result
         for m in trainable.values():
             m.eval()
+        sums = distributed.mean_over_ranks(sums)  # each rank summed its own share's metrics
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v / max(1, counted) for k, v in sums.items()}}
         if val_fn is not None:
@@ -201,6 +235,22 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
         m.eval()
     result.finished = True
     return result
+
+
+def _epoch_batches(n: int, config: LoopConfig, epoch: int) -> tuple[torch.Tensor, ...]:
+    """This rank's batches of an epoch: the seeded permutation in ``batch_size`` slices, or under
+    torchrun each rank's interleaved share of them (``DistributedSampler`` draws the same
+    permutation from the same seed; it pads the epoch to a multiple of the ranks by repeating
+    its first images, so with a number of images the ranks do not divide, a few are seen twice)."""
+    world = distributed.world()
+    seed = config.seed * 7919
+    if not world.distributed:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).split(config.batch_size)
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long).split(config.batch_size // world.size)
 
 
 def _with_best(modules: Mapping[str, nn.Module], best_state: dict | None) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ... import distributed
 from ...defenses.base import Shielded
 from ...threat import ThreatModel
 from .. import sanity
@@ -29,9 +30,10 @@ class CheckCache:
 
     def __init__(self, path: Path | None, key: str) -> None:
         self.path, self.key, self.data = path, key, {}
-        if path and path.exists():
-            state = json.loads(path.read_text())
-            if state.get("key") == key:
+        if path:  # read by rank 0, which alone writes it
+            state = distributed.broadcast_object(
+                json.loads(path.read_text()) if distributed.is_main() and path.exists() else None)
+            if state is not None and state.get("key") == key:
                 self.data = state.get("entries", {})
 
     def get(self, name: str):
@@ -39,7 +41,7 @@ class CheckCache:
 
     def put(self, name: str, value) -> None:
         self.data[name] = value
-        if self.path:
+        if self.path and distributed.is_main():
             write_json_atomic(self.path, {"key": self.key, "entries": self.data})
 
 

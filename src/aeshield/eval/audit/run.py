@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ... import distributed
 from ...threat import ThreatModel
 from .. import sanity
 from ..harness import evaluate
@@ -140,7 +141,7 @@ def _audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat:
                                 **(config or {})},
                                {"evaluation_tensors": tensor_hash, **({dataset or "dataset": data_hash}
                                                                       if data_hash else {})})
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():  # under torchrun, rank 0 writes the report
         if plots:
             plot_eps(out_dir / "acc_vs_eps.png", report)
             plot_steps(out_dir / "acc_vs_steps.png", report)
