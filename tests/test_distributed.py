@@ -1,7 +1,8 @@
 """Several processes on torch.distributed (gloo, two CPU ranks started by torchrun) give what
 one process gives: the same evaluation and audit records, the same AAA weights (float64, a
-shield without BatchNorm), and a killed rank ends the job instead of hanging it, whose
-checkpoint then resumes on one process to the weights of an uninterrupted run.
+shield without BatchNorm), a killed rank ends the job instead of hanging it, and its
+checkpoint resumes on one or two ranks to the weights of an uninterrupted run; reproduce
+spreads its jobs and cells over the ranks and renders the table of one process.
 
 The scenarios are in ``distributed_worker.py``; every launch has one thread per process.
 """
@@ -76,7 +77,9 @@ def test_aaa_on_two_ranks_matches_one_process_with_the_global_batch(tmp_path, on
     assert _max_difference(one_process_aaa, one_process_aaa, "initial") > 1e-3
 
 
-def test_a_killed_rank_ends_the_job_and_its_checkpoint_resumes_on_one_process(tmp_path, one_process_aaa):
+@pytest.mark.parametrize("resume_ranks", [1, 2])
+def test_a_killed_rank_ends_the_job_and_its_checkpoint_resumes_on_any_number_of_ranks(
+        tmp_path, one_process_aaa, resume_ranks):
     checkpoint = tmp_path / "aaa.pt"
     start = time.monotonic()
     # Rank 1 dies (SIGKILL) in the 6th step, after the checkpoint of step 4.
@@ -88,7 +91,7 @@ def test_a_killed_rank_ends_the_job_and_its_checkpoint_resumes_on_one_process(tm
     assert not (tmp_path / "killed.json").exists() and checkpoint.exists()
     assert torch.load(checkpoint, weights_only=True)["state"]["steps"] == 4
 
-    done = _launch("aaa", tmp_path / "resumed.json", ranks=1, CHECKPOINT=str(checkpoint))
+    done = _launch("aaa", tmp_path / "resumed.json", ranks=resume_ranks, CHECKPOINT=str(checkpoint))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr and "step 4" in done.stderr
     resumed = json.loads((tmp_path / "resumed.json").read_text())

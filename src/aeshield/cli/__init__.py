@@ -86,7 +86,12 @@ def _describe(err: BaseException) -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 def main(verbose: bool, debug: bool) -> None:
-    """aeshield: autoencoder shields for frozen classifiers, and attacks that test them."""
+    """aeshield: autoencoder shields for frozen classifiers, and attacks that test them.
+
+    train, eval, audit and reproduce also run on several processes, GPUs or machines when
+    started by torchrun (`torchrun --nproc-per-node N --no-python -- aeshield ...`), with the
+    numbers of one process.
+    """
     _setup_logging(verbose)
     install_signal_handlers()  # SIGINT/SIGTERM: clean stop, one line, exit 130/143 (cli/signals.py)
 

@@ -55,7 +55,8 @@ def _record(path: str, record_type):
 @device_option()
 @jobs_option("Worker processes for training and evaluation cells [default: one per CPU core, at most 4; 1 on "
              "an accelerator]. Each cell is seeded by itself, so the order of the cells does not change what "
-             "is measured; the torch threads per process (1 per worker, all for --jobs 1) can, by round-off.")
+             "is measured; the torch threads per process (1 per worker, all for --jobs 1) can, by round-off. "
+             "Under torchrun the ranks are the workers (each job and cell on one rank) and --jobs is not used.")
 @click.option("--smoke", is_flag=True,
               help="Run the profile's whole code path (its models, attacks, figures) at a few images "
                    "and steps, to check that it runs before spending hours on it; numbers are noise. "

@@ -74,7 +74,14 @@ def _weights_path(out: str) -> Path:
 
 @click.group()
 def train() -> None:
-    """Train classifiers and shields (checkpointed; re-run the same command to resume)."""
+    """Train classifiers and shields (checkpointed; re-run the same command to resume).
+
+    Started by torchrun, training is data-parallel: --batch-size is the global batch, shared
+    by the ranks, and a checkpoint resumes on any number of them. For example:
+
+    \b
+      torchrun --standalone --nproc-per-node 2 --no-python -- aeshield train shield ...
+    """
 
 
 @train.command("classifier")

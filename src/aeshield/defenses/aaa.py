@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..attacks.gradient import pgd_train
+from ..errors import ConfigError
 from ..threat import ThreatModel
 from ..inputs import check_training_config
 from ..records import config_dict
@@ -146,6 +148,9 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
         raise ValueError("AAA needs at least one classifier to train against")
     resuming = bool(checkpoint and Path(checkpoint).exists())
     access = query_access(classifiers, config, x, fit=not resuming)
+    if access.any_query_only and distributed.world().distributed:
+        raise ConfigError("query-only AAA runs on one process: each rank would refresh its own surrogate "
+                          "from its own queries; start it without torchrun")
     classifiers = access.used
     threat = ThreatModel("Linf", config.eps)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
