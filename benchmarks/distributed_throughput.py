@@ -94,9 +94,25 @@ def _worker(args: argparse.Namespace) -> None:
         params = sum(p.numel() for p in autoencoder.parameters())
         checksum = float(sum(p.double().abs().sum() for p in autoencoder.parameters()))
         result.update(seconds=seconds, work=args.train_images, checksum=checksum,
-                      gradient_bytes=4 * params, params=params)
+                      gradient_bytes=4 * params, params=params,
+                      exchange_ms=_exchange_ms(params) if distributed.world().distributed else None)
     if distributed.is_main():
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def _exchange_ms(numel: int, repeats: int = 50) -> float:
+    """Median milliseconds of one all-reduce of ``numel`` float32 (a training update's exchange)."""
+    import torch
+    import torch.distributed as dist
+
+    buffer = torch.ones(numel)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def _run(workload: str, layout: tuple[int, int], args: argparse.Namespace) -> dict:
@@ -165,9 +181,13 @@ def main() -> None:
               f"1 process x 2 threads")
     train = runs[("train", names[1])][0]
     steps = -(-args.train_images // args.train_batch)
+    exchange = statistics.median(r["exchange_ms"] for r in runs[("train", names[1])])
+    seconds = statistics.median(r["seconds"] for r in runs[("train", names[1])])
     print(f"\nexchanged per training update: the conv-ae's gradients, {train['params']:,} float32 = "
-          f"{train['gradient_bytes'] / 1e6:.2f} MB in one all-reduce ({steps} updates in the run); "
-          f"per evaluation attack: {args.images} per-example flags (1 byte each) in one all-reduce")
+          f"{train['gradient_bytes'] / 1e6:.2f} MB in one all-reduce, {exchange:.2f} ms here (gloo, "
+          f"localhost, median of 50), against {1000 * seconds / steps:.0f} ms per update on 2 processes "
+          f"({steps} updates in the run); per evaluation attack: {args.images} per-example flags "
+          f"(1 byte each) in one all-reduce")
 
 
 if __name__ == "__main__":
