@@ -8,6 +8,8 @@ Scenarios:
 - ``evaluate``: a cascade (FGSM, PGD with restarts) on a deterministic classifier and an EOT
   cascade on a random pipeline, then a quick audit of the random pipeline; writes the records
   and the audit's report (timings left out).
+- ``trainers``: Madry AT ("free" schedule), a classifier with augmentation, a MagNet
+  autoencoder and a DBP VAE, in float64; writes their weights.
 - ``reproduce``: the runner on the small target in ``$CONFIG``; writes its table's cells.
 - ``aaa``: AAA in float64 on a shield without BatchNorm; writes the weights. With
   ``DIE_AT=K`` rank 1 kills itself (SIGKILL) at its K-th classifier forward; with
@@ -112,6 +114,52 @@ def aaa_scenario(out: str) -> dict:
             "initial": initial, "steps": result.loop.steps, "history": result.history}
 
 
+def trainers_scenario(out: str) -> dict:
+    """Every other trainer kind in float64: Madry AT on the "free" schedule (updates inside a
+    step, a carried perturbation), a classifier with crop-and-flip augmentation, a MagNet
+    autoencoder (noise per example), and a DBP VAE (sampled z, the penalty's random projections
+    and a double backward)."""
+    import torch.nn.functional as F
+
+    from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
+    from aeshield.defenses.dbp import VAE, DBPConfig, train_vae
+    from aeshield.defenses.magnet import MagNetTrainConfig, train_magnet_autoencoder
+    from aeshield.train.classifier import augment_batch
+    from aeshield.train.loop import LoopConfig, fit
+
+    torch.set_default_dtype(torch.float64)
+    x, y = tiny_data(32)
+    weights = {}
+
+    model = tiny_classifier(1)
+    adversarial_training(model, x, y, AdversarialTrainingConfig(
+        eps=0.1, step_size=0.03, attack_steps=2, epochs=2, batch_size=8, lr=0.01, schedule="free",
+        replays=2, val_attack_steps=1), progress=False)
+    weights["adversarial training (free)"] = model
+
+    model = tiny_classifier(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(xb, yb, gen):
+        loss = F.cross_entropy(model(augment_batch(xb, gen, pad=2)), yb)
+        return loss, {"loss": loss.detach()}
+    fit({"model": model}, optimizer, step, x, y, LoopConfig(epochs=2, batch_size=8), progress=False)
+    weights["classifier (augmented, SGD)"] = model
+
+    torch.manual_seed(3)
+    autoencoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+    train_magnet_autoencoder(autoencoder, x, MagNetTrainConfig(epochs=2, batch_size=8, lr=0.01),
+                             x_val=x[:8], progress=False)
+    weights["MagNet autoencoder"] = autoencoder
+
+    torch.manual_seed(4)
+    vae = VAE(latent=4, hidden=16, in_shape=(1, 8, 8))
+    train_vae(vae, x, DBPConfig(lambda2=0.1, epochs=2, batch_size=8, lr=0.01), progress=False)
+    weights["DBP VAE"] = vae
+    return {"trainers": {name: {k: v.tolist() for k, v in m.state_dict().items()}
+                         for name, m in weights.items()}}
+
+
 def reproduce_scenario(out: str) -> dict:
     """The runner on the target in ``$CONFIG`` (a JSON config), its folders beside ``out``."""
     from pathlib import Path
@@ -133,7 +181,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
     torch.set_num_threads(1)
     distributed.init()
-    result = {"evaluate": evaluate_scenario, "aaa": aaa_scenario,
+    result = {"evaluate": evaluate_scenario, "aaa": aaa_scenario, "trainers": trainers_scenario,
               "reproduce": reproduce_scenario}[scenario](out)
     result["world_size"] = distributed.world().size
     if distributed.is_main():

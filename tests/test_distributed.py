@@ -1,8 +1,9 @@
 """Several processes on torch.distributed (gloo, two CPU ranks started by torchrun) give what
 one process gives: the same evaluation and audit records, the same AAA weights (float64, a
-shield without BatchNorm), a killed rank ends the job instead of hanging it, and its
-checkpoint resumes on one or two ranks to the weights of an uninterrupted run; reproduce
-spreads its jobs and cells over the ranks and renders the table of one process.
+shield without BatchNorm; Madry AT, a classifier, MagNet and DBP too), a killed rank ends the
+job instead of hanging it, and its checkpoint resumes on one or two ranks to the weights of an
+uninterrupted run; reproduce spreads its jobs and cells over the ranks and renders the table
+of one process.
 
 The scenarios are in ``distributed_worker.py``; every launch has one thread per process.
 """
@@ -75,6 +76,17 @@ def test_aaa_on_two_ranks_matches_one_process_with_the_global_batch(tmp_path, on
     assert _max_difference(one_process_aaa, two) < 1e-8
     # and the steps did move the weights: the match is not that of two untouched shields
     assert _max_difference(one_process_aaa, one_process_aaa, "initial") > 1e-3
+
+
+def test_every_trainer_kind_on_two_ranks_matches_one_process(tmp_path):
+    """Madry AT on the "free" schedule, an augmented classifier (SGD), a MagNet autoencoder and a
+    DBP VAE (a double backward), float64: the per-example draws, the updates made inside a step
+    and the carried perturbation all follow the global batch."""
+    one = _run("trainers", tmp_path / "one.json", ranks=1)["trainers"]
+    two = _run("trainers", tmp_path / "two.json", ranks=2)["trainers"]
+    assert one.keys() == two.keys() and len(one) == 4
+    for name in one:
+        assert _max_difference({"weights": one[name]}, {"weights": two[name]}) < 1e-8, name
 
 
 @pytest.mark.parametrize("resume_ranks", [1, 2])
