@@ -384,6 +384,6 @@ def reproduce(target: str, profile: str = "quick", out_root: str | Path = "docs/
     runner = Runner(config, out_root, artifacts=artifacts, use_shipped=use_shipped and not smoke,
                     progress=progress, device=device)
     out = runner.run(jobs=jobs)
-    if ship:
+    if ship and distributed.is_main():
         runner.ship()
     return out
