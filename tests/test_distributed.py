@@ -142,6 +142,20 @@ def test_one_process_is_a_world_of_one():
         assert not distributed.world().distributed
 
 
+def test_a_process_group_that_aeshield_did_not_join_is_left_alone(monkeypatch):
+    """A program with its own process group that evaluates on rank 0 only must not have
+    aeshield wait for the other ranks: only ``init`` makes aeshield share its work."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name, value in (("is_initialized", True), ("get_world_size", 2), ("get_rank", 1),
+                        ("get_backend", "gloo")):
+        monkeypatch.setattr(dist, name, lambda value=value: value)
+    assert not distributed.world().distributed
+    monkeypatch.setattr(distributed, "_joined", True)
+    assert distributed.world() == distributed.World(1, 2, 0, "gloo")
+
+
 def test_per_example_draws_follow_the_global_batch(monkeypatch):
     """Rank r of W draws the rows r, r + W, ... of what one process draws for the whole batch,
     and its generator ends where one process's does."""

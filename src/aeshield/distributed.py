@@ -65,6 +65,9 @@ class World:
 
 _SINGLE = World()
 _alone = 0  # depth of ``alone()`` blocks
+# Set by ``init``: aeshield shares its work only over a process group it was told to use, so a
+# program that made its own group and calls aeshield on one rank does not wait for the others.
+_joined = False
 
 
 def launched() -> bool:
@@ -74,18 +77,24 @@ def launched() -> bool:
 
 
 def init(device: str | torch.device = "cpu") -> World:
-    """Join the process group ``torchrun`` describes (a no-op when not launched, or already
-    joined): NCCL when ``device`` is CUDA (each rank on GPU ``LOCAL_RANK``), gloo otherwise.
-    Returns the world."""
+    """Join the process group ``torchrun`` describes: NCCL when ``device`` is CUDA (each rank on
+    GPU ``LOCAL_RANK``), gloo otherwise. A no-op when not launched by torchrun; a program that
+    initialised its own default group calls it to let aeshield share its work over that group
+    (until then aeshield works as one process on each rank). Returns the world."""
     import torch.distributed as dist
 
-    if not launched() or dist.is_initialized():
+    global _joined
+    if not launched():
+        return world()
+    if dist.is_initialized():  # the caller's own group: share aeshield's work over it from now on
+        _joined = True
         return world()
     cuda = torch.device(device).type == "cuda"
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+    _joined = True
     w = world()
     if not w.main:  # one log, one progress bar: rank 0's
         logging.getLogger("aeshield").setLevel(logging.WARNING)
@@ -94,10 +103,11 @@ def init(device: str | torch.device = "cpu") -> World:
 
 
 def world() -> World:
-    """This process's place in the job (one rank of one inside :func:`alone`)."""
+    """This process's place in the job: one rank of one until :func:`init` has joined a process
+    group, and inside :func:`alone`."""
     import torch.distributed as dist
 
-    if _alone or not (dist.is_available() and dist.is_initialized()):
+    if _alone or not _joined or not (dist.is_available() and dist.is_initialized()):
         return _SINGLE
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                  dist.get_backend())
