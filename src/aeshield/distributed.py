@@ -31,6 +31,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,6 +181,12 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device() if world().backend == "nccl" else None)
     return box[0]
+
+
+def read_on_main(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)`` on rank 0, handed to every rank (None when the file does not exist): a
+    checkpoint that rank 0 alone writes, read without a disk the ranks share."""
+    return broadcast_object(read(path) if is_main() and path.exists() else None)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
@@ -369,7 +376,7 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
-__all__ = ["World", "all_gather_object", "alone", "all_and", "all_max", "barrier", "batch_seed", "broadcast_object",
-           "data_parallel", "device_of_rank", "gather_rows", "global_batch", "init", "is_main",
-           "launched", "mean_over_ranks", "my_batches", "my_rows", "rows_rand", "rows_randint", "rows_randn",
-           "seeded", "world", "TIMEOUT_SECONDS"]
+__all__ = ["World", "TIMEOUT_SECONDS", "all_and", "all_gather_object", "all_max", "alone", "barrier",
+           "batch_seed", "broadcast_object", "data_parallel", "device_of_rank", "gather_rows",
+           "global_batch", "init", "is_main", "launched", "mean_over_ranks", "my_batches", "my_rows",
+           "read_on_main", "rows_rand", "rows_randint", "rows_randn", "seeded", "world"]

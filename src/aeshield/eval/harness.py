@@ -231,7 +231,7 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     done: list[dict] = []
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt:  # read by rank 0, which alone writes it
-        state = distributed.broadcast_object(json.loads(ckpt.read_text()) if main and ckpt.exists() else None)
+        state = distributed.read_on_main(ckpt, lambda p: json.loads(p.read_text()))
         if state is not None and state.get("key") == key:
             robust = flags_from_string(state["flags"], device)
             done = state["results"]

@@ -122,11 +122,8 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
         for tmp in remove_temporaries(ckpt):  # a checkpoint write killed half-way
             logger.info("removed %s, left by a run killed while writing its checkpoint", tmp)
     # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
-    payload = None
-    if ckpt and world.main and ckpt.exists():
-        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if ckpt and world.distributed:
-        payload = distributed.broadcast_object(payload)
+    payload = distributed.read_on_main(
+        ckpt, lambda p: torch.load(p, map_location="cpu", weights_only=True)) if ckpt else None
     if payload is not None:
         for k, m in modules.items():
             m.load_state_dict(payload["modules"][k])
@@ -157,84 +154,75 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
         logger.info("resumed from %s at epoch %d step %d", ckpt, start_epoch, start_step)
 
     with distributed.data_parallel(trainable, optimizer):
-        return _epochs(modules, optimizer, scheduler, step_fn, x, y, config, val_fn, ckpt, progress,
-                       trainable, extra, gen, result, start_epoch, start_step, best_state, sums,
-                       counted, stale)
-
-
-def _epochs(modules, optimizer, scheduler, step_fn, x, y, config: LoopConfig, val_fn, ckpt, progress,
-            trainable, extra, gen, result: LoopResult, start_epoch: int, start_step: int, best_state,
-            sums: dict, counted: int, stale: int) -> LoopResult:
-    world = distributed.world()
-    n = x.shape[0]
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    for epoch in range(start_epoch, config.epochs):
-        # The permutation is a pure function of (seed, epoch): a resumed run sees the same order.
-        batches = _epoch_batches(n, config, epoch)
-        first = start_step if epoch == start_epoch else 0
-        if first == 0:
-            sums, counted = {}, 0
-        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress, leave=False)
-        for step in bar:
-            idx = batches[step].to(x.device)
+        n = x.shape[0]
+        steps_per_epoch = math.ceil(n / config.batch_size)
+        for epoch in range(start_epoch, config.epochs):
+            # The permutation is a pure function of (seed, epoch): a resumed run sees the same order.
+            batches = _epoch_batches(n, config, epoch)
+            first = start_step if epoch == start_epoch else 0
+            if first == 0:
+                sums, counted = {}, 0
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not progress, leave=False)
+            for step in bar:
+                idx = batches[step].to(x.device)
+                for m in trainable.values():
+                    m.train()
+                with distributed.global_batch(idx.numel() * world.size):
+                    loss, metrics = step_fn(x[idx], y[idx], gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                result.steps += 1
+                counted += 1
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                done_now = config.max_steps is not None and result.steps >= config.max_steps
+                if ckpt and (result.steps % config.checkpoint_every == 0 or done_now):
+                    sums = distributed.mean_over_ranks(sums)
+                    _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
+                        "epoch": epoch, "step_in_epoch": step + 1, "history": result.history,
+                        "steps": result.steps, "best_epoch": result.best_epoch,
+                        "best_metric": result.best_metric, "sums": dict(sums), "counted": counted,
+                        "stale": stale}, extra)
+                if done_now:
+                    return result
             for m in trainable.values():
-                m.train()
-            with distributed.global_batch(idx.numel() * world.size):
-                loss, metrics = step_fn(x[idx], y[idx], gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.steps += 1
-            counted += 1
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            done_now = config.max_steps is not None and result.steps >= config.max_steps
-            if ckpt and (result.steps % config.checkpoint_every == 0 or done_now):
-                sums = distributed.mean_over_ranks(sums)
+                m.eval()
+            sums = distributed.mean_over_ranks(sums)  # each rank summed its own share's metrics
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                      **{f"train_{k}": v / max(1, counted) for k, v in sums.items()}}
+            if val_fn is not None:
+                record.update(val_fn())
+            result.history.append(record)
+            logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                             if isinstance(v, float)))
+            metric = record.get(config.val_metric)
+            if metric is not None:
+                scheduler.step(metric)
+                if metric < result.best_metric:
+                    result.best_metric, result.best_epoch, stale = float(metric), epoch + 1, 0
+                    best_state = {k: copy.deepcopy(m.state_dict()) for k, m in trainable.items()}
+                else:
+                    stale += 1
+            stop = config.early_stop_patience is not None and stale >= config.early_stop_patience
+            last = stop or epoch + 1 == config.epochs
+            if ckpt:
                 _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
-                    "epoch": epoch, "step_in_epoch": step + 1, "history": result.history,
+                    "epoch": epoch + 1, "step_in_epoch": 0, "history": result.history,
                     "steps": result.steps, "best_epoch": result.best_epoch,
-                    "best_metric": result.best_metric, "sums": dict(sums), "counted": counted,
-                    "stale": stale}, extra)
-            if done_now:
-                return result
+                    "best_metric": result.best_metric, "finished": last, "stale": stale}, extra)
+            if stop:
+                logger.info("early stop after epoch %d (best epoch %d)", epoch + 1, result.best_epoch)
+                break
+        if best_state is not None:
+            for k, m in trainable.items():
+                m.load_state_dict(best_state[k])
         for m in trainable.values():
             m.eval()
-        sums = distributed.mean_over_ranks(sums)  # each rank summed its own share's metrics
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train_{k}": v / max(1, counted) for k, v in sums.items()}}
-        if val_fn is not None:
-            record.update(val_fn())
-        result.history.append(record)
-        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                                         if isinstance(v, float)))
-        metric = record.get(config.val_metric)
-        if metric is not None:
-            scheduler.step(metric)
-            if metric < result.best_metric:
-                result.best_metric, result.best_epoch, stale = float(metric), epoch + 1, 0
-                best_state = {k: copy.deepcopy(m.state_dict()) for k, m in trainable.items()}
-            else:
-                stale += 1
-        stop = config.early_stop_patience is not None and stale >= config.early_stop_patience
-        last = stop or epoch + 1 == config.epochs
-        if ckpt:
-            _save_checkpoint(ckpt, _with_best(modules, best_state), optimizer, scheduler, gen, {
-                "epoch": epoch + 1, "step_in_epoch": 0, "history": result.history,
-                "steps": result.steps, "best_epoch": result.best_epoch,
-                "best_metric": result.best_metric, "finished": last, "stale": stale}, extra)
-        if stop:
-            logger.info("early stop after epoch %d (best epoch %d)", epoch + 1, result.best_epoch)
-            break
-    if best_state is not None:
-        for k, m in trainable.items():
-            m.load_state_dict(best_state[k])
-    for m in trainable.values():
-        m.eval()
-    result.finished = True
-    return result
+        result.finished = True
+        return result
 
 
 def _epoch_batches(n: int, config: LoopConfig, epoch: int) -> tuple[torch.Tensor, ...]:

@@ -31,8 +31,7 @@ class CheckCache:
     def __init__(self, path: Path | None, key: str) -> None:
         self.path, self.key, self.data = path, key, {}
         if path:  # read by rank 0, which alone writes it
-            state = distributed.broadcast_object(
-                json.loads(path.read_text()) if distributed.is_main() and path.exists() else None)
+            state = distributed.read_on_main(path, lambda p: json.loads(p.read_text()))
             if state is not None and state.get("key") == key:
                 self.data = state.get("entries", {})
 
