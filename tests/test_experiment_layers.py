@@ -213,3 +213,18 @@ def test_every_key_a_shipped_target_hashes_is_the_one_it_had_before_fields_were_
     assert {k for k in got if k.split("/")[0] in targets} == set(expected)
     changed = sorted(k for k in expected if got[k] != expected[k])
     assert not changed, changed[:10]
+
+
+def test_a_suite_limited_to_rows_evaluates_only_those_and_refuses_an_unknown_label():
+    data = read_yaml(TINY_YAML.replace("LAM", "0.01").replace("LR", "0.001"))
+    data["rows"] = [{"label": "natural"}, {"label": "shielded", "kind": "shield", "shield": "s"}]
+    data["suites"].append({"name": "audit", "threat": {"norm": "Linf", "eps": 0.3}, "audit": "quick",
+                           "rows": ["shielded"]})
+    config = from_dict(data, "quick")
+    audit = next(s for s in config.suites if s.name == "audit")
+    natural, shielded = config.rows
+    assert audit.applies_to(shielded, "C") and not audit.applies_to(natural, "C")
+    assert config.suites[0].applies_to(natural, "C")  # no `rows`: every row
+    data["suites"][-1]["rows"] = ["shieldd"]
+    with pytest.raises(ValueError, match=r"suite 'audit' names unknown rows \['shieldd'\]"):
+        from_dict(data, "quick")

@@ -115,9 +115,14 @@ class SuiteSpec:
     # the battery `aeshield audit` builds for it (``eval.audit.battery``), and it lists no
     # attacks of its own. A smoke run holds the budget itself, at smoke size (``smoke_budget``).
     audit: str | AuditBudget | None = field(default=None, metadata={"hash_if_default": False})
+    # Evaluate only the rows of these labels (empty: every row); e.g. a costly audit run on the
+    # headline rows and not on the ablations.
+    rows: tuple[str, ...] = field(default=(), metadata={"hash_if_default": False})
 
     def applies_to(self, row: RowSpec, classifier: str | None = None) -> bool:
         if classifier is not None and self.classifiers and classifier not in self.classifiers:
+            return False
+        if self.rows and row.label not in self.rows:
             return False
         return not self.shields or (row.kind == "shield" and row.shield in self.shields)
 
@@ -402,7 +407,7 @@ def _suite(s: dict, where: str) -> SuiteSpec:
     attacks = tuple(_attack(a, f"{where}.attacks.{i}") for i, a in enumerate(s.get("attacks") or ()))
     fields_ = {"name": s["name"], "threat": ThreatModel(**s["threat"]), "attacks": attacks,
                "shields": tuple(s.get("shields", ()) or ()), "n": s.get("n"), "audit": audit,
-               "classifiers": tuple(s.get("classifiers", ()) or ())}
+               "classifiers": tuple(s.get("classifiers", ()) or ()), "rows": tuple(s.get("rows", ()) or ())}
     return SuiteSpec(**_typed(SuiteSpec, fields_, where))
 
 
@@ -456,6 +461,10 @@ def _check(config: ExperimentConfig) -> None:
         if unknown:
             raise ValueError(f"suite {suite.name!r} names unknown classifiers {sorted(unknown)}")
     labels = {r.label for r in config.rows}
+    for suite in config.suites:
+        unknown = set(suite.rows) - labels
+        if unknown:
+            raise ValueError(f"suite {suite.name!r} names unknown rows {sorted(unknown)}; rows: {sorted(labels)}")
     for column in config.columns:
         if column.value not in ("clean", "robust", "difference"):
             raise ValueError(f"column {column.label!r}: value must be clean, robust or difference, "
