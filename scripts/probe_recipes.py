@@ -1,0 +1,84 @@
+"""The recipe probes of issue 26's retune of aaa-mnist's quick profile: one AAA shield or one
+Madry AT run on the whole MNIST training split (55,000 images), scored on the first 500
+**validation** images (training images no model trained on; never test images) under PGD-40
+(step 0.01) x 5 restarts at eps 0.3, behind A, B and C (AAA) or the trained classifier (AT).
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py aaa '{"schedule": "pgd", "attack_steps": 2,
+        "step_size": 0.15, "epochs": 2, "batch_size": 32, "lr": 0.01, "cosine_lr": true}'
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py at '{"classifier": "B", "schedule": "pgd",
+        "attack_steps": 3, "step_size": 0.1, "eps_ramp_steps": 500, "epochs": 2, "batch_size": 32,
+        "lr": 0.003, "cosine_lr": true}'
+
+The JSON holds ``AAAConfig`` / ``AdversarialTrainingConfig`` fields (plus ``ae``: the
+autoencoder, ``against``: e.g. "AB", ``classifier``: whose AT, ``train_n``: a prefix of the
+split); prints one JSON line. A, B and C are aaa-mnist's quick classifiers, read from the
+artifact cache (run ``aeshield reproduce aaa-mnist`` once to train A). What it measured on
+2026-12-05 is in docs/dev/fast-training.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from aeshield.attacks.gradient import pgd
+from aeshield.data import load_dataset
+from aeshield.defenses.aaa import AAAConfig, train_aaa
+from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
+from aeshield.defenses.base import Shielded
+from aeshield.experiments.config import load_config
+from aeshield.experiments.runner import Runner
+from aeshield.models import create_model
+
+
+def score(model, x, y) -> tuple[float, float]:
+    """Clean and PGD-40 x5 accuracy (%) on ``(x, y)``."""
+    model.eval()
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    x_adv = pgd(model, x, y, eps=0.3, step_size=0.01, steps=40, restarts=5,
+                generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        robust = float((model(x_adv).argmax(1) == y).float().mean())
+    return round(100 * clean, 1), round(100 * robust, 1)
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    kind, spec = sys.argv[1], json.loads(sys.argv[2])
+    n_val = int(sys.argv[3]) if len(sys.argv) > 3 else 500
+    out = {"kind": kind, "spec": dict(spec)}
+    train, val = load_dataset("mnist", "train"), load_dataset("mnist", "val")
+    xv, yv = val.images[:n_val], val.labels[:n_val]
+    runner = Runner(load_config("aaa-mnist", "quick"), progress=False)
+    classifiers = {k: runner.zoo.classifier(k).eval() for k in "ABC"}
+    limit = spec.pop("train_n", None)
+    x, y = (train.images, train.labels) if limit is None else (train.images[:limit], train.labels[:limit])
+    out["train_n"] = int(x.shape[0])
+    start = time.perf_counter()
+    if kind == "aaa":
+        against = spec.pop("against", "AB")
+        torch.manual_seed(spec.get("seed", 0))
+        shield = create_model(spec.pop("ae", "conv-ae"))
+        result = train_aaa(shield, [classifiers[k] for k in against], x, y, AAAConfig(**spec), progress=False)
+        out["train_s"] = round(time.perf_counter() - start, 1)
+        out["guard"] = [{k: round(v, 3) for k, v in h.items() if k.startswith("guard")} for h in result.history]
+        for k in "ABC":
+            out[k] = score(Shielded(shield.eval(), classifiers[k]).eval(), xv, yv)
+    else:
+        which = spec.pop("classifier")
+        model = create_model(runner.config.classifiers[which].model)
+        model.load_state_dict(classifiers[which].state_dict())
+        result = adversarial_training(model, x, y, AdversarialTrainingConfig(**spec), progress=False)
+        out["train_s"] = round(time.perf_counter() - start, 1)
+        out["history"] = [{k: round(v, 3) if isinstance(v, float) else v for k, v in h.items()}
+                          for h in result.history]
+        out[which] = score(model, xv, yv)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
