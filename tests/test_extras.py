@@ -164,10 +164,11 @@ _CORE_ONLY = textwrap.dedent("""
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
     record = evaluate(model, x, y, [AttackSpec("pgd", {"steps": 2})], ThreatModel("Linf", 0.1), progress=False)
     assert record.n == 8
-    for target in ("aaa-mnist", "s2snet-mnist", "puvae-mnist", "dbp-mnist"):
+    for target in ("s2snet-mnist", "puvae-mnist", "dbp-mnist"):
         check_extras(load_config(target, "quick"))
-    # The demo's audit column runs the audit's battery, whose AutoAttack parts need the extra.
-    for target, extra in (("corruption-mnist", "corruptions"), ("demo", "attacks")):
+    # The audit columns of the demo and aaa-mnist run the audit's battery, whose AutoAttack
+    # parts need the extra.
+    for target, extra in (("corruption-mnist", "corruptions"), ("demo", "attacks"), ("aaa-mnist", "attacks")):
         try:
             check_extras(load_config(target, "quick"))
         except MissingExtraError as err:
