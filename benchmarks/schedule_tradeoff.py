@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -52,8 +51,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from aeshield.defenses.aaa import AAAConfig, train_aaa
-from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training
+from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training, total_updates
 from aeshield.defenses.base import Shielded
+from aeshield.defenses.schedules import updates_per_batch
 from aeshield.eval.audit.battery import build_battery
 from aeshield.eval.harness import AttackSpec, evaluate
 from aeshield.experiments.config import load_config
@@ -110,8 +110,9 @@ class Snapshots:
             self.taken[-1]["state"] = copy.deepcopy(self.module.state_dict())
 
 
-def planned_updates(n: int, batch: int, epochs: int, schedule: str, replays: int, warmup: int = 0) -> int:
-    return warmup + epochs * math.ceil(n / batch) * (replays if schedule == "free" else 1)
+def evenly(total: int, count: int) -> list[int]:
+    """``count`` update counts spread evenly over ``total``, the last one ``total``."""
+    return [round(total * (i + 1) / count) for i in range(count)]
 
 
 def schedule_settings(schedule: str, args) -> dict:
@@ -128,8 +129,9 @@ def train_aaa_run(schedule: str, classifiers: list[nn.Module], train, args) -> t
                        **schedule_settings(schedule, args))
     torch.manual_seed(0)
     shield = create_model("conv-ae")
-    total = planned_updates(len(train.labels), 32, args.epochs, config.schedule, args.replays, config.warmup_steps)
-    snaps = Snapshots(shield, [round(total * (i + 1) / args.snapshots) for i in range(args.snapshots)])
+    # The clean warm-up updates use the same optimizer, so the hook counts them too.
+    total = config.warmup_steps + total_updates(len(train.labels), 32, args.epochs) * updates_per_batch(config)
+    snaps = Snapshots(shield, evenly(total, args.snapshots))
     with snaps.running():
         train_aaa(shield, classifiers, train.images, train.labels, config, progress=False)
     return shield.eval(), snaps
@@ -140,8 +142,8 @@ def train_at_run(schedule: str, base: nn.Module, architecture: str, train, args)
                                        **schedule_settings(schedule, args))
     model = create_model(architecture)
     model.load_state_dict(base.state_dict())
-    total = planned_updates(len(train.labels), 32, args.epochs, config.schedule, args.replays)
-    snaps = Snapshots(model, [round(total * (i + 1) / args.snapshots) for i in range(args.snapshots)])
+    total = total_updates(len(train.labels), 32, args.epochs) * updates_per_batch(config)
+    snaps = Snapshots(model, evenly(total, args.snapshots))
     with snaps.running():
         adversarial_training(model, train.images, train.labels, config, progress=False)
     return model.eval(), snaps
@@ -162,10 +164,6 @@ def pooled(*accuracies: Accuracy) -> Accuracy:
     return Accuracy(sum(a.correct for a in accuracies), sum(a.n for a in accuracies))
 
 
-def percent(a: Accuracy) -> str:
-    return a.format()
-
-
 def evaluate_snapshots(kind: str, schedule: str, module: nn.Module, snaps: Snapshots,
                        pipelines: dict[str, Callable[[nn.Module], nn.Module]], test, *,
                        audit: str = "none") -> list[dict]:
@@ -183,7 +181,7 @@ def evaluate_snapshots(kind: str, schedule: str, module: nn.Module, snaps: Snaps
             point[name] = {k: v.to_dict() for k, v in m.items() if isinstance(v, Accuracy)}
             point[name]["eval_s"] = round(time.perf_counter() - t, 1)
         rows.append(point)
-        print(json.dumps({k: v for k, v in point.items()}), flush=True)
+        print(json.dumps(point), flush=True)
     return rows
 
 
@@ -200,13 +198,13 @@ def print_curves(points: list[dict]) -> None:
         if p["method"] == "AAA":
             clean = pooled(acc(p["A"]["clean"]), acc(p["B"]["clean"]))
             rob = pooled(acc(p["A"]["pgd"]), acc(p["B"]["pgd"]))
-            c = percent(acc(p["C"]["pgd"]))
+            c = acc(p["C"]["pgd"]).format()
             label = "AAA on {A, B} (A and B pooled)"
         else:
             clean, rob, c = acc(p["A"]["clean"]), acc(p["A"]["pgd"]), "-"
             label = f"Madry AT of {p['classifier']}"
-        print(f"| {label} | {p['schedule']} | {p['updates']} | {p['wall_s']:.0f} | {percent(clean)} | "
-              f"{percent(rob)} | {c} |")
+        print(f"| {label} | {p['schedule']} | {p['updates']} | {p['wall_s']:.0f} | {clean.format()} | "
+              f"{rob.format()} | {c} |")
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -314,7 +312,7 @@ def main() -> None:
               f"worst case of PGD-40 x5 and the audit's quick battery, n = {args.n})\n")
         for k in "ABC":
             print(f"- Madry AT of {k}: {claim['at_wall_s'][k]:.0f} s, worst case "
-                  f"{percent(acc(claim['at_worst'][k]))}")
+                  f"{acc(claim['at_worst'][k]).format()}")
         if claim["vacuous"]:
             print(f"- Madry AT of {', '.join(claim['vacuous'])} ended with nothing robust: a crippled baseline, "
                   "no claim")
