@@ -1,19 +1,26 @@
-"""The recipe probes of issue 26's retune of aaa-mnist's quick profile: one AAA shield or one
-Madry AT run on the whole MNIST training split (55,000 images), scored on the first 500
-**validation** images (training images no model trained on; never test images) under PGD-40
-(step 0.01) x 5 restarts at eps 0.3, behind A, B and C (AAA) or the trained classifier (AT).
+"""The recipe probes of issue 26's retunes of the quick profiles of aaa-mnist and aaa-fmnist:
+one AAA shield or one Madry AT run on the target's whole training split (55,000 images),
+scored on the first 500 **validation** images (training images no model trained on; never
+test images) under PGD-40 (step 0.01) x 5 restarts at the target's eps, behind each of the
+target's classifiers (AAA) or the trained classifier (AT).
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py aaa '{"schedule": "pgd", "attack_steps": 2,
         "step_size": 0.15, "epochs": 2, "batch_size": 32, "lr": 0.01, "cosine_lr": true}'
     OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py at '{"classifier": "B", "schedule": "pgd",
         "attack_steps": 3, "step_size": 0.1, "eps_ramp_steps": 500, "epochs": 2, "batch_size": 32,
         "lr": 0.003, "cosine_lr": true}'
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py aaa '{"target": "aaa-fmnist",
+        "against": "N", "eps": 0.2, "lam": 0.4, "attack_steps": 2, "step_size": 0.1, ...}'
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py shipped '{"target": "aaa-fmnist",
+        "shield": "xent+mse-lam0.4"}'
 
 The JSON holds ``AAAConfig`` / ``AdversarialTrainingConfig`` fields (plus ``ae``: the
 autoencoder, ``against``: e.g. "AB", ``classifier``: whose AT, ``train_n``: a prefix of the
-split); prints one JSON line. A, B and C are aaa-mnist's quick classifiers, read from the
-artifact cache (run ``aeshield reproduce aaa-mnist`` once to train A). What it measured on
-2026-12-05 is in docs/dev/fast-training.md.
+split, ``target``: aaa-mnist (default) or another target whose classifiers to use); ``shipped``
+scores a shield of the target's quick profile as the runner loads it (``shield``: its name).
+Prints one JSON line. The classifiers are the target's quick ones, read from the shipped
+weights or the artifact cache (run ``aeshield reproduce aaa-mnist`` once to train A). What it
+measured is in docs/dev/fast-training.md.
 """
 from __future__ import annotations
 
@@ -34,12 +41,12 @@ from aeshield.experiments.runner import Runner
 from aeshield.models import create_model
 
 
-def score(model, x, y) -> tuple[float, float]:
+def score(model, x, y, eps: float) -> tuple[float, float]:
     """Clean and PGD-40 x5 accuracy (%) on ``(x, y)``."""
     model.eval()
     with torch.no_grad():
         clean = float((model(x).argmax(1) == y).float().mean())
-    x_adv = pgd(model, x, y, eps=0.3, step_size=0.01, steps=40, restarts=5,
+    x_adv = pgd(model, x, y, eps=eps, step_size=0.01, steps=40, restarts=5,
                 generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         robust = float((model(x_adv).argmax(1) == y).float().mean())
@@ -51,10 +58,18 @@ def main() -> None:
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
     n_val = int(sys.argv[3]) if len(sys.argv) > 3 else 500
     out = {"kind": kind, "spec": dict(spec)}
-    train, val = load_dataset("mnist", "train"), load_dataset("mnist", "val")
+    config = load_config(spec.pop("target", "aaa-mnist"), "quick")
+    eps = config.adversarial_training.eps
+    train, val = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "val")
     xv, yv = val.images[:n_val], val.labels[:n_val]
-    runner = Runner(load_config("aaa-mnist", "quick"), progress=False)
-    classifiers = {k: runner.zoo.classifier(k).eval() for k in "ABC"}
+    runner = Runner(config, progress=False)
+    classifiers = {k: runner.zoo.classifier(k).eval() for k in config.classifiers}
+    if kind == "shipped":
+        shield = runner.zoo.shield(spec["shield"]).eval()
+        for k in classifiers:
+            out[k] = score(Shielded(shield, classifiers[k]).eval(), xv, yv, eps)
+        print(json.dumps(out), flush=True)
+        return
     limit = spec.pop("train_n", None)
     x, y = (train.images, train.labels) if limit is None else (train.images[:limit], train.labels[:limit])
     out["train_n"] = int(x.shape[0])
@@ -66,8 +81,8 @@ def main() -> None:
         result = train_aaa(shield, [classifiers[k] for k in against], x, y, AAAConfig(**spec), progress=False)
         out["train_s"] = round(time.perf_counter() - start, 1)
         out["guard"] = [{k: round(v, 3) for k, v in h.items() if k.startswith("guard")} for h in result.history]
-        for k in "ABC":
-            out[k] = score(Shielded(shield.eval(), classifiers[k]).eval(), xv, yv)
+        for k in classifiers:
+            out[k] = score(Shielded(shield.eval(), classifiers[k]).eval(), xv, yv, eps)
     else:
         which = spec.pop("classifier")
         model = create_model(runner.config.classifiers[which].model)
@@ -76,7 +91,7 @@ def main() -> None:
         out["train_s"] = round(time.perf_counter() - start, 1)
         out["history"] = [{k: round(v, 3) if isinstance(v, float) else v for k, v in h.items()}
                           for h in result.history]
-        out[which] = score(model, xv, yv)
+        out[which] = score(model, xv, yv, eps)
     print(json.dumps(out), flush=True)
 
 

@@ -14,7 +14,7 @@ from aeshield.attacks.gradient import pgd_train
 from aeshield.defenses.aaa import AAAConfig, AAAShieldConfig, train_aaa
 from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training, steps_taken
 from aeshield.defenses.registry import config_from_dict, config_to_dict
-from aeshield.defenses.schedules import FreeReplay, craft
+from aeshield.defenses.schedules import FreeReplay, OverfitGuard, craft
 from aeshield.errors import ConfigError
 from aeshield.threat import ThreatModel
 
@@ -102,6 +102,51 @@ def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp
                               guard_n=16, guard_steps=2), x_val=x[:16], y_val=y[:16], progress=False)
     assert aaa.config["schedule"] == schedule and sum(aaa.visits) == 3
     assert ("guard_adv_acc" in aaa.history[0]) == (schedule == "fast")
+
+
+def test_a_check_within_the_epoch_restores_the_state_of_the_last_good_check():
+    """``guard_every``: on one- or two-epoch budgets a collapse inside the first epoch leaves
+    an end-of-epoch check nothing to go back to; a check every few updates does."""
+    x, y = _data(8)
+    model = _classifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = OverfitGuard(lambda: [model], {"model": model}, optimizer, x, y, eps=0.3, steps=2, drop=0.2,
+                         backoff=0.5, step_factor=1.25, every=2)
+    accuracies = iter([0.5, 0.6, 0.1, 0.55, 0.58])  # baseline, update 2, update 4 (collapse), restored, end
+    guard.measure = lambda: next(accuracies)
+    start = [p.detach().clone() for p in model.parameters()]
+    guard.baseline()
+    for _ in range(5):
+        guard.tick()
+        with torch.no_grad():  # the update this tick came before
+            for p in model.parameters():
+                p.add_(1.0)
+    # Restored at update 4 to the state checked at update 2, then one more update.
+    assert all(torch.allclose(p, s + 3.0) for p, s in zip(model.parameters(), start))
+    assert guard.step_factor == 0.625 and guard.restores == 1
+    record = guard.check()
+    assert record["guard_restored"] == 1.0 and record["guard_checks"] == 3.0
+    assert guard.state_dict()["updates"] == 5
+
+
+def test_guard_every_checks_inside_each_epoch_of_a_training_run(tmp_path):
+    x, y = _data(96)
+    ckpt = tmp_path / "at.ckpt"
+    config = AdversarialTrainingConfig(epochs=2, batch_size=16, schedule="fast", guard_every=4, guard_n=16,
+                                       guard_steps=2, checkpoint_every=1)
+    result = adversarial_training(_classifier(), x, y, config, x_val=x[:16], y_val=y[:16], checkpoint=ckpt,
+                                  progress=False)
+    # 6 updates an epoch: checks before update 4 and at the end of epoch 1, before update 10
+    # and at the end of epoch 2.
+    assert [h["guard_checks"] for h in result.history] == [2.0, 2.0]
+    guard_state = torch.load(ckpt, weights_only=True)["extra"]["guard"]
+    assert int(guard_state["updates"]) == 12 and int(guard_state["checked_at"]) == 12
+    # Without guard_every the records are what they were before it existed.
+    plain = adversarial_training(_classifier(), x, y, dataclasses.replace(config, guard_every=None),
+                                 x_val=x[:16], y_val=y[:16], progress=False)
+    assert all("guard_checks" not in h for h in plain.history)
+    with pytest.raises(ConfigError, match="guard_every"):
+        AdversarialTrainingConfig(guard_every=0)
 
 
 def test_schedule_fields_are_left_out_of_configs_at_their_default_and_checked():

@@ -193,6 +193,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                     set_lr()
                     return threat
                 return free.step(xb, lambda x_adv: outer(x_adv, xb, yb, classifier), optimizer, replay_threat)
+            if guard is not None:
+                guard.tick()
             autoencoder.train(config.craft_mode == "train")
             x_adv = craft(Shielded(autoencoder, classifier), xb, yb, schedule=config.schedule, threat=threat,
                           step_size=config.step_size, steps=config.attack_steps,

@@ -62,6 +62,7 @@ class AdvTrainSpec:
     replays: int = added_later(4)
     fgsm_step_factor: float = added_later(1.25)
     guard_drop: float | None = added_later(0.2)
+    guard_every: int | None = added_later(None)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class ShieldSpec(QuerySettings):
     replays: int = added_later(4)
     fgsm_step_factor: float = added_later(1.25)
     guard_drop: float | None = added_later(0.2)
+    guard_every: int | None = added_later(None)
     # Classifiers of ``against`` the shield's trainer reaches only through queries (issue 28):
     # each behind ``models.query.QueryOnly(output=query_output, decimals=query_decimals,
     # budget=query_budget)``, and reached per ``query_method`` (``defenses.query_access``).
