@@ -14,7 +14,7 @@ from aeshield.attacks.gradient import pgd_train
 from aeshield.defenses.aaa import AAAConfig, AAAShieldConfig, train_aaa
 from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training, steps_taken
 from aeshield.defenses.registry import config_from_dict, config_to_dict
-from aeshield.defenses.schedules import FreeReplay, OverfitGuard, craft
+from aeshield.defenses.schedules import FreeReplay, OverfitGuard, craft, warn_if_never_robust
 from aeshield.errors import ConfigError
 from aeshield.threat import ThreatModel
 
@@ -147,6 +147,18 @@ def test_guard_every_checks_inside_each_epoch_of_a_training_run(tmp_path):
     assert all("guard_checks" not in h for h in plain.history)
     with pytest.raises(ConfigError, match="guard_every"):
         AdversarialTrainingConfig(guard_every=0)
+
+
+def test_a_fast_run_that_never_became_robust_under_pgd_is_told_to_use_pgd(caplog):
+    # What FGSM training of MNIST's B at eps 0.3 ended with (docs/dev/fast-training.md).
+    never = [{"train_adv_acc": 0.66, "guard_adv_acc": 0.0}, {"train_adv_acc": 0.90, "guard_adv_acc": 0.008}]
+    with caplog.at_level("WARNING", logger="aeshield.defenses.schedules"):
+        assert warn_if_never_robust(never)
+    assert "schedule 'pgd'" in caplog.text and "90.0%" in caplog.text
+    assert not warn_if_never_robust([{"train_adv_acc": 0.7, "guard_adv_acc": 0.4}])  # robust: fine
+    assert not warn_if_never_robust([{"train_adv_acc": 0.3, "guard_adv_acc": 0.0}])  # nothing learnt yet
+    assert not warn_if_never_robust([{"train_adv_acc": 0.9}])  # no guard
+    assert not warn_if_never_robust([])
 
 
 def test_schedule_fields_are_left_out_of_configs_at_their_default_and_checked():

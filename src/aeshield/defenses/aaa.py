@@ -38,7 +38,8 @@ from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
 from .query_access import QuerySettings, check_query, query_access
-from .schedules import ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch
+from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch,
+                        warn_if_never_robust)
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                                          access.report if access.any_query_only else None),
                           checkpoint=checkpoint, progress=progress, extra=extra)
     result.history = result.loop.history
+    if guard is not None:
+        warn_if_never_robust(result.history)
     result.queries = access.queries
     autoencoder.eval()
     return result

@@ -22,7 +22,8 @@ from ..inputs import check_training_config
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
-from .schedules import ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch
+from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch,
+                        warn_if_never_robust)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,8 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     result = fit({"model": model}, optimizer, step, x, y, loop,
                  val_fn=combine(guard.check if guard is not None else None, val_fn),
                  checkpoint=checkpoint, progress=progress, extra=extra or None)
+    if guard is not None:
+        warn_if_never_robust(result.history)
     model.eval()
     return result
 
