@@ -149,6 +149,33 @@ def test_guard_every_checks_inside_each_epoch_of_a_training_run(tmp_path):
         AdversarialTrainingConfig(guard_every=0)
 
 
+@pytest.mark.parametrize("trainer", ["at", "aaa"])
+def test_a_restore_within_the_epoch_keeps_the_lr_schedule(trainer, monkeypatch):
+    """A restore puts back the optimizer's state of the last good check, its lr included: the
+    schedule's lr must be set after the check, so no update runs at an earlier, larger lr."""
+    accuracies = iter([0.5, 0.6, 0.1, 0.55, 0.58])  # baseline, update 2, update 4 (collapse), restored, end
+    monkeypatch.setattr(OverfitGuard, "measure", lambda self: next(accuracies))
+    lrs: list[float] = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    x, y = _data(96)
+    common = dict(epochs=1, batch_size=16, schedule="fast", guard_every=2, guard_n=16, guard_steps=2,
+                  cosine_lr=True, lr=1e-2)
+    try:
+        if trainer == "at":
+            result = adversarial_training(_classifier(), x, y, AdversarialTrainingConfig(**common),
+                                          progress=False)
+        else:
+            result = train_aaa(_autoencoder(), [_classifier()], x, y, AAAConfig(warmup_steps=0, **common),
+                               progress=False)
+    finally:
+        hook.remove()
+    assert result.history[0]["guard_restored"] == 1.0
+    assert len(lrs) == 6 and all(a > b for a, b in zip(lrs, lrs[1:]))  # the cosine, never back up
+
+
 def test_a_fast_run_that_never_became_robust_under_pgd_is_told_to_use_pgd(caplog):
     # What FGSM training of MNIST's B at eps 0.3 ended with (docs/dev/fast-training.md).
     never = [{"train_adv_acc": 0.66, "guard_adv_acc": 0.0}, {"train_adv_acc": 0.90, "guard_adv_acc": 0.008}]

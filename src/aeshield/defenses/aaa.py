@@ -182,6 +182,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
 
         def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
             access.settle()  # a surrogate's refresh, between this step's forward and the last's backward
+            if guard is not None:  # before the lr is set: a restore puts back the optimizer's old lr
+                guard.tick()
             if free is None:
                 set_lr()
             k = int(torch.randint(len(classifiers), (1,), generator=gen))
@@ -194,8 +196,6 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                     set_lr()
                     return threat
                 return free.step(xb, lambda x_adv: outer(x_adv, xb, yb, classifier), optimizer, replay_threat)
-            if guard is not None:
-                guard.tick()
             autoencoder.train(config.craft_mode == "train")
             x_adv = craft(Shielded(autoencoder, classifier), xb, yb, schedule=config.schedule, threat=threat,
                           step_size=config.step_size, steps=config.attack_steps,

@@ -113,11 +113,11 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         if free is not None:
             model.train()
             return free.step(xb, lambda x_adv: outer(x_adv, yb), optimizer, prepare)
+        if guard is not None:  # before the lr is set: a restore puts back the optimizer's old lr
+            guard.tick()
         if config.cosine_lr:
             cosine_lr(optimizer, config.lr, total)
         model.eval()  # craft without touching BatchNorm statistics or dropout masks
-        if guard is not None:
-            guard.tick()
         scale = ramp(optimizer, config.eps_ramp_steps)
         x_adv = craft(model, xb, yb, schedule=config.schedule, threat=ThreatModel("Linf", config.eps * scale),
                       step_size=config.step_size * scale, steps=config.attack_steps,
