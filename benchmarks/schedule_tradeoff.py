@@ -17,7 +17,9 @@ These are aaa-mnist's quick recipes (its shields: ``pgd-2``, its Madry AT: ``pgd
 
 ``pgd-K`` is a random start and K PGD steps of eps / K (``pgd-10``: step 0.03, the quick
 profile's training attack until issue 26; ``pgd-2``: its shields' attack since), ``fast`` is FGSM
-from a random start with step 1.25 eps and the overfitting guard, ``free`` replays each
+from a random start with step 1.25 eps and the overfitting guard, ``nfgsm`` is FGSM of step eps
+from a uniform noise of 2 eps, not projected to the ball (de Jorge et al. 2022), with the guard,
+``free`` replays each
 minibatch ``--replays`` times. Every run sees the whole training split for ``--epochs`` epochs.
 During training the weights are copied at ``--snapshots`` evenly spaced updates, with the
 training wall time at that point (the copies are not counted). Every snapshot is then evaluated
@@ -116,7 +118,7 @@ def evenly(total: int, count: int) -> list[int]:
 
 
 def schedule_settings(schedule: str, args) -> dict:
-    """A trainer's settings for ``schedule``: "fast", "free" or "pgd-K" (PGD-K with step eps / K,
+    """A trainer's settings for ``schedule``: "fast", "nfgsm", "free" or "pgd-K" (PGD-K with step eps / K,
     so that the steps together cross the ball once; "pgd" alone is PGD-10)."""
     name, _, steps = schedule.partition("-")
     steps = int(steps or 10)
@@ -256,7 +258,8 @@ def cost_claim(shield_points: list[dict], at_runs: dict[str, dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schedules", default="pgd-10,pgd-2,fast,free",
-                        help="training schedules, each 'fast', 'free' or 'pgd-K' (default pgd-10,pgd-2,fast,free)")
+                        help="training schedules, each 'fast', 'nfgsm', 'free' or 'pgd-K' "
+                             "(default pgd-10,pgd-2,fast,free)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs over the whole training split (2)")
     parser.add_argument("--replays", type=int, default=4, help="free's m (4)")
     parser.add_argument("--at-ramp", type=int, default=500,

@@ -79,6 +79,10 @@ CASES = [
     ("train-aaa-eps-negative", "train aaa --classifier mnist-b --dataset mnist --eps -0.3 --out {f}/o/g"),
     ("train-aaa-eps-too-big", "train aaa --classifier mnist-b --dataset mnist --eps 5 --out {f}/o/g"),
     ("train-aaa-steps-0", "train aaa --classifier mnist-b --dataset mnist --attack-steps 0 --out {f}/o/g"),
+    ("train-aaa-guard-every-0",
+     "train aaa --classifier mnist-b --dataset mnist --schedule nfgsm --guard-every 0 --out {f}/o/g"),
+    ("train-aaa-nfgsm-step-0",
+     "train aaa --classifier mnist-b --dataset mnist --schedule nfgsm --nfgsm-step 0 --out {f}/o/g"),
     ("train-aaa-step-negative", "train aaa --classifier mnist-b --dataset mnist --step-size -0.01 --out {f}/o/g"),
     ("train-aaa-loss", "train aaa --classifier mnist-b --dataset mnist --loss l1 --out {f}/o/g"),
     ("train-aaa-corrupt-classifier", "train aaa --classifier {f}/corrupt.safetensors --dataset mnist --out {f}/o/g"),
@@ -164,7 +168,8 @@ EXPECTED = {
     "eval-labels-out-of-range": "label 12", "eval-labels-negative": "-5", "eval-pixels-out-of-range": "[0.0, 1.0]",
     "eval-truncated-npz": "not a readable .npz", "report-not-a-record": "not an aeshield evaluation record",
     "train-epochs-0": "epochs", "train-limit-0": "train_limit", "eval-eps-too-big": "exceeds the pixel range",
-    "train-aaa-eps-too-big": "exceeds the pixel range",
+    "train-aaa-eps-too-big": "exceeds the pixel range", "train-aaa-guard-every-0": "guard_every",
+    "train-aaa-nfgsm-step-0": "nfgsm_step",
 }
 
 

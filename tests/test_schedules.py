@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aeshield.attacks.gradient import pgd_train
+from aeshield.attacks.gradient import fgsm, noisy_fgsm_train, pgd_train
 from aeshield.defenses.aaa import AAAConfig, AAAShieldConfig, train_aaa
 from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training, steps_taken
 from aeshield.defenses.registry import config_from_dict, config_to_dict
-from aeshield.defenses.schedules import FreeReplay, OverfitGuard, craft, warn_if_never_robust
+from aeshield.defenses.schedules import FreeReplay, OverfitGuard, craft, guarded, step_factor, warn_if_never_robust
 from aeshield.errors import ConfigError
 from aeshield.threat import ThreatModel
 
@@ -50,6 +50,35 @@ def test_fast_is_one_step_from_a_random_start_inside_the_ball():
                                       generator=torch.Generator().manual_seed(0)))
 
 
+def test_nfgsm_steps_from_a_noise_larger_than_eps_and_leaves_the_ball_but_not_the_box():
+    x, y = _data(256)
+    model, threat = _classifier().eval(), ThreatModel("Linf", 0.1)
+    gen = torch.Generator().manual_seed(0)
+    adv = craft(model, x, y, schedule="nfgsm", threat=threat, step_size=0.01, steps=40, step_factor=1.0,
+                noise_factor=2.0, generator=gen)
+    assert adv.min() >= 0 and adv.max() <= 1
+    distance = (adv - x).abs().flatten(1).amax(1)
+    assert (distance <= 0.3 + 1e-6).all()  # noise 2 eps + step eps, nothing more
+    assert not threat.contains(adv, x).all()  # not projected to the ball: de Jorge et al.'s point
+    # Without noise it is FGSM of step eps from the clean image.
+    plain = noisy_fgsm_train(model, x, y, threat=threat, step_size=0.1, noise=0.0,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, fgsm(model, x, y, eps=0.1))
+    with pytest.raises(ValueError, match="L-inf"):
+        noisy_fgsm_train(model, x, y, threat=ThreatModel("L2", 1.0), step_size=0.1, noise=0.2, generator=gen)
+
+
+def test_nfgsm_has_its_own_step_rule_and_the_guard():
+    config = AdversarialTrainingConfig(schedule="nfgsm")
+    assert guarded(config) and step_factor(config) == 1.0 and config.nfgsm_noise == 2.0
+    assert step_factor(AdversarialTrainingConfig(schedule="fast")) == 1.25
+    assert not guarded(AdversarialTrainingConfig(schedule="nfgsm", guard_drop=None))
+    data = config_to_dict(AAAShieldConfig(training=AAAConfig(schedule="nfgsm", nfgsm_noise=1.0)))["training"]
+    assert data["nfgsm_noise"] == 1.0 and "nfgsm_step" not in data
+    with pytest.raises(ConfigError, match="nfgsm_step"):
+        AAAConfig(schedule="nfgsm", nfgsm_step=0.0)
+
+
 def test_free_replays_each_minibatch_m_times_and_carries_the_perturbation():
     x, y = _data()
     model = _classifier()
@@ -81,7 +110,7 @@ def test_free_replays_each_minibatch_m_times_and_carries_the_perturbation():
     assert all(d.abs().max() <= 0.1 + 1e-6 for d in seen)
 
 
-@pytest.mark.parametrize("schedule", ["fast", "free"])
+@pytest.mark.parametrize("schedule", ["fast", "nfgsm", "free"])
 def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp_path):
     x, y = _data(96)
     ckpt = tmp_path / "at.ckpt"
@@ -95,13 +124,13 @@ def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp
     if schedule == "free":
         assert payload["extra"]["free"]["delta"].abs().max() <= 0.3 + 1e-6
     else:
-        assert float(payload["extra"]["guard"]["step_factor"]) == 1.25
+        assert float(payload["extra"]["guard"]["step_factor"]) == (1.25 if schedule == "fast" else 1.0)
         assert all("guard_adv_acc" in h and h["guard_restored"] == 0.0 for h in result.history)
     aaa = train_aaa(_autoencoder(), [_classifier(), _classifier(3)], x, y,
                     AAAConfig(epochs=1, batch_size=32, warmup_steps=2, schedule=schedule, replays=2,
                               guard_n=16, guard_steps=2), x_val=x[:16], y_val=y[:16], progress=False)
     assert aaa.config["schedule"] == schedule and sum(aaa.visits) == 3
-    assert ("guard_adv_acc" in aaa.history[0]) == (schedule == "fast")
+    assert ("guard_adv_acc" in aaa.history[0]) == (schedule != "free")
 
 
 def test_a_check_within_the_epoch_restores_the_state_of_the_last_good_check():

@@ -263,6 +263,24 @@ def pgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thr
     return x_adv
 
 
+def noisy_fgsm_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,
+                     step_size: float, noise: float, generator: torch.Generator,
+                     loss: str | LossFn = "ce") -> torch.Tensor:
+    """N-FGSM (de Jorge et al. 2022, "Make Some Noise"), a training-time attack: uniform noise
+    in ``[-noise, noise]`` per pixel, then one FGSM step of ``step_size`` from the noisy point,
+    clipped to the pixel box only. Not projected to the eps-ball on purpose: the authors find
+    that the noise larger than eps and the missing projection are what keep single-step
+    training from overfitting catastrophically, so the training perturbation can reach
+    ``noise + step_size`` (evaluation stays in the ball). L-inf only."""
+    if threat.norm is not Norm.LINF:
+        raise ValueError(f"N-FGSM is an L-inf method; got a {threat.norm.value} threat model")
+    x = x.detach()
+    noisy = (x + (rows_rand(x.shape, generator) * 2 - 1).to(x.device, x.dtype) * noise).clamp_(*threat.bounds)
+    grad, _, _ = input_gradient(model, noisy, y, logit_objective(loss))
+    with torch.no_grad():
+        return noisy.add_(grad.sign_(), alpha=step_size).clamp_(*threat.bounds)
+
+
 def step_size_rule(eps: float, steps: int, factor: float = 2.5) -> float:
     """PGD step size ``factor * eps / steps``: the common 2.5 eps / steps rule, so that the
     steps together cross the ball 2.5 times; rounded so that records stay readable."""

@@ -130,24 +130,32 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @config_option(AAAConfig, "attack_steps", help="Training PGD steps.")
 @config_option(AAAConfig, "epochs", help="Epochs.")
 @config_option(AAAConfig, "schedule", type=click.Choice(list(SCHEDULES)),
-               help="Training attack: pgd (Madry), fast (FGSM from a random start, Wong et al. 2020) or "
+               help="Training attack: pgd (Madry), fast (FGSM from a random start, Wong et al. 2020), "
+                    "nfgsm (FGSM from a larger noise, not projected, de Jorge et al. 2022) or "
                     "free (minibatch replay, Shafahi et al. 2019).")
 @config_option(AAAConfig, "replays", help="free: updates per minibatch, the perturbation carried.")
 @config_option(AAAConfig, "fgsm_step_factor", help="fast: FGSM step as a multiple of eps.")
+@config_option(AAAConfig, "nfgsm_noise", help="nfgsm: the uniform noise's radius as a multiple of eps.")
+@config_option(AAAConfig, "nfgsm_step", help="nfgsm: FGSM step as a multiple of eps.")
+@config_option(AAAConfig, "guard_every",
+               help="fast, nfgsm: also run the overfitting guard's PGD check every this many updates "
+                    "(default: after each epoch only).")
 @_TRAIN_LIMIT
 @config_option(AAAConfig, "seed", help="Seed of the initial weights, data order and attack starts.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
 @device_option()
 @progress_option()
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
-                  schedule, replays, fgsm_step_factor, train_limit, seed, out, device, progress) -> None:
+                  schedule, replays, fgsm_step_factor, nfgsm_noise, nfgsm_step, guard_every, train_limit, seed,
+                  out, device, progress) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
     from ..defenses.aaa import train_aaa
     from ..models.io import save_weights
 
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
                     epochs=epochs, seed=seed, schedule=schedule, replays=replays,
-                    fgsm_step_factor=fgsm_step_factor)
+                    fgsm_step_factor=fgsm_step_factor, nfgsm_noise=nfgsm_noise, nfgsm_step=nfgsm_step,
+                    guard_every=guard_every)
     device = resolve_device(device)
     frozen = [_classifier(c, dataset, device) for c in classifiers]
     train_set, val = _training_sets(dataset, train_limit, seed, val_n=500, device=device)
@@ -257,9 +265,9 @@ def _shield_names() -> list[str]:
               show_default=True, help="Clean images each detector rejects (magnet, puvae); stored in the card.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the initial weights, data order, validation split and calibration.")
-@click.option("--schedule", type=click.Choice(["pgd", "fast", "free"]), default=None,
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=None,
               help="aaa: how each step finds its adversarial examples (default pgd; fast = FGSM from a "
-                   "random start, about 5x cheaper).")
+                   "random start, nfgsm = FGSM from a larger noise, each about 5x cheaper).")
 @click.option("--query-only", type=click.Choice(["probs", "label"]), default=None,
               help="aaa: the classifier(s) answer only queries, with probabilities or only the label; "
                    "nothing is differentiated through them (see --query-method).")

@@ -10,9 +10,10 @@ where the inner maximization is L-inf PGD on ``CE(F_k(G(x + delta)), y)``, run e
 the outer loss is one of ``xent`` (CE), ``mse`` (per-image sum of squared errors to the clean
 input, averaged over the batch) or ``xent+mse`` (CE + lambda * mse). With several classifiers
 (ensemble training) each step draws one ``F_k`` at random. Threat model of the result:
-white-box L-inf against the whole pipeline ``F(G(.))``. ``schedule`` "fast" or "free" replaces
-the inner PGD by FGSM from a random start or by minibatch replay (``defenses.schedules``); the
-model they update is G, the adversary still attacks ``F_k(G(.))`` end to end.
+white-box L-inf against the whole pipeline ``F(G(.))``. ``schedule`` "fast", "nfgsm" or "free"
+replaces the inner PGD by FGSM from a random start or from a larger noise, or by minibatch
+replay (``defenses.schedules``); the model they update is G, the adversary still attacks
+``F_k(G(.))`` end to end.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
 from .query_access import QuerySettings, check_query, query_access
-from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch,
-                        warn_if_never_robust)
+from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, step_factor,
+                        updates_per_batch, warn_if_never_robust)
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
             autoencoder.train(config.craft_mode == "train")
             x_adv = craft(Shielded(autoencoder, classifier), xb, yb, schedule=config.schedule, threat=threat,
                           step_size=config.step_size, steps=config.attack_steps,
-                          step_factor=guard.step_factor if guard is not None else config.fgsm_step_factor,
+                          step_factor=guard.step_factor if guard is not None else step_factor(config),
+                          noise_factor=config.nfgsm_noise,
                           generator=gen)
             autoencoder.train()
             return outer(x_adv, xb, yb, classifier)

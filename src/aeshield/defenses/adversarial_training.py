@@ -2,8 +2,8 @@
 
 Each step replaces the batch by L-inf PGD examples (random start, ``attack_steps`` steps) and
 minimizes their cross-entropy. Threat model of the result: white-box L-inf at ``eps``.
-``schedule`` "fast" or "free" trades the PGD inner loop for FGSM from a random start or for
-minibatch replay (``defenses.schedules``).
+``schedule`` "fast", "nfgsm" or "free" trades the PGD inner loop for FGSM from a random start,
+FGSM from a larger noise or minibatch replay (``defenses.schedules``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from ..inputs import check_training_config
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
-from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, updates_per_batch,
-                        warn_if_never_robust)
+from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, step_factor,
+                        updates_per_batch, warn_if_never_robust)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         scale = ramp(optimizer, config.eps_ramp_steps)
         x_adv = craft(model, xb, yb, schedule=config.schedule, threat=ThreatModel("Linf", config.eps * scale),
                       step_size=config.step_size * scale, steps=config.attack_steps,
-                      step_factor=guard.step_factor if guard is not None else config.fgsm_step_factor,
+                      step_factor=guard.step_factor if guard is not None else step_factor(config),
+                      noise_factor=config.nfgsm_noise,
                       generator=gen)
         model.train()
         return outer(x_adv, yb)

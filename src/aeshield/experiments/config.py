@@ -61,6 +61,8 @@ class AdvTrainSpec:
     schedule: str = added_later("pgd")
     replays: int = added_later(4)
     fgsm_step_factor: float = added_later(1.25)
+    nfgsm_noise: float = added_later(2.0)
+    nfgsm_step: float = added_later(1.0)
     guard_drop: float | None = added_later(0.2)
     guard_every: int | None = added_later(None)
 
@@ -89,6 +91,8 @@ class ShieldSpec(QuerySettings):
     schedule: str = added_later("pgd")
     replays: int = added_later(4)
     fgsm_step_factor: float = added_later(1.25)
+    nfgsm_noise: float = added_later(2.0)
+    nfgsm_step: float = added_later(1.0)
     guard_drop: float | None = added_later(0.2)
     guard_every: int | None = added_later(None)
     # Classifiers of ``against`` the shield's trainer reaches only through queries (issue 28):
