@@ -123,7 +123,7 @@ def schedule_settings(schedule: str, args) -> dict:
     name, _, steps = schedule.partition("-")
     steps = int(steps or 10)
     return {"schedule": name, "epochs": args.epochs, "batch_size": 32, "attack_steps": steps,
-            "step_size": round(0.3 / steps, 6), "replays": args.replays}
+            "step_size": round(0.3 / steps, 6), "replays": args.replays, "guard_every": args.guard_every}
 
 
 def train_aaa_run(schedule: str, classifiers: list[nn.Module], train, args) -> tuple[nn.Module, Snapshots]:
@@ -264,6 +264,9 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=4, help="free's m (4)")
     parser.add_argument("--at-ramp", type=int, default=500,
                         help="Madry AT grows eps linearly from 0 over this many updates (500)")
+    parser.add_argument("--guard-every", type=int, default=None,
+                        help="fast, nfgsm: the overfitting guard also checks every this many updates "
+                             "(default: after each epoch only)")
     parser.add_argument("--snapshots", type=int, default=4, help="evaluated points per run (4)")
     parser.add_argument("--n", type=int, default=1000, help="test images (1000)")
     parser.add_argument("--threads", type=int, default=2)
