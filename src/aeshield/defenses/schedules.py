@@ -381,7 +381,7 @@ def warn_if_never_robust(history: Sequence[dict]) -> bool:
     pgd, fgsm = last.get("guard_adv_acc"), last.get("train_adv_acc")
     if pgd is None or fgsm is None or not (pgd < 0.05 and fgsm > pgd + 0.5):
         return False
-    logger.warning("fast training ended with %.1f%% accuracy under its own FGSM but %.1f%% under the "
+    logger.warning("single-step training ended with %.1f%% accuracy under its own FGSM but %.1f%% under the "
                    "guard's PGD: catastrophic overfitting that the guard cannot undo (there was no robust "
                    "state to restore); train with schedule 'pgd' (a few steps, e.g. attack_steps 3) instead",
                    100 * fgsm, 100 * pgd)
