@@ -215,7 +215,7 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     schedules = list(dict.fromkeys(p["schedule"] for p in points))
     colors = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(schedules)}
     for method, style in (("AAA", "-"), ("AT-A", "--")):
@@ -231,7 +231,7 @@ def plot(points: list[dict], path: Path) -> None:
     ax.set_ylabel("PGD-40 x5 robust accuracy (%), eps 0.3")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no curve hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
