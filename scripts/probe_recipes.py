@@ -11,11 +11,14 @@ target's classifiers (AAA) or the trained classifier (AT).
         "lr": 0.003, "cosine_lr": true}'
     OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py aaa '{"target": "aaa-fmnist",
         "against": "N", "eps": 0.2, "lam": 0.4, "attack_steps": 2, "step_size": 0.1, ...}'
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py aaa '{"against": "A", "query_only": "A",
+        "query_method": "surrogate", "surrogate": "mnist-b", "attack_steps": 2, "step_size": 0.15, ...}'
     OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py shipped '{"target": "aaa-fmnist",
         "shield": "xent+mse-lam0.4"}'
 
 The JSON holds ``AAAConfig`` / ``AdversarialTrainingConfig`` fields (plus ``ae``: the
-autoencoder, ``against``: e.g. "AB", ``classifier``: whose AT, ``train_n``: a prefix of the
+autoencoder, ``against``: e.g. "AB", ``query_only``: those of ``against`` behind ``QueryOnly``
+(``query_output``: "probs" or "label"), ``classifier``: whose AT, ``train_n``: a prefix of the
 split, ``target``: aaa-mnist (default) or another target whose classifiers to use); ``shipped``
 scores a shield of the target's quick profile as the runner loads it (``shield``: its name).
 Prints one JSON line. The classifiers are the target's quick ones, read from the shipped
@@ -39,6 +42,7 @@ from aeshield.defenses.base import Shielded
 from aeshield.experiments.config import load_config
 from aeshield.experiments.runner import Runner
 from aeshield.models import create_model
+from aeshield.models.query import QueryOnly
 
 
 def score(model, x, y, eps: float) -> tuple[float, float]:
@@ -76,10 +80,16 @@ def main() -> None:
     start = time.perf_counter()
     if kind == "aaa":
         against = spec.pop("against", "AB")
+        # Issue 28: these of ``against`` answer only queries (``query_method`` etc. in the spec).
+        hidden = {k: QueryOnly(classifiers[k], output=spec.pop("query_output", "probs"))
+                  for k in spec.pop("query_only", "")}
         torch.manual_seed(spec.get("seed", 0))
         shield = create_model(spec.pop("ae", "conv-ae"))
-        result = train_aaa(shield, [classifiers[k] for k in against], x, y, AAAConfig(**spec), progress=False)
+        result = train_aaa(shield, [hidden.get(k, classifiers[k]) for k in against], x, y, AAAConfig(**spec),
+                           progress=False)
         out["train_s"] = round(time.perf_counter() - start, 1)
+        if hidden:
+            out["queries"] = {k: int(q.spent) for k, q in hidden.items()}
         out["guard"] = [{k: round(v, 3) for k, v in h.items() if k.startswith("guard")} for h in result.history]
         for k in classifiers:
             out[k] = score(Shielded(shield.eval(), classifiers[k]).eval(), xv, yv, eps)
