@@ -39,7 +39,7 @@ from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
 from .query_access import QuerySettings, check_query, query_access
-from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, step_factor,
+from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, single_step,
                         updates_per_batch, warn_if_never_robust)
 
 logger = logging.getLogger(__name__)
@@ -200,9 +200,7 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
             autoencoder.train(config.craft_mode == "train")
             x_adv = craft(Shielded(autoencoder, classifier), xb, yb, schedule=config.schedule, threat=threat,
                           step_size=config.step_size, steps=config.attack_steps,
-                          step_factor=guard.step_factor if guard is not None else step_factor(config),
-                          noise_factor=config.nfgsm_noise,
-                          generator=gen)
+                          **single_step(config, guard), generator=gen)
             autoencoder.train()
             return outer(x_adv, xb, yb, classifier)
 

@@ -22,7 +22,7 @@ from ..inputs import check_training_config
 from ..threat import ThreatModel
 from ..train.loop import LoopConfig, LoopResult, fit
 from .registry import Defense, Trained, pick
-from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, step_factor,
+from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, single_step,
                         updates_per_batch, warn_if_never_robust)
 
 
@@ -121,9 +121,7 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         scale = ramp(optimizer, config.eps_ramp_steps)
         x_adv = craft(model, xb, yb, schedule=config.schedule, threat=ThreatModel("Linf", config.eps * scale),
                       step_size=config.step_size * scale, steps=config.attack_steps,
-                      step_factor=guard.step_factor if guard is not None else step_factor(config),
-                      noise_factor=config.nfgsm_noise,
-                      generator=gen)
+                      **single_step(config, guard), generator=gen)
         model.train()
         return outer(x_adv, yb)
 

@@ -29,8 +29,8 @@ the step, the sooner). ``OverfitGuard`` is the guard the issue asked for; it run
 single-step schedules. It keeps Wong et al.'s method unchanged and adds only a measurement
 (GradAlign, Andriushchenko and Flammarion 2020, doubles the cost of a step with its double
 backpropagation). N-FGSM, the other remedy the issue named, is the "nfgsm" schedule, so that
-the two can be compared. The guard runs
-after each epoch (and, with ``guard_every``, every that many updates within it) a PGD check
+the two can be compared. The guard runs after each epoch (and, with ``guard_every``, every
+that many updates within it) a PGD check
 (``guard_steps`` steps, step ``2.5 eps / steps``, a fixed seed) on a fixed batch of ``guard_n``
 images; when its accuracy falls more than ``guard_drop`` below the best seen, the model and
 optimizer go back to the last state that passed a check and the FGSM step factor is
@@ -84,13 +84,13 @@ class ScheduleSettings:
     is unchanged). Declared ``records.added_later``: at their defaults they are in no artifact
     key, card or record key, so configs written before them read and hash the same.
 
-    - ``schedule``: "pgd", "fast" or "free" (see the module docstring);
+    - ``schedule``: "pgd", "fast", "nfgsm" or "free" (see the module docstring);
     - ``replays``: free's m, updates per minibatch;
     - ``fgsm_step_factor``: fast's alpha / eps (Wong et al.: 1.25);
     - ``nfgsm_noise``, ``nfgsm_step``: nfgsm's noise and step as multiples of eps (de Jorge et
       al.: 2 and 1);
-    - ``guard_drop``: the single-step schedules' guard fires when PGD accuracy falls more than this (a fraction)
-      below the best seen (None: no guard); ``guard_n`` images, ``guard_steps`` PGD steps;
+    - ``guard_drop``: the single-step schedules' guard fires when PGD accuracy falls more than
+      this (a fraction) below the best seen (None: no guard); ``guard_n`` images, ``guard_steps`` PGD steps;
       ``guard_backoff`` multiplies the step factor on each restore; ``guard_every``: also check
       every that many updates within an epoch (None: after each epoch only).
     """
@@ -145,6 +145,13 @@ def guarded(config) -> bool:
 def step_factor(config) -> float:
     """The single-step schedule's step as a multiple of eps (the guard lowers it from here)."""
     return config.nfgsm_step if config.schedule == "nfgsm" else config.fgsm_step_factor
+
+
+def single_step(config, guard: OverfitGuard | None) -> dict:
+    """``craft``'s single-step settings for a trainer: the guard's step factor once it runs
+    (a restore lowers it), else the config's; nfgsm's noise."""
+    return {"step_factor": guard.step_factor if guard is not None else step_factor(config),
+            "noise_factor": config.nfgsm_noise}
 
 
 def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, schedule: str, threat: ThreatModel,
