@@ -197,6 +197,7 @@ def test_a_row_measured_on_fewer_images_is_labelled_and_keeps_the_other_rows_key
     assert spec_dict(RowSpec("x", "natural")) == {"label": "x", "kind": "natural", "shield": None}
     data = json.loads(json.dumps(TINY))
     data["rows"][2]["n"] = 20
+    data["columns"].append({"label": "gain", "value": "difference", "versus": "natural"})
     config = from_dict(data, "quick")
     out = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
                  progress=False).run()
@@ -204,6 +205,10 @@ def test_a_row_measured_on_fewer_images_is_labelled_and_keeps_the_other_rows_key
     assert records["shield__C__linf.json"].n == 20 and records["natural__C__linf.json"].n == 40
     cells = json.loads((out / "table.json").read_text())["cells"]
     assert {c["n"] for c in cells if c["row"] == "shield"} == {20}
+    # Paired with the first 20 of the natural row's 40: the same images.
+    gain = next(c for c in cells if c["row"] == "shield" and c["column"] == "gain")
+    shield, natural = records["shield__C__linf.json"].flags(), records["natural__C__linf.json"].flags()[:20]
+    assert gain["accuracy"] == pytest.approx(float(shield.float().mean() - natural.float().mean()))
     assert "shield: n = 20" in (out / "table.md").read_text()
 
 

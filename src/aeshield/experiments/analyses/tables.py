@@ -52,11 +52,19 @@ def _cell(config: ExperimentConfig, entries: list[dict], row: str, classifiers: 
     if column.value != "difference":
         flags = _flags(config, entries, row, classifiers, column, column.value)
         return None if flags is None else Accuracy.from_flags(flags)
-    mine = _flags(config, entries, row, classifiers, column, "robust")
-    theirs = _flags(config, entries, column.versus, classifiers, column, "robust")
-    if mine is None or theirs is None or row == column.versus:
+    if row == column.versus:
         return None
-    d = paired_difference_interval(mine, theirs)
+    pairs = []
+    for c in classifiers:
+        mine = _flags(config, entries, row, (c,), column, "robust")
+        theirs = _flags(config, entries, column.versus, (c,), column, "robust")
+        if mine is None or theirs is None:
+            return None
+        # A row measured on fewer images (its own n) pairs with the first n of the other's: both
+        # are prefixes of the same seeded test permutation.
+        n = min(len(mine), len(theirs))
+        pairs.append((mine[:n], theirs[:n]))
+    d = paired_difference_interval(torch.cat([m for m, _ in pairs]), torch.cat([t for _, t in pairs]))
     return PairedDifference(d["difference"], tuple(d["ci95"]), d["n"])
 
 
