@@ -160,6 +160,23 @@ def test_aaa_through_a_distilled_surrogate_refreshes_it_on_the_reconstructions(o
     assert result.queries == q.spent == 64 + 3 * 16
 
 
+def test_a_query_only_shields_details_say_what_the_classifier_answered():
+    from types import SimpleNamespace
+
+    from aeshield.defenses import aaa
+
+    x, y = _data(32, side=28)
+    config = aaa.AAAShieldConfig(architecture="conv-ae-small", training=AAAConfig(
+        epochs=1, batch_size=16, schedule="fast", guard_drop=None, warmup_steps=0,
+        query_method="surrogate", surrogate="mnist-c", surrogate_epochs=1, eps=0.1))
+    asked = QueryOnly(_classifier(inputs=784, classes=10), output="label")
+    trained = aaa.train(config, [asked], SimpleNamespace(images=x, labels=y), progress=False)
+    assert trained.details["query_output"] == "label" and trained.details["queries"] == asked.spent
+    white = aaa.train(config, [_classifier(inputs=784, classes=10)], SimpleNamespace(images=x, labels=y),
+                      progress=False)
+    assert "query_output" not in white.details and "queries" not in white.details
+
+
 def test_a_surrogate_learns_the_classifier_it_queries():
     x, _ = _data(512)
     teacher = _classifier(seed=5)
@@ -199,7 +216,7 @@ def test_a_target_trains_a_query_only_shield_records_its_queries_and_draws_the_c
     out = runner.run()
     sidecar = json.loads(runner.zoo.store.file_of("shield-asked").with_suffix(".json").read_text())
     # 96 training images (as split by the runner) asked once, then 2 of 3 steps' reconstructions.
-    assert sidecar["query_only"] == ["C"] and sidecar["queries"] >= 96
+    assert sidecar["query_only"] == ["C"] and sidecar["queries"] >= 96 and sidecar["query_output"] == "label"
     assert "queries" not in json.loads(runner.zoo.store.file_of("shield-white").with_suffix(".json").read_text())
     curve = (out / "query_curve.md").read_text()
     assert f"{sidecar['queries']:,}" in curve and "white (reference)" in curve

@@ -38,6 +38,7 @@ from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
+from ..models.query import QueryOnly
 from .query_access import QuerySettings, check_query, query_access
 from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, single_step,
                         updates_per_batch, warn_if_never_robust)
@@ -303,6 +304,10 @@ def train(config: AAAShieldConfig, classifiers: list[nn.Module], data, *, val=No
                        y_val=None if val is None else val.labels, checkpoint=checkpoint,
                        progress=progress)
     details = {"visits": result.visits, **({"queries": result.queries} if result.queries else {})}
+    # What the query-only classifiers answered: a label-only shield is a different claim.
+    answers = sorted({c.output for c in classifiers if isinstance(c, QueryOnly)})
+    if answers:
+        details["query_output"] = answers[0] if len(answers) == 1 else answers
     return Trained(autoencoder, result.history, details)
 
 
