@@ -33,12 +33,12 @@ from ..attacks.gradient import pgd_train
 from ..errors import ConfigError
 from ..threat import ThreatModel
 from ..inputs import check_training_config
+from ..models.query import QueryOnly
 from ..records import config_dict
 from ..train.loop import LoopConfig, LoopResult, fit
 from .adversarial_training import cosine_lr, total_updates
 from .base import AutoencoderPurifier, Shielded
 from .registry import Defense, Trained, pick, seeded_build
-from ..models.query import QueryOnly
 from .query_access import QuerySettings, check_query, query_access
 from .schedules import (ScheduleSettings, check_schedule, combine, craft, schedule_state, single_step,
                         updates_per_batch, warn_if_never_robust)
