@@ -267,6 +267,29 @@ def test_cli_trains_a_magnet_shield_on_a_npz_and_it_deploys_from_its_card(tmp_pa
     assert refused.exit_code == 2 and "--eps sets the radius aaa trains against" in refused.output
 
 
+def test_cli_takes_aaas_training_recipe_and_the_sidecar_keeps_it(tmp_path):
+    from aeshield.cli import main
+    from aeshield.models.io import save_weights
+
+    torch.manual_seed(0)
+    save_weights(create_model("mnist-c"), tmp_path / "clf.safetensors", architecture="mnist-c", dataset="mnist",
+                 kind="classifier")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=g.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
+             y=g.integers(0, 10, 40))
+    out = tmp_path / "shield.safetensors"
+    base = ["train", "shield", "--classifier", str(tmp_path / "clf.safetensors"), "--data", str(tmp_path / "data.npz"),
+            "--epochs", "1", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    recipe = ["--eps", "0.3", "--attack-steps", "2", "--step-size", "0.15", "--lr", "0.01", "--cosine-lr"]
+    result = click.testing.CliRunner().invoke(main, [*base, *recipe, "--architecture", "conv-ae-small"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(out.with_suffix(".json").read_text())["card"]["config"]["training"]
+    assert (config["attack_steps"], config["step_size"], config["lr"], config["cosine_lr"]) == (2, 0.15, 0.01, True)
+
+    refused = click.testing.CliRunner().invoke(main, [*base, "--defense", "magnet", "--attack-steps", "2"])
+    assert refused.exit_code == 2 and "--attack-steps: settings of aaa's training, not of magnet" in refused.output
+
+
 def test_every_shipped_card_reads_and_writes_back_unchanged():
     from aeshield.defenses.cards import Card
     from aeshield.models.io import shipped_dir

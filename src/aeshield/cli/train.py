@@ -268,6 +268,17 @@ def _shield_names() -> list[str]:
 @click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=None,
               help="aaa: how each step finds its adversarial examples (default pgd; fast = FGSM from a "
                    "random start, nfgsm = FGSM from a larger noise, each about 5x cheaper).")
+@click.option("--attack-steps", type=click.IntRange(min=1), default=None,
+              help="aaa: steps of the training attack (pgd schedule; default 40, the paper's; "
+                   "aaa-mnist's quick recipe: 2).")
+@click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="aaa: step of the training attack (default 0.01; aaa-mnist's quick recipe: 0.15 "
+                   "at eps 0.3).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="aaa: the autoencoder's Adam learning rate (default 1e-3; aaa-mnist's quick recipe: 0.01).")
+@click.option("--cosine-lr/--constant-lr", default=None,
+              help="aaa: anneal the learning rate to 0 on a half cosine (aaa-mnist's quick recipe), or "
+                   "keep it constant (the default).")
 @click.option("--query-only", type=click.Choice(["probs", "label"]), default=None,
               help="aaa: the classifier(s) answer only queries, with probabilities or only the label; "
                    "nothing is differentiated through them (see --query-method).")
@@ -284,8 +295,9 @@ def _shield_names() -> list[str]:
 @device_option()
 @progress_option()
 def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fraction, eps, epochs, train_limit,
-                     batch_size, architecture, false_positive_rate, seed, schedule, query_only, query_method,
-                     surrogate, query_budget, force, out, device, progress) -> None:
+                     batch_size, architecture, false_positive_rate, seed, schedule, attack_steps, step_size, lr,
+                     cosine_lr, query_only, query_method, surrogate, query_budget, force, out, device,
+                     progress) -> None:
     """Train any shield for your classifier(s) on your images (resumes from <out>.ckpt).
 
     A thin layer over ``aeshield.train_shield``: detectors are calibrated on the held-out
@@ -317,14 +329,17 @@ def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fra
     config = default_config(defense, tuple(data.images.shape[1:]), seed=seed, epochs=epochs,
                             batch_size=batch_size, architecture=architecture)
     models = [model for model, _ in loaded]
-    if defense != "aaa" and (schedule or query_only):
-        raise ConfigError(f"--schedule and --query-only are settings of aaa's training, not of {defense}")
-    if schedule or query_only:
+    recipe = {k: v for k, v in (("schedule", schedule), ("attack_steps", attack_steps), ("step_size", step_size),
+                                ("lr", lr), ("cosine_lr", cosine_lr)) if v is not None}
+    if defense != "aaa" and (recipe or query_only):
+        given = [f"--{k.replace('_', '-')}" for k in recipe] + (["--query-only"] if query_only else [])
+        raise ConfigError(f"{', '.join(given)}: settings of aaa's training, not of {defense}")
+    if recipe or query_only:
         import dataclasses
 
         from ..models.query import QueryOnly
 
-        settings: dict = {"schedule": schedule} if schedule else {}
+        settings: dict = dict(recipe)
         if query_only:
             if query_method == "surrogate" and not surrogate:
                 raise ConfigError("--query-method surrogate needs --surrogate ARCHITECTURE, the local model "
