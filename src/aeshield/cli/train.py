@@ -316,6 +316,12 @@ def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fra
                                  f"choose one of {', '.join(shields)}", param_hint="--defense")
     if eps is not None and defense != "aaa":
         raise ConfigError(f"--eps sets the radius aaa trains against; {defense} trains on clean images only")
+    recipe = {k: v for k, v in (("schedule", schedule), ("attack_steps", attack_steps), ("step_size", step_size),
+                                ("lr", lr), ("cosine_lr", cosine_lr)) if v is not None}
+    if defense != "aaa" and (recipe or query_only):
+        given = [("--cosine-lr" if v else "--constant-lr") if k == "cosine_lr" else f"--{k.replace('_', '-')}"
+                 for k, v in recipe.items()] + (["--query-only"] if query_only else [])
+        raise ConfigError(f"{', '.join(given)}: settings of aaa's training, not of {defense}")
     device = resolve_device(device)
     loaded = [load_cli_classifier(spec, normalize, device) for spec in classifier]
     # A file or folder is split here, seeded, so that the validation images are the same on a resumed run.
@@ -329,11 +335,6 @@ def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fra
     config = default_config(defense, tuple(data.images.shape[1:]), seed=seed, epochs=epochs,
                             batch_size=batch_size, architecture=architecture)
     models = [model for model, _ in loaded]
-    recipe = {k: v for k, v in (("schedule", schedule), ("attack_steps", attack_steps), ("step_size", step_size),
-                                ("lr", lr), ("cosine_lr", cosine_lr)) if v is not None}
-    if defense != "aaa" and (recipe or query_only):
-        given = [f"--{k.replace('_', '-')}" for k in recipe] + (["--query-only"] if query_only else [])
-        raise ConfigError(f"{', '.join(given)}: settings of aaa's training, not of {defense}")
     if recipe or query_only:
         import dataclasses
 
