@@ -241,16 +241,22 @@ def test_bad_arguments_are_refused_before_training_with_one_line():
 
 
 # ---- the command line --------------------------------------------------------------------------
-def test_cli_trains_a_magnet_shield_on_a_npz_and_it_deploys_from_its_card(tmp_path):
-    from aeshield.cli import main
+def _cli_files(tmp_path, n: int) -> None:
+    """A random mnist-c classifier (clf.safetensors) and ``n`` random images (data.npz) in ``tmp_path``."""
     from aeshield.models.io import save_weights
 
     torch.manual_seed(0)
     save_weights(create_model("mnist-c"), tmp_path / "clf.safetensors", architecture="mnist-c", dataset="mnist",
                  kind="classifier")
     g = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", x=g.integers(0, 256, (30, 28, 28, 1), dtype=np.uint8),
-             y=g.integers(0, 10, 30))
+    np.savez(tmp_path / "data.npz", x=g.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+             y=g.integers(0, 10, n))
+
+
+def test_cli_trains_a_magnet_shield_on_a_npz_and_it_deploys_from_its_card(tmp_path):
+    from aeshield.cli import main
+
+    _cli_files(tmp_path, 30)
     out = tmp_path / "shield.safetensors"
     args = ["train", "shield", "--defense", "magnet", "--classifier", str(tmp_path / "clf.safetensors"),
             "--data", str(tmp_path / "data.npz"), "--epochs", "1", "--batch-size", "8",
@@ -269,14 +275,8 @@ def test_cli_trains_a_magnet_shield_on_a_npz_and_it_deploys_from_its_card(tmp_pa
 
 def test_cli_takes_aaas_training_recipe_and_the_sidecar_keeps_it(tmp_path):
     from aeshield.cli import main
-    from aeshield.models.io import save_weights
 
-    torch.manual_seed(0)
-    save_weights(create_model("mnist-c"), tmp_path / "clf.safetensors", architecture="mnist-c", dataset="mnist",
-                 kind="classifier")
-    g = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", x=g.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
-             y=g.integers(0, 10, 40))
+    _cli_files(tmp_path, 40)
     out = tmp_path / "shield.safetensors"
     base = ["train", "shield", "--classifier", str(tmp_path / "clf.safetensors"), "--data", str(tmp_path / "data.npz"),
             "--epochs", "1", "--batch-size", "8", "--out", str(out), "--no-progress"]
