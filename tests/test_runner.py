@@ -286,6 +286,8 @@ def test_config_rejects_a_difference_column_without_a_known_row_to_compare_with(
     for column, message in (({"label": "d", "value": "difference"}, "goes with"),
                             ({"label": "d", "value": "clean", "versus": "natural"}, "goes with"),
                             ({"label": "d", "value": "difference", "versus": "ghost"}, "unknown row"),
+                            ({"label": "d", "value": "difference", "versus": "natural", "after": "PGD-2"},
+                             "keeps only counts"),
                             ({"label": "d", "value": "accuracy"}, "must be clean")):
         data = json.loads(json.dumps(TINY))
         data["columns"].append(column)

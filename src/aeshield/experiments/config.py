@@ -480,6 +480,10 @@ def _check(config: ExperimentConfig) -> None:
                              "with, `value: difference`")
         if column.versus is not None and column.versus not in labels:
             raise ValueError(f"column {column.label!r} compares with unknown row {column.versus!r}")
+        if column.value == "difference" and column.after is not None:
+            # An attack's record keeps only its count of survivors, not which examples: nothing to pair.
+            raise ValueError(f"column {column.label!r}: a difference pairs examples, and `after` keeps only "
+                             "counts; difference the whole suite instead")
         missing = set(column.suites) - suite_names
         if missing:
             raise ValueError(f"column {column.label!r} names unknown suites {sorted(missing)}")
