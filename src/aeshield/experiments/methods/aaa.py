@@ -44,7 +44,7 @@ def train(runner: "Runner", spec: ShieldSpec, path: Path) -> None:
                  config=config_dict(cfg.training), clean_accuracy=native_clean, history=trained.history,
                  visits=trained.details["visits"], data_hash=runner.train.sha256,
                  **({"query_only": list(spec.query_only), "queries": trained.details.get("queries", 0),
-                     "query_output": spec.query_output} if spec.query_only else {}))
+                     "query_output": trained.details["query_output"]} if spec.query_only else {}))
 
 
 def load(runner: "Runner", spec: ShieldSpec, path: Path) -> nn.Module:
