@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..inputs import check_count, check_positive
+from ..models.fast_conv import fast_input_gradients
 from ..threat import Norm
 from .gradient import _check_inputs, _checked_forward
 from .registry import AuditHook, Stage, register
@@ -64,7 +65,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 100.
         optimizer = torch.optim.Adam([w], lr=lr)
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         for _ in range(steps):
-            with torch.enable_grad():
+            with torch.enable_grad(), fast_input_gradients(model):
                 x_adv = _from_tanh_space(w, lo, hi)
                 if one_hot is None:  # the first forward checks the output and the labels' range
                     logits = _checked_forward(model, x_adv, y)

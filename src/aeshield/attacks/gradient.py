@@ -16,6 +16,7 @@ from torch import nn
 
 from ..distributed import rows_rand, rows_randn
 from ..inputs import check_count, check_positive, checked_logits, validate_images, validate_labels
+from ..models.fast_conv import fast_input_gradients
 from ..threat import Norm, ThreatModel
 from .losses import LossFn, get_loss, misclassified
 from .registry import ball, register
@@ -59,7 +60,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective
     """Gradient of the summed per-example objective w.r.t. ``x`` only (parameters get no
     ``.grad``); returns ``(grad, logits, per_example_objective)``, all detached."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), fast_input_gradients(model):
         per_example, logits = objective(model, x, y)
         (grad,) = torch.autograd.grad(per_example.sum(), x)
     return grad, logits.detach(), per_example.detach()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..errors import ConfigError
 from ..io import remove_temporaries, write_atomic
+from ..models.fast_conv import fast_input_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,11 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
                 idx = batches[step].to(x.device)
                 for m in trainable.values():
                     m.train()
-                with distributed.global_batch(idx.numel() * world.size):
+                # the step's attack and its loss both differentiate the frozen classifier's input
+                with distributed.global_batch(idx.numel() * world.size), fast_input_gradients():
                     loss, metrics = step_fn(x[idx], y[idx], gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimizer.step()
                 result.steps += 1
                 counted += 1
