@@ -11,7 +11,7 @@ from torch import nn
 
 from aeshield.attacks.gradient import input_gradient, logit_objective
 from aeshield.models import create_model
-from aeshield.models.fast_conv import _Conv2dFoldGrad, fast_input_gradients
+from aeshield.models.fast_conv import _Conv2dFoldGrad, _pair, fast_input_gradients
 
 FOLD = "_Conv2dFoldGradBackward"
 
@@ -20,6 +20,7 @@ FOLD = "_Conv2dFoldGradBackward"
     ((1, 1), (0, 0), (1, 1), (7, 7)),
     ((2, 2), (1, 1), (1, 1), (9, 9)),
     ((2, 1), (2, 1), (2, 1), (10, 8)),  # uneven, and a size the stride does not divide
+    ((2,), (1,), (1,), (9, 9)),  # one-element tuples, which conv2d takes for both sides
 ])
 def test_first_and_second_derivatives_match_the_convolution(stride, padding, dilation, size):
     gen = torch.Generator().manual_seed(0)
@@ -28,7 +29,7 @@ def test_first_and_second_derivatives_match_the_convolution(stride, padding, dil
     b = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def conv(x, w, b):
-        return _Conv2dFoldGrad.apply(x, w, b, stride, padding, dilation)
+        return _Conv2dFoldGrad.apply(x, w, b, _pair(stride), _pair(padding), _pair(dilation))
 
     assert torch.autograd.gradcheck(conv, (x, w, b))
     assert torch.autograd.gradgradcheck(conv, (x, w, b))

@@ -3,10 +3,10 @@
 An attack (and adversarial training, whose inner attack and whose loss both flow back to the
 image) differentiates a classifier with respect to its input. For a convolution with few input
 channels, such as the first layer of every MNIST model here, oneDNN's input gradient on the CPU
-is 5-10 times slower than the convolution itself (mnist-b's first layer at batch 256, one
-thread: 95 ms against a 10 ms forward), and it is the largest single cost of a PGD step. The
-same gradient written as ``fold(W^T @ grad_out)`` (the transpose of im2col) takes about as long
-as the forward. Wider layers keep the default path, which is faster for them.
+is the largest single cost of a PGD step: mnist-b's first layer at batch 256, one thread, 95 ms
+against 10 ms for the layer's forward. The same gradient written as ``fold(W^T @ grad_out)``
+(the transpose of im2col) takes 10 ms. Wider layers keep the default path, which is faster for
+them (:data:`MAX_IN_CHANNELS`).
 
 :func:`fast_input_gradients` turns this on for the convolutions run inside it. The values are
 the same gradient up to float rounding (the sum runs in another order); the weight and bias
@@ -25,13 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-# At and below this many input channels the fold is faster than oneDNN's input gradient
-# (measured on this project's 2-core CPU: 1 channel 5-10x; at 32 channels oneDNN wins 2-4x).
+# At and below this many input channels the fold beats oneDNN's input gradient. Measured on
+# this project's 2-core CPU, one thread, the backward alone: 1 channel 4-9x (MNIST layers, batch
+# 256), 3 -> 64 channels 3x (CIFAR's first layer, batch 128); at 6 channels they are even, and
+# at 32 oneDNN is 2x faster.
 MAX_IN_CHANNELS = 3
 
 
 def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return v * 2 if len(v) == 1 else v
 
 
 class _Conv2dFoldGrad(torch.autograd.Function):
