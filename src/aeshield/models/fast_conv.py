@@ -64,7 +64,7 @@ class _Conv2dFoldGrad(torch.autograd.Function):
         return grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None
 
 
-def _foldable(x, weight, stride, padding, dilation, groups) -> bool:
+def _foldable(x, weight, padding, groups) -> bool:
     return (x.device.type == "cpu" and x.dim() == 4 and x.requires_grad and groups == 1
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and weight.shape[1] <= MAX_IN_CHANNELS and not isinstance(padding, str)
@@ -80,7 +80,7 @@ class _FoldGradMode(TorchFunctionMode):
             x, weight = given["input"], given["weight"]
             stride, padding, dilation = (given.get(k, d) for k, d in (("stride", 1), ("padding", 0),
                                                                       ("dilation", 1)))
-            if _foldable(x, weight, stride, padding, dilation, given.get("groups", 1)):
+            if _foldable(x, weight, padding, given.get("groups", 1)):
                 return _Conv2dFoldGrad.apply(x, weight, given.get("bias"), _pair(stride),
                                              _pair(padding), _pair(dilation))
         return func(*args, **kwargs)
