@@ -1,5 +1,5 @@
-"""The recipe probes of issue 26's retunes of the quick profiles of aaa-mnist and aaa-fmnist:
-one AAA shield or one Madry AT run on the target's whole training split (55,000 images),
+"""The recipe probes of issue 26's retunes of the quick profiles of aaa-mnist, aaa-fmnist and
+aaa-cifar10: one AAA shield or one Madry AT run on the target's whole training split,
 scored on the first 500 **validation** images (training images no model trained on; never
 test images) under PGD-40 (step 0.01) x 5 restarts at the target's eps, behind each of the
 target's classifiers (AAA) or the trained classifier (AT).
@@ -15,11 +15,17 @@ target's classifiers (AAA) or the trained classifier (AT).
         "query_method": "surrogate", "surrogate": "mnist-b", "attack_steps": 2, "step_size": 0.15, ...}'
     OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py shipped '{"target": "aaa-fmnist",
         "shield": "xent+mse-lam0.4"}'
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/probe_recipes.py aaa '{"target": "aaa-cifar10",
+        "against": "DEF", "ae": "unet-quick", "eps": 0.0314, "attack_steps": 2, "step_size": 0.0157,
+        ..., "score": {"steps": 20, "step_size": 0.00784, "restarts": 1}}'
 
 The JSON holds ``AAAConfig`` / ``AdversarialTrainingConfig`` fields (plus ``ae``: the
 autoencoder, ``against``: e.g. "AB", ``query_only``: those of ``against`` behind ``QueryOnly``
 (``query_output``: "probs" or "label"), ``classifier``: whose AT, ``train_n``: a prefix of the
-split, ``target``: aaa-mnist (default) or another target whose classifiers to use); ``shipped``
+split, ``target``: aaa-mnist (default) or another target whose classifiers to use,
+``classifiers``: changed training recipes of some of them, e.g. ``{"D": {"epochs": 8}}``,
+``score``: the scoring PGD's ``steps``, ``step_size``, ``restarts`` instead of 40, 0.01, 5,
+``score_natural``: also score the bare classifiers); ``shipped``
 scores a shield of the target's quick profile as the runner loads it (``shield``: its name).
 Prints one JSON line. The classifiers are the target's quick ones, read from the shipped
 weights or the artifact cache (run ``aeshield reproduce aaa-mnist`` once to train A). What it
