@@ -110,6 +110,30 @@ def test_free_replays_each_minibatch_m_times_and_carries_the_perturbation():
     assert all(d.abs().max() <= 0.1 + 1e-6 for d in seen)
 
 
+def test_free_keeps_its_perturbation_in_the_pixel_box_so_a_zero_pixel_can_move_up_again():
+    """A black pixel pushed down must not stay below 0: the clamp of the next input would give it
+    no gradient, and on MNIST, mostly black, the carried perturbation would go dead."""
+    x = torch.zeros(4, 1, 3, 3)
+    model = nn.Linear(1, 1)  # only to give the optimizer something to update
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    threat = ThreatModel("Linf", 0.1)
+    free = FreeReplay(replays=3)
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(x_adv):
+        # the loss rises as the pixels fall on the first replay, and as they rise afterwards
+        direction = -1.0 if not seen else 1.0
+        seen.append(x_adv.detach().clone())
+        return direction * x_adv.sum() + 0 * model.weight.sum(), {}
+
+    loss, _ = free.step(x, loss_fn, optimizer, lambda: threat)
+    loss.backward()
+    free.state_dict()  # takes the last replay's step
+    assert torch.equal(seen[0], x) and torch.equal(seen[1], x)  # pushed down, clamped at 0
+    assert torch.allclose(seen[2], x + 0.1)  # and up again from there
+    assert torch.allclose(free.delta, torch.full_like(x, 0.1))  # the last step, inside the box
+
+
 @pytest.mark.parametrize("schedule", ["fast", "nfgsm", "free"])
 def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp_path):
     x, y = _data(96)

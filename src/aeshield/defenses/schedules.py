@@ -13,7 +13,7 @@ One option, ``schedule``, chooses how each training step finds its adversarial e
 - ``"free"``: Shafahi et al. (2019), "Adversarial Training for Free!": each minibatch is
   replayed ``replays`` times; one forward-backward per replay gives both the parameter gradient
   (one update of the model) and the input gradient, which moves the perturbation by ``eps``
-  times its sign (their step), clipped to the ball. The perturbation is carried across replays
+  times its sign (their step), clipped to the ball and to the pixel range. The perturbation is carried across replays
   and across minibatches (zeros at the start). One pass per update, so an epoch costs
   ``replays`` passes per minibatch: divide ``epochs`` by ``replays`` to keep the cost of
   ``pgd``'s epochs in updates, as the paper does.
@@ -186,20 +186,22 @@ class FreeReplay:
     def __init__(self, replays: int) -> None:
         self.replays = replays
         self.delta: torch.Tensor | None = None
-        self._pending: tuple[torch.Tensor, int, float] | None = None  # (leaf, batch rows, eps)
+        self._pending: tuple[torch.Tensor, torch.Tensor, ThreatModel] | None = None  # (leaf, x, ball)
         self.updates = 0  # optimizer updates made by ``step`` itself, for tests and logs
 
-    def _ascend(self, leaf: torch.Tensor, rows: int, eps: float) -> None:
+    def _ascend(self, leaf: torch.Tensor, x: torch.Tensor, ball: ThreatModel) -> None:
         if leaf.grad is None:
             return
         assert self.delta is not None
-        self.delta[:rows] = (leaf.detach() + eps * leaf.grad.sign()).clamp(-eps, eps)
+        stepped = leaf.detach() + ball.eps * leaf.grad.sign()
+        # Into the ball and the pixel box, as Wong et al.'s free code does: the next replay (or
+        # minibatch) starts from a perturbation it can actually apply.
+        self.delta[:x.shape[0]] = ball.project(x + stepped, x) - x
 
     def _settle(self) -> None:
         """Take the perturbation step of the last replay (its gradient came from the loop's backward)."""
         if self._pending is not None:
-            leaf, rows, eps = self._pending
-            self._ascend(leaf, rows, eps)
+            self._ascend(*self._pending)
             self._pending = None
 
     def step(self, x: torch.Tensor, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
@@ -218,13 +220,17 @@ class FreeReplay:
         for replay in range(self.replays):
             ball = threat()
             leaf = self.delta[:rows].clone().requires_grad_(True)
-            loss, metrics = loss_fn(ball.project(x + leaf, x))
+            raw = x + leaf
+            # The projection's value with the identity's gradient: a clamp in the graph gives no
+            # gradient to a pixel on the box's edge (0 at a black pixel with no perturbation),
+            # so on MNIST, mostly black, the perturbation would never move there.
+            loss, metrics = loss_fn(raw + (ball.project(raw, x) - raw).detach())
             if replay == self.replays - 1:
-                self._pending = (leaf, rows, ball.eps)
+                self._pending = (leaf, x, ball)
                 return loss, metrics
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self._ascend(leaf, rows, ball.eps)
+            self._ascend(leaf, x, ball)
             optimizer.step()
             self.updates += 1
         raise AssertionError("unreachable")
