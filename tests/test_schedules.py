@@ -111,8 +111,9 @@ def test_free_replays_each_minibatch_m_times_and_carries_the_perturbation():
 
 
 def test_free_keeps_its_perturbation_in_the_pixel_box_so_a_zero_pixel_can_move_up_again():
-    """A black pixel pushed down must not stay below 0: the clamp of the next input would give it
-    no gradient, and on MNIST, mostly black, the carried perturbation would go dead."""
+    """A black pixel pushed down must not stay below 0, and one at 0 must get a gradient: a clamp
+    in the graph gives none on the box's edge, and on MNIST, mostly black, the carried
+    perturbation went dead (free training left no robustness before this was fixed)."""
     x = torch.zeros(4, 1, 3, 3)
     model = nn.Linear(1, 1)  # only to give the optimizer something to update
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

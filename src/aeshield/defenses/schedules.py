@@ -13,10 +13,10 @@ One option, ``schedule``, chooses how each training step finds its adversarial e
 - ``"free"``: Shafahi et al. (2019), "Adversarial Training for Free!": each minibatch is
   replayed ``replays`` times; one forward-backward per replay gives both the parameter gradient
   (one update of the model) and the input gradient, which moves the perturbation by ``eps``
-  times its sign (their step), clipped to the ball and to the pixel range. The perturbation is carried across replays
-  and across minibatches (zeros at the start). One pass per update, so an epoch costs
-  ``replays`` passes per minibatch: divide ``epochs`` by ``replays`` to keep the cost of
-  ``pgd``'s epochs in updates, as the paper does.
+  times its sign (their step), clipped to the ball and to the pixel range. The perturbation is
+  carried across replays and across minibatches (zeros at the start). One pass per update, so
+  an epoch costs ``replays`` passes per minibatch: divide ``epochs`` by ``replays`` to keep the
+  cost of ``pgd``'s epochs in updates, as the paper does.
 
 "free" ascends the training loss itself (that is what makes its gradient free): for AAA's
 ``xent`` it is the cross-entropy of ``F(G(x + delta))``, for ``mse`` and ``xent+mse`` the
