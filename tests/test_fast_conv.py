@@ -60,6 +60,18 @@ def test_only_thin_convolutions_whose_input_needs_a_gradient_take_the_fold():
         assert type(thin(x1).grad_fn).__name__ == FOLD
 
 
+def test_under_bfloat16_autocast_the_fold_steps_aside_and_the_input_gradient_still_flows():
+    # The fold multiplied float32 weights by autocast's bfloat16 output gradient and raised a
+    # dtype error: mixed-precision training (``LoopConfig.precision``) would have crashed.
+    conv = nn.Conv2d(1, 4, 3)
+    x = torch.rand(2, 1, 6, 6, requires_grad=True)
+    with fast_input_gradients(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+        assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ != FOLD
+        (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert grad.dtype == torch.float32 and grad.shape == x.shape and bool(grad.abs().sum() > 0)
+
+
 def test_a_classifier_input_gradient_and_its_double_backward_are_unchanged():
     torch.manual_seed(0)
     model = create_model("mnist-b").double().eval()

@@ -68,7 +68,10 @@ def _foldable(x, weight, padding, groups) -> bool:
     return (x.device.type == "cpu" and x.dim() == 4 and x.requires_grad and groups == 1
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and weight.shape[1] <= MAX_IN_CHANNELS and not isinstance(padding, str)
-            and torch.is_grad_enabled())
+            and torch.is_grad_enabled()
+            # Under autocast the convolution runs in bfloat16 after this check; oneDNN's own
+            # bfloat16 backward then serves it.
+            and not torch.is_autocast_enabled("cpu"))
 
 
 class _FoldGradMode(TorchFunctionMode):
