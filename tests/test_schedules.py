@@ -4,6 +4,7 @@ catastrophic overfitting, for AAA and Madry adversarial training alike."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from aeshield.attacks.gradient import fgsm, noisy_fgsm_train, pgd_train
 from aeshield.defenses.aaa import AAAConfig, AAAShieldConfig, train_aaa
 from aeshield.defenses.adversarial_training import AdversarialTrainingConfig, adversarial_training, steps_taken
 from aeshield.defenses.registry import config_from_dict, config_to_dict
-from aeshield.defenses.schedules import FreeReplay, OverfitGuard, craft, guarded, step_factor, warn_if_never_robust
+from aeshield.defenses.schedules import (FreeReplay, OverfitGuard, craft, guarded, schedule_state, step_factor,
+                                         warn_if_never_robust)
 from aeshield.errors import ConfigError
 from aeshield.threat import ThreatModel
 
@@ -135,6 +137,40 @@ def test_free_keeps_its_perturbation_in_the_pixel_box_so_a_zero_pixel_can_move_u
     assert torch.allclose(free.delta, torch.full_like(x, 0.1))  # the last step, inside the box
 
 
+def test_the_guard_watches_free_too_a_restore_drops_the_carried_perturbation_and_shortens_its_step():
+    x, y = _data(32)
+    model = _classifier()
+    config = AdversarialTrainingConfig(schedule="free", replays=2, guard_backoff=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    free, guard = schedule_state(config, lambda: [model], {"model": model}, optimizer, x, y, None, None)
+    assert guarded(config) and guard is not None and guard.step_factor == 1.0
+    threat = ThreatModel("Linf", 0.1)
+
+    seen: list[torch.Tensor] = []
+
+    def outer(x_adv):
+        seen.append((x_adv - x).detach().abs().max())
+        loss = F.cross_entropy(model(x_adv), y)
+        return loss, {}
+
+    def one_minibatch():
+        loss, _ = free.step(x, outer, optimizer, lambda: threat)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    accuracies = iter([0.6, 0.1, 0.55])  # baseline, the collapse, after the restore
+    guard.measure = lambda: next(accuracies)
+    guard.baseline()
+    one_minibatch()
+    assert free.state_dict()["delta"].abs().max() == pytest.approx(0.1)  # two steps of eps, clipped
+    assert guard.check()["guard_restored"] == 1.0 and free.delta is None  # the perturbation dropped
+    assert float(seen[1]) == pytest.approx(0.1)  # the second replay: one step of eps
+    one_minibatch()
+    assert float(seen[2]) == 0.0  # after the restore, from no perturbation
+    assert float(seen[3]) == pytest.approx(0.05)  # then one step of half eps (the backoff)
+
+
 @pytest.mark.parametrize("schedule", ["fast", "nfgsm", "free"])
 def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp_path):
     x, y = _data(96)
@@ -148,14 +184,13 @@ def test_both_trainers_run_every_schedule_and_checkpoint_its_state(schedule, tmp
     assert int(steps) == (2 if schedule == "free" else 1) * 3 * 2
     if schedule == "free":
         assert payload["extra"]["free"]["delta"].abs().max() <= 0.3 + 1e-6
-    else:
-        assert float(payload["extra"]["guard"]["step_factor"]) == (1.25 if schedule == "fast" else 1.0)
-        assert all("guard_adv_acc" in h and h["guard_restored"] == 0.0 for h in result.history)
+    assert float(payload["extra"]["guard"]["step_factor"]) == (1.25 if schedule == "fast" else 1.0)
+    assert all("guard_adv_acc" in h and h["guard_restored"] == 0.0 for h in result.history)
     aaa = train_aaa(_autoencoder(), [_classifier(), _classifier(3)], x, y,
                     AAAConfig(epochs=1, batch_size=32, warmup_steps=2, schedule=schedule, replays=2,
                               guard_n=16, guard_steps=2), x_val=x[:16], y_val=y[:16], progress=False)
     assert aaa.config["schedule"] == schedule and sum(aaa.visits) == 3
-    assert ("guard_adv_acc" in aaa.history[0]) == (schedule != "free")
+    assert "guard_adv_acc" in aaa.history[0]
 
 
 def test_a_check_within_the_epoch_restores_the_state_of_the_last_good_check():
@@ -255,6 +290,39 @@ def test_schedule_fields_are_left_out_of_configs_at_their_default_and_checked():
         AdversarialTrainingConfig(schedule="free", replays=0)
     with pytest.raises(ConfigError, match="guard_drop"):
         AdversarialTrainingConfig(guard_drop=2.0)
+    assert "precision" not in config_to_dict(AdversarialTrainingConfig())
+    assert config_to_dict(AdversarialTrainingConfig(precision="bfloat16"))["precision"] == "bfloat16"
+    with pytest.raises(ConfigError, match="precision must be one of float32, bfloat16"):
+        AAAConfig(precision="float16")
+
+
+def test_bfloat16_training_runs_its_forward_passes_in_bfloat16_and_keeps_float32_weights(monkeypatch):
+    from aeshield.train import loop
+
+    x, y = _data(64)
+    seen = []
+    real = loop.precision_context
+
+    def spy(precision, device):
+        seen.append(precision)
+        return real(precision, device)
+
+    monkeypatch.setattr(loop, "precision_context", spy)
+    dtypes = []
+    classifier = _classifier()
+    classifier.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
+    result = adversarial_training(classifier, x, y, AdversarialTrainingConfig(
+        epochs=1, batch_size=32, attack_steps=2, step_size=0.1, precision="bfloat16"), progress=False)
+    assert seen == ["bfloat16", "bfloat16"] and torch.bfloat16 in dtypes
+    assert all(v.dtype == torch.float32 for v in classifier.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in classifier.state_dict().items())
+    assert all(math.isfinite(v) for h in result.history for k, v in h.items() if k.startswith("train_"))
+    autoencoder = _autoencoder()
+    train_aaa(autoencoder, [_classifier()], x, y, AAAConfig(epochs=1, batch_size=32, warmup_steps=0,
+              attack_steps=2, precision="bfloat16"), progress=False)
+    assert seen[2:] == ["bfloat16", "bfloat16"]
+    assert all(p.dtype == torch.float32 for p in autoencoder.parameters())
 
 
 def test_a_spec_passes_the_schedule_to_the_defense_config_and_keys_only_what_it_sets():
@@ -269,6 +337,9 @@ def test_a_spec_passes_the_schedule_to_the_defense_config_and_keys_only_what_it_
     at = AdvTrainSpec(schedule="free", replays=8)
     assert from_spec(AdversarialTrainingConfig, at, seed=0).replays == 8
     assert spec_dict(at)["replays"] == 8 and "replays" not in spec_dict(AdvTrainSpec())
+    mixed = dataclasses.replace(spec, precision="bfloat16")
+    assert from_spec(AAAConfig, mixed, seed=0).precision == "bfloat16"
+    assert spec_dict(mixed)["precision"] == "bfloat16" and "precision" not in spec_dict(spec)
 
 
 @pytest.mark.slow

@@ -280,11 +280,13 @@ def test_cli_takes_aaas_training_recipe_and_the_sidecar_keeps_it(tmp_path):
     out = tmp_path / "shield.safetensors"
     base = ["train", "shield", "--classifier", str(tmp_path / "clf.safetensors"), "--data", str(tmp_path / "data.npz"),
             "--epochs", "1", "--batch-size", "8", "--out", str(out), "--no-progress"]
-    recipe = ["--eps", "0.3", "--attack-steps", "2", "--step-size", "0.15", "--lr", "0.01", "--cosine-lr"]
+    recipe = ["--eps", "0.3", "--attack-steps", "2", "--step-size", "0.15", "--lr", "0.01", "--cosine-lr",
+              "--precision", "bfloat16"]
     result = click.testing.CliRunner().invoke(main, [*base, *recipe, "--architecture", "conv-ae-small"])
     assert result.exit_code == 0, result.output
     config = json.loads(out.with_suffix(".json").read_text())["card"]["config"]["training"]
     assert (config["attack_steps"], config["step_size"], config["lr"], config["cosine_lr"]) == (2, 0.15, 0.01, True)
+    assert config["precision"] == "bfloat16"
 
     refused = click.testing.CliRunner().invoke(main, [*base, "--defense", "magnet", "--attack-steps", "2"])
     assert refused.exit_code == 2 and "--attack-steps: settings of aaa's training, not of magnet" in refused.output

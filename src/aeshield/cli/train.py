@@ -13,6 +13,7 @@ import torch
 
 from ..defenses.aaa import AAAConfig
 from ..defenses.schedules import SCHEDULES
+from ..train.loop import PRECISIONS
 from ..defenses.magnet import MagNetTrainConfig
 from ..defenses.puvae import PuVAETrainConfig
 from ..train.classifier import ClassifierConfig
@@ -20,6 +21,9 @@ from .options import (check_cli_compatible, classifier_options, config_option, d
                       dataset_choice, device_option, force_option, load_cli_classifier, load_cli_data,
                       progress_option, resolve_device)
 
+_PRECISION_HELP = ("bfloat16: mixed precision, each update's attack and loss in bfloat16 under autocast, "
+                   "the weights in float32 (1.4x faster for aaa-mnist's quick shield on a CPU with "
+                   "AVX512-BF16, the same robustness on validation images)")
 _OUT_HELP = "Output .safetensors path (a .json sidecar, and a .ckpt checkpoint while training, go beside it)."
 
 
@@ -138,16 +142,17 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @config_option(AAAConfig, "nfgsm_noise", help="nfgsm: the uniform noise's radius as a multiple of eps.")
 @config_option(AAAConfig, "nfgsm_step", help="nfgsm: FGSM step as a multiple of eps.")
 @config_option(AAAConfig, "guard_every",
-               help="fast, nfgsm: also run the overfitting guard's PGD check every this many updates "
-                    "(default: after each epoch only).")
+               help="fast, nfgsm, free: also run the overfitting guard's PGD check every this many "
+                    "updates (free: minibatches; default: after each epoch only).")
+@config_option(AAAConfig, "precision", type=click.Choice(list(PRECISIONS)), help=_PRECISION_HELP)
 @_TRAIN_LIMIT
 @config_option(AAAConfig, "seed", help="Seed of the initial weights, data order and attack starts.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help=_OUT_HELP)
 @device_option()
 @progress_option()
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
-                  schedule, replays, fgsm_step_factor, nfgsm_noise, nfgsm_step, guard_every, train_limit, seed,
-                  out, device, progress) -> None:
+                  schedule, replays, fgsm_step_factor, nfgsm_noise, nfgsm_step, guard_every, precision,
+                  train_limit, seed, out, device, progress) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
     from ..defenses.aaa import train_aaa
     from ..models.io import save_weights
@@ -155,7 +160,7 @@ def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, 
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
                     epochs=epochs, seed=seed, schedule=schedule, replays=replays,
                     fgsm_step_factor=fgsm_step_factor, nfgsm_noise=nfgsm_noise, nfgsm_step=nfgsm_step,
-                    guard_every=guard_every)
+                    guard_every=guard_every, precision=precision)
     device = resolve_device(device)
     frozen = [_classifier(c, dataset, device) for c in classifiers]
     train_set, val = _training_sets(dataset, train_limit, seed, val_n=500, device=device)
@@ -279,6 +284,8 @@ def _shield_names() -> list[str]:
 @click.option("--cosine-lr/--constant-lr", default=None,
               help="aaa: anneal the learning rate to 0 on a half cosine (aaa-mnist's quick recipe), or "
                    "keep it constant (the default).")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
+              help="aaa: " + _PRECISION_HELP + " (default float32)")
 @click.option("--query-only", type=click.Choice(["probs", "label"]), default=None,
               help="aaa: the classifier(s) answer only queries, with probabilities or only the label; "
                    "nothing is differentiated through them (see --query-method).")
@@ -296,7 +303,7 @@ def _shield_names() -> list[str]:
 @progress_option()
 def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fraction, eps, epochs, train_limit,
                      batch_size, architecture, false_positive_rate, seed, schedule, attack_steps, step_size, lr,
-                     cosine_lr, query_only, query_method, surrogate, query_budget, force, out, device,
+                     cosine_lr, precision, query_only, query_method, surrogate, query_budget, force, out, device,
                      progress) -> None:
     """Train any shield for your classifier(s) on your images (resumes from <out>.ckpt).
 
@@ -317,7 +324,8 @@ def train_shield_cmd(defense, classifier, normalize, dataset, data_file, val_fra
     if eps is not None and defense != "aaa":
         raise ConfigError(f"--eps sets the radius aaa trains against; {defense} trains on clean images only")
     recipe = {k: v for k, v in (("schedule", schedule), ("attack_steps", attack_steps), ("step_size", step_size),
-                                ("lr", lr), ("cosine_lr", cosine_lr)) if v is not None}
+                                ("lr", lr), ("cosine_lr", cosine_lr), ("precision", precision))
+              if v is not None}
     if defense != "aaa" and (recipe or query_only):
         given = [("--cosine-lr" if v else "--constant-lr") if k == "cosine_lr" else f"--{k.replace('_', '-')}"
                  for k, v in recipe.items()] + (["--query-only"] if query_only else [])

@@ -220,7 +220,7 @@ def train_aaa(autoencoder: nn.Module, classifiers: list[nn.Module], x: torch.Ten
                           checkpoint_every=config.checkpoint_every,
                           plateau_patience=config.plateau_patience,
                           early_stop_patience=config.early_stop_patience,
-                          val_metric="val_adv_loss")
+                          val_metric="val_adv_loss", precision=config.precision)
         result.loop = fit({"autoencoder": autoencoder}, optimizer, step, x, y, loop,
                           val_fn=combine(guard.check if guard is not None else None, val_fn,
                                          access.report if access.any_query_only else None),

@@ -110,11 +110,11 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return loss, {"loss": loss.detach(), "adv_acc": (logits.argmax(1) == yb).float().mean()}
 
     def step(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+        if guard is not None:  # before the lr is set: a restore puts back the optimizer's old lr
+            guard.tick()
         if free is not None:
             model.train()
             return free.step(xb, lambda x_adv: outer(x_adv, yb), optimizer, prepare)
-        if guard is not None:  # before the lr is set: a restore puts back the optimizer's old lr
-            guard.tick()
         if config.cosine_lr:
             cosine_lr(optimizer, config.lr, total)
         model.eval()  # craft without touching BatchNorm statistics or dropout masks
@@ -144,7 +144,8 @@ def adversarial_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     loop = LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                       checkpoint_every=config.checkpoint_every,
-                      plateau_patience=config.plateau_patience, val_metric="val_adv_loss")
+                      plateau_patience=config.plateau_patience, val_metric="val_adv_loss",
+                      precision=config.precision)
     result = fit({"model": model}, optimizer, step, x, y, loop,
                  val_fn=combine(guard.check if guard is not None else None, val_fn),
                  checkpoint=checkpoint, progress=progress, extra=extra or None)

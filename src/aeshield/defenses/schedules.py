@@ -23,20 +23,22 @@ One option, ``schedule``, chooses how each training step finds its adversarial e
 perturbation also grows G's reconstruction error. It crafts in training mode, with the
 function it updates (AAA's ``craft_mode`` applies to "pgd", "fast" and "nfgsm").
 
-**Catastrophic overfitting.** FGSM training can collapse within an epoch: accuracy under
-FGSM soars while accuracy under PGD falls to about 0 (Wong et al. 2020, section 5; the larger
-the step, the sooner). ``OverfitGuard`` is the guard the issue asked for; it runs with both
-single-step schedules. It keeps Wong et al.'s method unchanged and adds only a measurement
-(GradAlign, Andriushchenko and Flammarion 2020, doubles the cost of a step with its double
-backpropagation). N-FGSM, the other remedy the issue named, is the "nfgsm" schedule, so that
-the two can be compared. The guard runs after each epoch (and, with ``guard_every``, every
-that many updates within it) a PGD check
-(``guard_steps`` steps, step ``2.5 eps / steps``, a fixed seed) on a fixed batch of ``guard_n``
-images; when its accuracy falls more than ``guard_drop`` below the best seen, the model and
-optimizer go back to the last state that passed a check and the FGSM step factor is
-multiplied by ``guard_backoff``. Each epoch's record of the history carries the end-of-epoch
-check (``guard_adv_acc``, ``guard_restored``, ``guard_step_factor``; with ``guard_every``,
-``guard_restored`` counts the epoch's restores and ``guard_checks`` its checks).
+**Catastrophic overfitting.** FGSM training can collapse within an epoch: accuracy under FGSM
+soars while accuracy under PGD falls to about 0 (Wong et al. 2020, section 5; the larger the
+step, the sooner). ``OverfitGuard`` is the guard the issue asked for; it runs with both single-
+step schedules and with "free" (one input gradient per update too; for free, ``guard_every``
+counts minibatches, and a restore also drops the carried perturbation). It keeps Wong et al.'s
+method unchanged and adds only a measurement (GradAlign, Andriushchenko and Flammarion 2020,
+doubles the cost of a step with its double backpropagation). N-FGSM, the other remedy the issue
+named, is the "nfgsm" schedule, so that the two can be compared. The guard runs after each epoch
+(and, with ``guard_every``, every that many updates within it) a PGD check (``guard_steps``
+steps, step ``2.5 eps / steps``, a fixed seed) on a fixed batch of ``guard_n`` images; when its
+accuracy falls more than ``guard_drop`` below the best seen, the model and optimizer go back to
+the last state that passed a check and the step factor (FGSM's, or free's perturbation step, eps
+to begin with) is multiplied by ``guard_backoff``. Each epoch's record of the history carries
+the end-of-epoch check (``guard_adv_acc``, ``guard_restored``, ``guard_step_factor``; with
+``guard_every``, ``guard_restored`` counts the epoch's restores and ``guard_checks`` its
+checks).
 
 Why checks within the epoch: on MNIST at eps 0.3, FGSM training of the classifiers A and B
 collapsed within the first of two epochs (PGD-40 accuracy 0.6% and 0.0%,
@@ -68,11 +70,15 @@ from ..attacks.gradient import noisy_fgsm_train, pgd_train
 from ..errors import ConfigError
 from ..records import added_later
 from ..threat import ThreatModel
+from ..train.loop import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("pgd", "free", "fast", "nfgsm")
 SINGLE_STEP = ("fast", "nfgsm")
+# The schedules the overfitting guard watches: the single-step ones and free, whose one input
+# gradient per update is the same bet on a linear loss (Wong et al. 2020 saw free collapse too).
+GUARDED = (*SINGLE_STEP, "free")
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 
@@ -92,7 +98,9 @@ class ScheduleSettings:
     - ``guard_drop``: the single-step schedules' guard fires when PGD accuracy falls more than
       this (a fraction) below the best seen (None: no guard); ``guard_n`` images, ``guard_steps`` PGD steps;
       ``guard_backoff`` multiplies the step factor on each restore; ``guard_every``: also check
-      every that many updates within an epoch (None: after each epoch only).
+      every that many updates within an epoch (None: after each epoch only);
+    - ``precision``: "float32" or "bfloat16" (mixed precision: each update's attack and loss
+      under autocast, the weights and the optimizer in float32; ``train.loop.precision_context``).
     """
 
     schedule: str = added_later("pgd")
@@ -105,6 +113,7 @@ class ScheduleSettings:
     guard_steps: int = added_later(10)
     guard_backoff: float = added_later(0.75)
     guard_every: int | None = added_later(None)
+    precision: str = added_later("float32")
 
 
 def check_schedule(config) -> None:
@@ -127,6 +136,8 @@ def check_schedule(config) -> None:
         raise ConfigError(f"{name}: guard_backoff must lie in (0, 1], got {config.guard_backoff}")
     if config.guard_n < 1 or config.guard_steps < 1:
         raise ConfigError(f"{name}: guard_n and guard_steps must be at least 1")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"{name}: precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     if config.guard_every is not None and config.guard_every < 1:
         raise ConfigError(f"{name}: guard_every counts updates between checks: at least 1, or None "
                           f"(after each epoch only), got {config.guard_every}")
@@ -138,12 +149,15 @@ def updates_per_batch(config) -> int:
 
 
 def guarded(config) -> bool:
-    """Whether the overfitting guard runs: a single-step schedule with a ``guard_drop``."""
-    return config.schedule in SINGLE_STEP and config.guard_drop is not None
+    """Whether the overfitting guard runs: a single-step schedule or free, with a ``guard_drop``."""
+    return config.schedule in GUARDED and config.guard_drop is not None
 
 
 def step_factor(config) -> float:
-    """The single-step schedule's step as a multiple of eps (the guard lowers it from here)."""
+    """The schedule's step as a multiple of eps (the guard lowers it from here): free's
+    perturbation step is eps (Shafahi et al.), the single-step schedules' their config's."""
+    if config.schedule == "free":
+        return 1.0
     return config.nfgsm_step if config.schedule == "nfgsm" else config.fgsm_step_factor
 
 
@@ -183,8 +197,9 @@ class FreeReplay:
     the perturbation step it calls for is taken before the next replay (or the next checkpoint).
     """
 
-    def __init__(self, replays: int) -> None:
+    def __init__(self, replays: int, step_factor: Callable[[], float] = lambda: 1.0) -> None:
         self.replays = replays
+        self.step_factor = step_factor  # the perturbation step / eps; the guard lowers it
         self.delta: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, ThreatModel] | None = None  # (leaf, x, ball)
         self.updates = 0  # optimizer updates made by ``step`` itself, for tests and logs
@@ -193,10 +208,15 @@ class FreeReplay:
         if leaf.grad is None:
             return
         assert self.delta is not None
-        stepped = leaf.detach() + ball.eps * leaf.grad.sign()
+        stepped = leaf.detach() + self.step_factor() * ball.eps * leaf.grad.sign()
         # Into the ball and the pixel box, as Wong et al.'s free code does: the next replay (or
         # minibatch) starts from a perturbation it can actually apply.
         self.delta[:x.shape[0]] = ball.project(x + stepped, x) - x
+
+    def reset(self) -> None:
+        """Start again from no perturbation (after the guard restored an earlier model: the
+        carried perturbation was grown against the collapsed one)."""
+        self.delta, self._pending = None, None
 
     def _settle(self) -> None:
         """Take the perturbation step of the last replay (its gradient came from the loop's backward)."""
@@ -259,20 +279,24 @@ def guard_batch(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[to
 
 
 class OverfitGuard:
-    """The catastrophic-overfitting guard of the "fast" schedule (see the module docstring).
+    """The catastrophic-overfitting guard of the "fast", "nfgsm" and "free" schedules (see the
+    module docstring).
 
     ``models()`` gives the models whose accuracy is checked, in the mode to check them (AAA:
     ``Shielded(G, F_k)`` for each classifier, the mean accuracy counts); ``modules`` and
-    ``optimizer`` are what a restore puts back. ``step_factor`` is the FGSM step factor the
-    schedule reads; ``baseline()`` measures and keeps the starting state (call it on a fresh
-    run, not a resumed one: the checkpoint restores the guard through ``state_dict``). With
-    ``every``, the trainer calls ``tick()`` before each update's attack.
+    ``optimizer`` are what a restore puts back, and ``on_restore`` (if set) is called after it.
+    ``step_factor`` is the step factor the schedule reads; ``baseline()`` measures and keeps the
+    starting state (call it on a fresh run, not a resumed one: the checkpoint restores the guard
+    through ``state_dict``). With ``every``, the trainer calls ``tick()`` before each update's
+    attack.
     """
 
     def __init__(self, models: Callable[[], Sequence[nn.Module]], modules: Mapping[str, nn.Module],
                  optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                 steps: int, drop: float, backoff: float, step_factor: float, every: int | None = None) -> None:
+                 steps: int, drop: float, backoff: float, step_factor: float, every: int | None = None,
+                 on_restore: Callable[[], None] | None = None) -> None:
         self.models, self.modules, self.optimizer = models, dict(modules), optimizer
+        self.on_restore = on_restore
         self.x, self.y = x, y
         self.threat = ThreatModel("Linf", eps)
         self.steps, self.drop, self.backoff = steps, drop, backoff
@@ -310,6 +334,8 @@ class OverfitGuard:
         for state, step in zip(self.optimizer.state.values(), taken):
             if step is not None and "step" in state:
                 state["step"] = step.clone() if torch.is_tensor(step) else step
+        if self.on_restore is not None:
+            self.on_restore()
 
     def baseline(self) -> None:
         self.best = self.measure()
@@ -344,7 +370,7 @@ class OverfitGuard:
             self._epoch_restores += 1
             after = self.measure()
             logger.warning("catastrophic overfitting: PGD-%d accuracy %.3f, best %.3f; restored the last "
-                           "good state (accuracy %.3f) and lowered the FGSM step factor to %.4g",
+                           "good state (accuracy %.3f) and lowered the step factor to %.4g",
                            self.steps, acc, self.best, after, self.step_factor)
             record.update(guard_restored=1.0, guard_adv_acc_restored=after)
         else:
@@ -372,16 +398,21 @@ def schedule_state(config, models: Callable[[], Sequence[nn.Module]], modules: M
                    optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                    x_val: torch.Tensor | None, y_val: torch.Tensor | None
                    ) -> tuple[FreeReplay | None, OverfitGuard | None]:
-    """What a trainer carries for its schedule: the "free" replay state and the "fast" guard
-    (checked on validation images when given, else on training images), each None when unused."""
+    """What a trainer carries for its schedule: the "free" replay state and the overfitting
+    guard (checked on validation images when given, else on training images), each None when
+    unused. A guarded free replay takes its step factor from the guard and starts from no
+    perturbation after a restore."""
     free = FreeReplay(config.replays) if config.schedule == "free" else None
     if not guarded(config):
         return free, None
     gx, gy = guard_batch(*((x_val, y_val) if x_val is not None and y_val is not None else (x, y)),
                          config.guard_n, config.seed + 2)
-    return free, OverfitGuard(models, modules, optimizer, gx, gy, eps=config.eps, steps=config.guard_steps,
-                              drop=config.guard_drop, backoff=config.guard_backoff,
-                              step_factor=step_factor(config), every=config.guard_every)
+    guard = OverfitGuard(models, modules, optimizer, gx, gy, eps=config.eps, steps=config.guard_steps,
+                         drop=config.guard_drop, backoff=config.guard_backoff, step_factor=step_factor(config),
+                         every=config.guard_every, on_restore=free.reset if free is not None else None)
+    if free is not None:
+        free.step_factor = lambda: guard.step_factor
+    return free, guard
 
 
 def warn_if_never_robust(history: Sequence[dict]) -> bool:

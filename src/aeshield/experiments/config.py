@@ -65,6 +65,7 @@ class AdvTrainSpec:
     nfgsm_step: float = added_later(1.0)
     guard_drop: float | None = added_later(0.2)
     guard_every: int | None = added_later(None)
+    precision: str = added_later("float32")  # "bfloat16": mixed-precision training
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class ShieldSpec(QuerySettings):
     nfgsm_step: float = added_later(1.0)
     guard_drop: float | None = added_later(0.2)
     guard_every: int | None = added_later(None)
+    precision: str = added_later("float32")  # "bfloat16": mixed-precision training
     # Classifiers of ``against`` the shield's trainer reaches only through queries (issue 28):
     # each behind ``models.query.QueryOnly(output=query_output, decimals=query_decimals,
     # budget=query_budget)``, and reached per ``query_method`` (``defenses.query_access``).

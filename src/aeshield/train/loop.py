@@ -17,6 +17,7 @@ writes checkpoints and logs, and a checkpoint resumes on any number of ranks.
 from __future__ import annotations
 
 import copy
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -34,6 +35,8 @@ from ..io import remove_temporaries, write_atomic
 from ..models.fast_conv import fast_input_gradients
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "bfloat16")
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict]]
 ValFn = Callable[[], dict]
@@ -58,6 +61,13 @@ class LoopConfig:
     early_stop_patience: int | None = None
     val_metric: str = "val_loss"  # lower is better
     max_steps: int | None = None  # stop after this many steps in total (a crash stand-in for tests)
+    # "bfloat16": each step's forward passes (the attack's and the loss's) run under autocast;
+    # the weights, their gradients and the optimizer stay float32 (see ``precision_context``).
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -171,7 +181,8 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
                     m.train()
                 # the step's attack and its loss both differentiate the frozen classifier's input
                 with distributed.global_batch(idx.numel() * world.size), fast_input_gradients():
-                    loss, metrics = step_fn(x[idx], y[idx], gen)
+                    with precision_context(config.precision, x.device):
+                        loss, metrics = step_fn(x[idx], y[idx], gen)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
@@ -225,6 +236,17 @@ def fit(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, step
             m.eval()
         result.finished = True
         return result
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for a training step: ``"bfloat16"`` runs matrix products and convolutions
+    in bfloat16 (autocast; losses and reductions stay float32, and bfloat16's float32 exponent
+    range needs no loss scaling); ``"float32"`` changes nothing. On a CPU with AVX512-BF16 an
+    AAA update behind mnist-a ran 1.7x faster, behind mnist-b 1.25x (docs/dev/fast-training.md).
+    Evaluation never runs under it: a bfloat16 PGD measured weaker (same document)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _epoch_batches(n: int, config: LoopConfig, epoch: int) -> tuple[torch.Tensor, ...]:
