@@ -16,16 +16,17 @@ not counted):
 These are aaa-mnist's quick recipes (its shields: ``pgd-2``, its Madry AT: ``pgd-3``).
 
 ``pgd-K`` is a random start and K PGD steps of eps / K (``pgd-10``: step 0.03, the quick
-profile's training attack until issue 26; ``pgd-2``: its shields' attack since), ``fast`` is FGSM
-from a random start with step 1.25 eps and the overfitting guard, ``nfgsm`` is FGSM of step eps
-from a uniform noise of 2 eps, not projected to the ball (de Jorge et al. 2022), with the guard,
-``free`` replays each
-minibatch ``--replays`` times. Every run sees the whole training split for ``--epochs`` epochs.
-During training the weights are copied at ``--snapshots`` evenly spaced updates, with the
-training wall time at that point (the copies are not counted). Every snapshot is then evaluated
-on the same ``--n`` test images (the first n of aaa-mnist's seeded test permutation): clean
-accuracy and PGD-40 (step 0.01) x 5 restarts at eps 0.3, white-box on the whole pipeline; AAA
-behind A and B pooled (the native row) and behind C (transfer).
+profile's training attack until issue 26; ``pgd-2``: its shields' attack since), ``fast`` is
+FGSM from a random start with step 1.25 eps and the overfitting guard, ``nfgsm`` is FGSM of step
+eps from a uniform noise of 2 eps, not projected to the ball (de Jorge et al. 2022), with the
+guard, ``free`` replays each minibatch ``--replays`` times, with the guard too. A ``:bf16``
+suffix (e.g. ``pgd-2:bf16``) trains the same recipe in mixed precision (bfloat16 autocast,
+float32 weights; evaluation stays float32). Every run sees the whole training split for
+``--epochs`` epochs. During training the weights are copied at ``--snapshots`` evenly spaced
+updates, with the training wall time at that point (the copies are not counted). Every snapshot
+is then evaluated on the same ``--n`` test images (the first n of aaa-mnist's seeded test
+permutation): clean accuracy and PGD-40 (step 0.01) x 5 restarts at eps 0.3, white-box on the
+whole pipeline; AAA behind A and B pooled (the native row) and behind C (transfer).
 
 ``--cost-claim`` adds the claim: Madry AT of A, B and C on ``--claim-at`` (wall time of each),
 and the worst case of PGD-40 x5 followed by the audit's quick battery (what ``aeshield audit
@@ -119,11 +120,16 @@ def evenly(total: int, count: int) -> list[int]:
 
 def schedule_settings(schedule: str, args) -> dict:
     """A trainer's settings for ``schedule``: "fast", "nfgsm", "free" or "pgd-K" (PGD-K with step eps / K,
-    so that the steps together cross the ball once; "pgd" alone is PGD-10)."""
+    so that the steps together cross the ball once; "pgd" alone is PGD-10), each optionally
+    followed by ":bf16" (mixed-precision training, ``precision="bfloat16"``)."""
+    schedule, _, suffix = schedule.partition(":")
+    if suffix not in ("", "bf16"):
+        raise SystemExit(f"--schedules: unknown suffix {suffix!r} (only ':bf16', mixed precision)")
     name, _, steps = schedule.partition("-")
     steps = int(steps or 10)
     return {"schedule": name, "epochs": args.epochs, "batch_size": 32, "attack_steps": steps,
-            "step_size": round(0.3 / steps, 6), "replays": args.replays, "guard_every": args.guard_every}
+            "step_size": round(0.3 / steps, 6), "replays": args.replays, "guard_every": args.guard_every,
+            "precision": "bfloat16" if suffix else "float32"}
 
 
 def train_aaa_run(schedule: str, classifiers: list[nn.Module], train, args) -> tuple[nn.Module, Snapshots]:
@@ -258,14 +264,14 @@ def cost_claim(shield_points: list[dict], at_runs: dict[str, dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schedules", default="pgd-10,pgd-2,fast,free",
-                        help="training schedules, each 'fast', 'nfgsm', 'free' or 'pgd-K' "
-                             "(default pgd-10,pgd-2,fast,free)")
+                        help="training schedules, each 'fast', 'nfgsm', 'free' or 'pgd-K', optionally "
+                             "with ':bf16' (mixed precision) (default pgd-10,pgd-2,fast,free)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs over the whole training split (2)")
     parser.add_argument("--replays", type=int, default=4, help="free's m (4)")
     parser.add_argument("--at-ramp", type=int, default=500,
                         help="Madry AT grows eps linearly from 0 over this many updates (500)")
     parser.add_argument("--guard-every", type=int, default=None,
-                        help="fast, nfgsm: the overfitting guard also checks every this many updates "
+                        help="fast, nfgsm, free: the overfitting guard also checks every this many updates "
                              "(default: after each epoch only)")
     parser.add_argument("--snapshots", type=int, default=4, help="evaluated points per run (4)")
     parser.add_argument("--n", type=int, default=1000, help="test images (1000)")
