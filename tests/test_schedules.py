@@ -325,6 +325,22 @@ def test_bfloat16_training_runs_its_forward_passes_in_bfloat16_and_keeps_float32
     assert all(p.dtype == torch.float32 for p in autoencoder.parameters())
 
 
+def test_the_guard_checks_in_float32_inside_a_mixed_precision_step():
+    # ``guard_every`` checks run inside the training step, hence under its autocast; a bfloat16
+    # PGD measured weaker, so the check steps out of it.
+    x, y = _data(16)
+    model = _classifier()
+    dtypes = []
+    model.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    guard = OverfitGuard(lambda: [model], {"model": model}, torch.optim.Adam(model.parameters()), x, y,
+                         eps=0.3, steps=2, drop=0.2, backoff=0.5, step_factor=1.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+        dtypes.clear()
+        guard.measure()
+    assert dtypes and all(d == torch.float32 for d in dtypes)
+
+
 def test_a_spec_passes_the_schedule_to_the_defense_config_and_keys_only_what_it_sets():
     from aeshield.experiments.config import AdvTrainSpec, ShieldSpec, spec_dict
     from aeshield.experiments.methods import from_spec

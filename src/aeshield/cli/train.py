@@ -13,10 +13,10 @@ import torch
 
 from ..defenses.aaa import AAAConfig
 from ..defenses.schedules import SCHEDULES
-from ..train.loop import PRECISIONS
 from ..defenses.magnet import MagNetTrainConfig
 from ..defenses.puvae import PuVAETrainConfig
 from ..train.classifier import ClassifierConfig
+from ..train.loop import PRECISIONS
 from .options import (check_cli_compatible, classifier_options, config_option, data_options, data_spec,
                       dataset_choice, device_option, force_option, load_cli_classifier, load_cli_data,
                       progress_option, resolve_device)

@@ -77,7 +77,7 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("pgd", "free", "fast", "nfgsm")
 SINGLE_STEP = ("fast", "nfgsm")
 # The schedules the overfitting guard watches: the single-step ones and free, whose one input
-# gradient per update is the same bet on a linear loss (Wong et al. 2020 saw free collapse too).
+# gradient per update bets, as FGSM's does, on a loss that is linear across the step.
 GUARDED = (*SINGLE_STEP, "free")
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
@@ -95,7 +95,7 @@ class ScheduleSettings:
     - ``fgsm_step_factor``: fast's alpha / eps (Wong et al.: 1.25);
     - ``nfgsm_noise``, ``nfgsm_step``: nfgsm's noise and step as multiples of eps (de Jorge et
       al.: 2 and 1);
-    - ``guard_drop``: the single-step schedules' guard fires when PGD accuracy falls more than
+    - ``guard_drop``: the guard (single-step schedules and free) fires when PGD accuracy falls more than
       this (a fraction) below the best seen (None: no guard); ``guard_n`` images, ``guard_steps`` PGD steps;
       ``guard_backoff`` multiplies the step factor on each restore; ``guard_every``: also check
       every that many updates within an epoch (None: after each epoch only);
@@ -313,11 +313,14 @@ class OverfitGuard:
         """Mean accuracy of ``models()`` under PGD-``steps`` on the guard's batch (fixed seed)."""
         step_size = 2.5 * self.threat.eps / self.steps
         accs = []
-        for model in self.models():
-            x_adv = pgd_train(model, self.x, self.y, threat=self.threat, step_size=step_size,
-                              steps=self.steps, generator=torch.Generator().manual_seed(2024))
-            with torch.no_grad():
-                accs.append(float((model(x_adv).argmax(1) == self.y).float().mean()))
+        # In float32 even when ``tick`` runs it inside a mixed-precision step: a bfloat16 PGD is
+        # weaker (docs/dev/fast-training.md), and the check must not flatter the model.
+        with torch.autocast(self.x.device.type, enabled=False):
+            for model in self.models():
+                x_adv = pgd_train(model, self.x, self.y, threat=self.threat, step_size=step_size,
+                                  steps=self.steps, generator=torch.Generator().manual_seed(2024))
+                with torch.no_grad():
+                    accs.append(float((model(x_adv).argmax(1) == self.y).float().mean()))
         return sum(accs) / len(accs)
 
     def _snapshot(self) -> None:

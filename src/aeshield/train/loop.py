@@ -16,8 +16,8 @@ writes checkpoints and logs, and a checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Callable, Mapping
