@@ -70,7 +70,7 @@ from ..attacks.gradient import noisy_fgsm_train, pgd_train
 from ..errors import ConfigError
 from ..records import added_later
 from ..threat import ThreatModel
-from ..train.loop import PRECISIONS
+from ..train.loop import check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ def check_schedule(config) -> None:
         raise ConfigError(f"{name}: guard_backoff must lie in (0, 1], got {config.guard_backoff}")
     if config.guard_n < 1 or config.guard_steps < 1:
         raise ConfigError(f"{name}: guard_n and guard_steps must be at least 1")
-    if config.precision not in PRECISIONS:
-        raise ConfigError(f"{name}: precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    check_precision(config.precision, name)
     if config.guard_every is not None and config.guard_every < 1:
         raise ConfigError(f"{name}: guard_every counts updates between checks: at least 1, or None "
                           f"(after each epoch only), got {config.guard_every}")

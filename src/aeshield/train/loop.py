@@ -38,6 +38,13 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bfloat16")
 
+
+def check_precision(precision: str, owner: str) -> None:
+    """``precision`` is one of :data:`PRECISIONS` (``owner``: the config named in the error)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{owner}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict]]
 ValFn = Callable[[], dict]
 
@@ -66,8 +73,7 @@ class LoopConfig:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision, type(self).__name__)
 
 
 @dataclass
