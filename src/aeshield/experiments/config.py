@@ -25,6 +25,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..defenses.query_access import QuerySettings
+from ..defenses.schedules import ScheduleSettings
 from ..eval.audit.budget import BUDGETS, AuditBudget, get_budget
 from ..eval.harness import AttackSpec
 from ..records import added_later, config_dict
@@ -45,7 +46,11 @@ class ClassifierSpec:
 
 
 @dataclass(frozen=True)
-class AdvTrainSpec:
+class AdvTrainSpec(ScheduleSettings):
+    """Madry adversarial training of a target's classifiers. The attack schedule of training
+    (``schedule``, ``replays``, ``guard_*``, ``precision``, ...) is ``ScheduleSettings``, the
+    same keyword-only fields as the defense's config: one place to add a schedule setting."""
+
     eps: float = 0.3
     step_size: float = 0.01
     attack_steps: int = 40
@@ -56,20 +61,13 @@ class AdvTrainSpec:
     val_n: int = 500
     eps_ramp_steps: int = 0
     cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
-    # The attack schedule of training and its settings (``defenses.schedules``), as in the
-    # defense's config; at their defaults they are in no key (``records.added_later``).
-    schedule: str = added_later("pgd")
-    replays: int = added_later(4)
-    fgsm_step_factor: float = added_later(1.25)
-    nfgsm_noise: float = added_later(2.0)
-    nfgsm_step: float = added_later(1.0)
-    guard_drop: float | None = added_later(0.2)
-    guard_every: int | None = added_later(None)
-    precision: str = added_later("float32")  # "bfloat16": mixed-precision training
 
 
 @dataclass(frozen=True)
-class ShieldSpec(QuerySettings):
+class ShieldSpec(ScheduleSettings, QuerySettings):
+    """A shield a target trains. Its attack schedule of training is ``ScheduleSettings`` and
+    its query access ``QuerySettings``, as in ``AAAConfig``."""
+
     method: str  # "aaa"
     autoencoder: str
     against: tuple[str, ...]
@@ -87,16 +85,6 @@ class ShieldSpec(QuerySettings):
     cosine_lr: bool = field(default=False, metadata={"hash_if_default": False})
     # A training seed of its own (a replicate); None trains on the target's seed as before.
     seed: int | None = field(default=None, metadata={"hash_if_default": False})
-    # The attack schedule of training and its settings (``defenses.schedules``), as in the
-    # defense's config; at their defaults they are in no key (``records.added_later``).
-    schedule: str = added_later("pgd")
-    replays: int = added_later(4)
-    fgsm_step_factor: float = added_later(1.25)
-    nfgsm_noise: float = added_later(2.0)
-    nfgsm_step: float = added_later(1.0)
-    guard_drop: float | None = added_later(0.2)
-    guard_every: int | None = added_later(None)
-    precision: str = added_later("float32")  # "bfloat16": mixed-precision training
     # Classifiers of ``against`` the shield's trainer reaches only through queries (issue 28):
     # each behind ``models.query.QueryOnly(output=query_output, decimals=query_decimals,
     # budget=query_budget)``, and reached per ``query_method`` (``defenses.query_access``).
