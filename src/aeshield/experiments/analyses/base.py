@@ -44,7 +44,7 @@ class AnalysisResult:
 
 @dataclass(frozen=True)
 class MeanInterval:
-    """A mean over examples with its normal-approximation 95% interval (``stats.mean_interval``)."""
+    """A mean over examples with its Student t 95% interval (``stats.mean_interval``)."""
 
     mean: float
     std: float
