@@ -73,3 +73,20 @@ def test_commands_share_option_names_and_tensor_commands_take_a_device():
         moves_tensors = any(word in path for word in ("train", "eval", "attack", "audit", "reproduce"))
         if moves_tensors:
             assert "--device" in options, f"{path} has no --device"
+
+
+def test_train_aaa_takes_every_setting_of_the_quick_recipe(tmp_path):
+    """aaa-mnist's quick recipe (batch 32, lr 0.01 on a half cosine) can be given to `train aaa`:
+    the options reach the trainer's config, which the shield's sidecar records."""
+    import json
+
+    from aeshield.models.io import sidecar_path
+
+    out = tmp_path / "shield.safetensors"
+    result = click.testing.CliRunner().invoke(main, [
+        "train", "aaa", "--classifier", "mnist-c", "--dataset", "mnist", "--autoencoder", "conv-ae-small",
+        "--attack-steps", "1", "--step-size", "0.3", "--epochs", "1", "--train-limit", "64",
+        "--batch-size", "32", "--lr", "0.005", "--cosine-lr", "--warmup-steps", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads(sidecar_path(out).read_text())["config"]
+    assert (config["batch_size"], config["lr"], config["cosine_lr"], config["warmup_steps"]) == (32, 0.005, True, 1)

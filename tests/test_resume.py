@@ -35,7 +35,7 @@ DATA_CACHE = Path.home() / ".cache" / "aeshield" / "data"
 TRAINERS = {
     "classifier": (["train", "classifier", "--model", "mnist-c", "--dataset", "mnist", "--epochs", "2",
                     "--batch-size", "64", "--train-limit", "256"], 4),
-    # AAA has no --batch-size: 128 images a step, 2 steps an epoch.
+    # AAA at its default batch: 128 images a step, 2 steps an epoch.
     "aaa": (["train", "aaa", "--classifier", "mnist-c", "--dataset", "mnist", "--autoencoder", "conv-ae-small",
              "--attack-steps", "2", "--step-size", "0.1", "--epochs", "2", "--train-limit", "256"], 2),
     # The attack schedules (issue 26): the free perturbation and the guard's state are checkpointed.

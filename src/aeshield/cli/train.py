@@ -133,6 +133,13 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @config_option(AAAConfig, "step_size", help="Training PGD step size.")
 @config_option(AAAConfig, "attack_steps", help="Training PGD steps.")
 @config_option(AAAConfig, "epochs", help="Epochs.")
+@config_option(AAAConfig, "batch_size", help="Mini-batch size (aaa-mnist's quick recipe: 32).")
+@config_option(AAAConfig, "lr", help="The autoencoder's Adam learning rate (aaa-mnist's quick recipe: 0.01).")
+@config_option(AAAConfig, "cosine_lr", "--cosine-lr/--constant-lr",
+               help="Anneal the learning rate to 0 on a half cosine (aaa-mnist's quick recipe), or keep "
+                    "it on the plateau schedule.")
+@config_option(AAAConfig, "warmup_steps",
+               help="Clean reconstruction updates before the adversarial ones (start near the identity).")
 @config_option(AAAConfig, "schedule", type=click.Choice(list(SCHEDULES)),
                help="Training attack: pgd (Madry), fast (FGSM from a random start, Wong et al. 2020), "
                     "nfgsm (FGSM from a larger noise, not projected, de Jorge et al. 2022) or "
@@ -151,14 +158,16 @@ def train_classifier_cmd(model_name, dataset, epochs, batch_size, lr, optimizer,
 @device_option()
 @progress_option()
 def train_aaa_cmd(classifiers, dataset, autoencoder, loss, lam, eps, step_size, attack_steps, epochs,
-                  schedule, replays, fgsm_step_factor, nfgsm_noise, nfgsm_step, guard_every, precision,
+                  batch_size, lr, cosine_lr, warmup_steps, schedule, replays, fgsm_step_factor, nfgsm_noise,
+                  nfgsm_step, guard_every, precision,
                   train_limit, seed, out, device, progress) -> None:
     """Train an AAA shield in front of frozen classifiers (resumes from <out>.ckpt)."""
     from ..defenses.aaa import train_aaa
     from ..models.io import save_weights
 
     cfg = AAAConfig(loss=loss, lam=lam, eps=eps, step_size=step_size, attack_steps=attack_steps,
-                    epochs=epochs, seed=seed, schedule=schedule, replays=replays,
+                    epochs=epochs, batch_size=batch_size, lr=lr, cosine_lr=cosine_lr,
+                    warmup_steps=warmup_steps, seed=seed, schedule=schedule, replays=replays,
                     fgsm_step_factor=fgsm_step_factor, nfgsm_noise=nfgsm_noise, nfgsm_step=nfgsm_step,
                     guard_every=guard_every, precision=precision)
     device = resolve_device(device)
