@@ -40,8 +40,9 @@ within 0.5x the summed AT time (a later one cannot make the claim hold), in trai
 stopping at the first that reaches all three; behind A, then B, then C, leaving a snapshot at
 the first classifier it falls short on; and the audit's battery runs only on PGD-40 x5's
 survivors, and not at all when PGD-40 x5 alone leaves fewer robust examples than the AT
-figure (the worst case can only be lower). The verdict is the same as evaluating everything;
-at n = 1,000 it costs a fraction.
+figure (the worst case can only be lower). Nothing skipped can change the verdict, and what
+runs is the same cascade on the same examples (the battery's random starts are its own draws);
+at n = 1,000 it costs a fraction of evaluating everything.
 
 Prints the tables and writes ``results.json`` and ``tradeoff.png`` to ``--out``. Each interval
 is Wilson's 95%. Wall times are only comparable within one invocation on an idle machine.
