@@ -292,7 +292,7 @@ def _shield_names() -> list[str]:
               help="aaa: the autoencoder's Adam learning rate (default 1e-3; aaa-mnist's quick recipe: 0.01).")
 @click.option("--cosine-lr/--constant-lr", default=None,
               help="aaa: anneal the learning rate to 0 on a half cosine (aaa-mnist's quick recipe), or "
-                   "keep it constant (the default).")
+                   "keep it on the plateau schedule (the default).")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
               help="aaa: " + _PRECISION_HELP + " (default float32)")
 @click.option("--query-only", type=click.Choice(["probs", "label"]), default=None,
