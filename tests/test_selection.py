@@ -1,6 +1,7 @@
 """Choosing a shield on validation images: the rule, the config checks, and the runner's use."""
 
 import json
+import logging
 
 import pytest
 
@@ -61,11 +62,33 @@ def test_config_rejects_a_select_row_that_names_no_selection_or_also_names_a_shi
         from_dict(bad, "quick")
 
 
-def test_a_select_row_is_measured_on_the_shield_its_validation_records_choose(tmp_path):
+def test_the_workers_train_a_selections_candidates_before_it_is_resolved(tmp_path, monkeypatch):
+    from aeshield.experiments.parallel import plan
+
+    runner = Runner(from_dict(_with_selection(), "quick"), tmp_path / "out",
+                    artifacts=tmp_path / "artifacts", use_shipped=False, progress=False)
+    tasks = {t.key: t for t in plan(runner, before_selections=True)}
+    assert set(tasks) == {"classifier:C", "shield:s", "shield:s2"}  # training only, no cell
+    assert tasks["shield:s2"].deps == ("classifier:C",)
+    # Nothing before the selections when none of them waits for training ...
+    plain = Runner(from_dict(json.loads(json.dumps(TINY)), "quick"), tmp_path / "out2",
+                   artifacts=tmp_path / "artifacts", use_shipped=False, progress=False)
+    assert plan(plain, before_selections=True) == []
+    assert "shield:s" in {t.key for t in plan(plain)}
+    # ... or when every candidate and classifier is already trained.
+    monkeypatch.setattr(runner.store, "find", lambda *args: tmp_path)
+    assert plan(runner, before_selections=True) == []
+
+
+def test_a_select_row_is_measured_on_the_shield_its_validation_records_choose(tmp_path, caplog):
     config = from_dict(_with_selection(), "quick")
     runner = Runner(config, tmp_path / "out", artifacts=tmp_path / "artifacts", use_shipped=False,
                     progress=False)
-    out = runner.run()
+    with caplog.at_level(logging.INFO, logger="aeshield.experiments.parallel"):
+        out = runner.run(jobs=2)
+    # The workers' first batch is the training the selection waits for (C, s, s2), not cells.
+    batches = [r.getMessage() for r in caplog.records if "worker process(es)" in r.getMessage()]
+    assert batches[0].startswith("3 task(s) on 2 worker") and len(batches) == 2
     records = out / "records"
     val = runner.val.subset(30, seed=config.selections["pick"].seed)
     # ... which no shield trained on.

@@ -83,8 +83,14 @@ def default_jobs(device: str = "cpu") -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def plan(runner: Runner) -> list[Task]:
-    """Every task the target still needs, with the artifacts each one waits for."""
+def plan(runner: Runner, *, before_selections: bool = False) -> list[Task]:
+    """Every task the target still needs, with the artifacts each one waits for.
+
+    ``before_selections``: the training tasks only, and none at all unless a validation
+    selection waits for one of them (a candidate shield, or a classifier it or the selection
+    uses). The runner runs these in its workers before it resolves the selections, which
+    would otherwise train their candidates one after another in its own process.
+    """
     config = runner.config
     tasks = [Task("classifier", name) for name in config.classifiers
              if runner.store.find(*runner.classifier_artifact(name)) is None]
@@ -98,13 +104,19 @@ def plan(runner: Runner) -> list[Task]:
     for name in sorted(at_needed):
         if runner.store.find(*runner.adversarially_trained_artifact(name)) is None:
             tasks.append(Task("adversarial-training", name, needs(name)))
-    shields_needed = {row.shield for row in config.rows if row.kind == "shield"}
-    for name in sorted(shields_needed):
+    candidates = {name for selection in config.selections.values() for name in selection.among}
+    shields_needed = {row.shield for row in config.rows if row.kind == "shield" and row.shield}
+    for name in sorted(shields_needed | candidates):
         if runner.store.find(*runner.shield_artifact(name)) is None:
             # A method trains against exactly the classifiers it declares: their specs are in
             # the shield's hash, so a method that used another one would be a keying bug.
             spec = config.shields[name]
             tasks.append(Task("shield", name, needs(*get_method(spec.method).depends_on(spec))))
+    if before_selections:
+        awaited = {f"shield:{name}" for name in candidates} | \
+            {f"classifier:{selection.classifier}" for selection in config.selections.values()}
+        awaited |= {dep for t in tasks if t.key in awaited for dep in t.deps}
+        return tasks if any(t.key in awaited for t in tasks) else []
     pending = {t.key for t in tasks}
     for r, row in enumerate(config.rows):
         if row.label in runner.row_aliases:
@@ -142,9 +154,10 @@ def _previous_cost(runner: Runner, row_label: str, classifier: str, suite: str) 
         return 0.0
 
 
-def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
+def run_parallel(runner: Runner, jobs: int, *, before_selections: bool = False) -> dict[str, float]:
     """Fill the runner's cache and records with ``jobs`` worker processes; returns the
-    workers' timings (training and evaluation seconds by task).
+    workers' timings (training and evaluation seconds by task). ``before_selections``: only
+    the training that ``plan`` lists for it.
 
     Ctrl-C (SIGINT) or SIGTERM stops every worker within a few seconds: the workers unwind
     their task (an atomic write removes its temporary file; finished files and training
@@ -153,7 +166,7 @@ def run_parallel(runner: Runner, jobs: int) -> dict[str, float]:
     was there before (the CLI's, Python's KeyboardInterrupt, or the default). A failing task
     stops the other workers the same way before its exception propagates.
     """
-    tasks = plan(runner)
+    tasks = plan(runner, before_selections=before_selections)
     if not tasks:
         return {}
     threads = max(1, (os.cpu_count() or 1) // jobs)

@@ -350,6 +350,8 @@ class Runner:
             if not distributed.is_main():
                 return self.out  # rank 0 renders the tables from the records
         else:
+            if jobs > 1:  # the selections' candidates train in the workers, beside the rest
+                self.timings.update(run_parallel(self, jobs, before_selections=True))
             self.resolve_selections()
             if jobs > 1:
                 self.timings.update(run_parallel(self, jobs))
