@@ -131,6 +131,21 @@ def test_reproduce_spreads_its_jobs_and_cells_over_the_ranks(tmp_path):
     assert "rank 0: " in level and "rank 1: " in level and "rank 1: nothing" not in level
 
 
+def test_reproduce_trains_a_selections_candidates_on_both_ranks_before_choosing(tmp_path):
+    from test_selection import _with_selection
+
+    config = tmp_path / "select.json"
+    config.write_text(json.dumps(_with_selection()))
+    done = _launch("reproduce", tmp_path / "out.json", ranks=2, CONFIG=str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The first plan is the selection's training: C, then its two candidates, one per rank.
+    level = next(line for line in done.stderr.splitlines() if "level 1:" in line)
+    assert "shield:s" in level and "shield:s2" in level and "rank 1: nothing" not in level
+    chosen = next(c for c in json.loads((tmp_path / "out.json").read_text())["table"]
+                  if c["row"] == "chosen")
+    assert chosen["n"] == 40
+
+
 def test_one_process_is_a_world_of_one():
     world = distributed.world()
     assert (world.rank, world.size, world.main, world.distributed) == (0, 1, True, False)

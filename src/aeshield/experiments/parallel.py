@@ -224,18 +224,20 @@ def run_parallel(runner: Runner, jobs: int, *, before_selections: bool = False) 
     return timings
 
 
-def run_ranks(runner: Runner) -> dict[str, float]:
+def run_ranks(runner: Runner, *, before_selections: bool = False) -> dict[str, float]:
     """Under ``torchrun``: every task of the plan on one rank, as the worker processes of
     ``run_parallel`` share them on one machine. Rank 0 plans; the tasks go in dependency levels
     (classifiers, then what trains on them, then the cells), each level dealt to the ranks
     longest first onto the least loaded, with a barrier between levels. Each task runs as if
     its rank were alone (``distributed.alone``), so a record is the one a single process writes.
     The artifacts and records are files: on several nodes, the artifact cache and the output
-    folder must be on a disk they share. Returns every rank's timings."""
+    folder must be on a disk they share. Returns every rank's timings. ``before_selections``:
+    only the training that ``plan`` lists for it."""
     from .. import distributed
 
     world = distributed.world()
-    tasks = distributed.broadcast_object(plan(runner) if world.main else None)
+    tasks = distributed.broadcast_object(
+        plan(runner, before_selections=before_selections) if world.main else None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     for depth, level in enumerate(_levels(tasks)):

@@ -337,8 +337,9 @@ class Runner:
         check_extras(self.config)
         start = time.perf_counter()
         if distributed.world().distributed:  # torchrun: each job and cell on one rank
-            # Rank 0 resolves the selections (training what they compare) before the others
-            # read them from its files.
+            # The selections' candidates train on the ranks; rank 0 then resolves the
+            # selections before the others read them from its files.
+            self.timings.update(run_ranks(self, before_selections=True))
             if distributed.is_main():
                 with distributed.alone():
                     self.resolve_selections()
