@@ -111,7 +111,8 @@ def test_a_select_row_is_measured_on_the_shield_its_validation_records_choose(tm
 def test_aaa_fmnist_headline_row_selects_lambda_on_validation_images():
     config = load_config("aaa-fmnist", "quick")
     sel = config.selections["lambda"]
-    assert sel.among == ("xent+mse", "xent+mse-lam0.15", "xent+mse-lam0.4", "xent+mse-lam0.15-2x")
+    assert sel.among == ("xent+mse", "xent+mse-lam0.15", "xent+mse-lam0.4", "xent+mse-lam0.15-2x",
+                         "xent+mse-lam0.15-4x")
     assert sel.max_clean_drop == pytest.approx(0.06)
     assert [r.select for r in config.rows].count("lambda") == 1
 

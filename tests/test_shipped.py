@@ -113,21 +113,21 @@ def test_aaa_fmnist_is_the_headline_shield_the_lambda_selection_chose():
     from aeshield.defenses.cards import read_card
     from aeshield.models.io import read_sidecar
 
-    # Since issue 26 the selection's fourth candidate, lambda 0.15 at twice the budget, is chosen.
+    # Since session 26 the selection's fifth candidate, lambda 0.15 at four times the budget.
     side, chosen = (json.loads((shipped_dir() / f"{n}.json").read_text())
-                    for n in ("aaa-fmnist", "aaa-fmnist-lam0.15-2x"))
-    weights = (shipped_dir() / "aaa-fmnist-lam0.15-2x.safetensors").read_bytes()
+                    for n in ("aaa-fmnist", "aaa-fmnist-lam0.15-4x"))
+    weights = (shipped_dir() / "aaa-fmnist-lam0.15-4x.safetensors").read_bytes()
     assert (shipped_dir() / "aaa-fmnist.safetensors").read_bytes() == weights
     assert side["weights_sha256"] == hashlib.sha256(weights).hexdigest() and side["spec_hash"] == chosen["spec_hash"]
     selection = read_card(read_sidecar(shipped_dir() / "aaa-fmnist.safetensors")).selection
-    assert selection["name"] == "lambda" and selection["chosen"] == "xent+mse-lam0.15-2x"
+    assert selection["name"] == "lambda" and selection["chosen"] == "xent+mse-lam0.15-4x"
     assert selection["report"] == "selection_lambda.md" and "2000 validation images" in selection["rule"]
     # The published selection report chose the same shield.
     report = (Path(__file__).parents[1] / "docs/results/aaa-fmnist/quick/selection_lambda.md").read_text()
     assert [line.split("|")[1].strip() for line in report.splitlines() if line.endswith("| yes |")] == [
         selection["chosen"]]
-    shield, headline = aeshield.load_shield("aaa-fmnist"), aeshield.load_shield("aaa-fmnist-lam0.15-2x")
+    shield, headline = aeshield.load_shield("aaa-fmnist"), aeshield.load_shield("aaa-fmnist-lam0.15-4x")
     assert all(torch.equal(a, b) for a, b in zip(shield.state_dict().values(), headline.state_dict().values()))
-    assert side["shield_spec"]["lam"] == 0.15 and side["shield_spec"]["epochs"] == 4
+    assert side["shield_spec"]["lam"] == 0.15 and side["shield_spec"]["epochs"] == 8
     old = json.loads((shipped_dir() / "aaa-fmnist-lam0.05.json").read_text())
     assert old["shield_spec"]["lam"] == 0.05 and "selection" not in old["card"]
