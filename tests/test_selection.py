@@ -75,9 +75,14 @@ def test_the_workers_train_a_selections_candidates_before_it_is_resolved(tmp_pat
                    artifacts=tmp_path / "artifacts", use_shipped=False, progress=False)
     assert plan(plain, before_selections=True) == []
     assert "shield:s" in {t.key for t in plan(plain)}
-    # ... or when every candidate and classifier is already trained.
+    # ... or when every candidate and classifier is already trained, or only one is missing
+    # (the runner's own process trains it on all its threads).
     monkeypatch.setattr(runner.store, "find", lambda *args: tmp_path)
     assert plan(runner, before_selections=True) == []
+    missing = runner.shield_artifact("s2")[0]
+    monkeypatch.setattr(runner.store, "find", lambda path, *args: None if path == missing else tmp_path)
+    assert plan(runner, before_selections=True) == []
+    assert [t.key for t in plan(runner)][0] == "shield:s2"
 
 
 def test_a_select_row_is_measured_on_the_shield_its_validation_records_choose(tmp_path, caplog):

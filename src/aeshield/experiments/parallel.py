@@ -88,7 +88,7 @@ def plan(runner: Runner, *, before_selections: bool = False) -> list[Task]:
 
     ``before_selections``: the training tasks only, and none at all unless a validation
     selection waits for one of them (a candidate shield, or a classifier it or the selection
-    uses). The runner runs these in its workers before it resolves the selections, which
+    uses) and there are at least two. The runner runs these in its workers before it resolves the selections, which
     would otherwise train their candidates one after another in its own process.
     """
     config = runner.config
@@ -116,7 +116,9 @@ def plan(runner: Runner, *, before_selections: bool = False) -> list[Task]:
         awaited = {f"shield:{name}" for name in candidates} | \
             {f"classifier:{selection.classifier}" for selection in config.selections.values()}
         awaited |= {dep for t in tasks if t.key in awaited for dep in t.deps}
-        return tasks if any(t.key in awaited for t in tasks) else []
+        # One task alone gains nothing from the workers, and the runner's own process trains
+        # it on every thread.
+        return tasks if len(tasks) > 1 and any(t.key in awaited for t in tasks) else []
     pending = {t.key for t in tasks}
     for r, row in enumerate(config.rows):
         if row.label in runner.row_aliases:
