@@ -87,9 +87,10 @@ def plan(runner: Runner, *, before_selections: bool = False) -> list[Task]:
     """Every task the target still needs, with the artifacts each one waits for.
 
     ``before_selections``: the training tasks only, and none at all unless a validation
-    selection waits for one of them (a candidate shield, or a classifier it or the selection
-    uses) and there are at least two. The runner runs these in its workers before it resolves the selections, which
-    would otherwise train their candidates one after another in its own process.
+    selection waits for one of them (a candidate shield or the selection's classifier) and
+    there are at least two. The runner runs these in its workers before it resolves the
+    selections, which would otherwise train their candidates one after another in its own
+    process.
     """
     config = runner.config
     tasks = [Task("classifier", name) for name in config.classifiers
@@ -115,7 +116,6 @@ def plan(runner: Runner, *, before_selections: bool = False) -> list[Task]:
     if before_selections:
         awaited = {f"shield:{name}" for name in candidates} | \
             {f"classifier:{selection.classifier}" for selection in config.selections.values()}
-        awaited |= {dep for t in tasks if t.key in awaited for dep in t.deps}
         # One task alone gains nothing from the workers, and the runner's own process trains
         # it on every thread.
         return tasks if len(tasks) > 1 and any(t.key in awaited for t in tasks) else []
