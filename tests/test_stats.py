@@ -58,3 +58,47 @@ def test_mean_interval_is_student_t():
     assert m["ci95"] == pytest.approx([2 - half, 2 + half])
     assert "Student t" in m["ci_method"]
     assert math.isnan(mean_interval([5.0])["ci95"][0])
+
+
+def _normal_interval(values: torch.Tensor) -> dict:
+    """What ``mean_interval`` stored before commit 2515016."""
+    mean, std, n = float(values.mean()), float(values.std()), values.numel()
+    half = 1.96 * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "n": n, "ci95": [mean - half, mean + half],
+            "ci_method": "normal approximation, mean +- 1.96 sd / sqrt(n)"}
+
+
+def test_a_stored_normal_mean_interval_is_restated_as_the_t_interval_of_its_values():
+    from aeshield.stats import restate_mean_intervals
+
+    values = torch.rand(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    other = values[:5] * 3
+    record = {"results": {"VAE": {"auddc": _normal_interval(values), "per_pair": values.tolist()}},
+              "paired": [_normal_interval(other)], "current": mean_interval(other), "pairs": 12}
+    restated, count = restate_mean_intervals(record)
+    assert count == 2
+    for got, want in ((restated["results"]["VAE"]["auddc"], mean_interval(values)),
+                      (restated["paired"][0], mean_interval(other))):
+        assert got["ci_method"] == want["ci_method"] and got["n"] == want["n"]
+        assert got["ci95"] == pytest.approx(want["ci95"], rel=1e-12)
+    old = record["results"]["VAE"]["auddc"]["ci95"]
+    new = restated["results"]["VAE"]["auddc"]["ci95"]
+    assert new[0] < old[0] and new[1] > old[1]  # t(0.975, 11) = 2.20 > 1.96
+    assert restated["current"] == record["current"] and restated["pairs"] == 12
+    assert restated["results"]["VAE"]["per_pair"] == values.tolist()
+    assert restate_mean_intervals(restated) == (restated, 0)
+
+
+def test_a_reused_record_is_rewritten_with_the_current_mean_intervals_without_recomputing(tmp_path):
+    import json
+
+    from aeshield.experiments.record_cache import RecordCache
+
+    values = torch.arange(1.0, 7.0, dtype=torch.float64)
+    records = RecordCache(tmp_path, "h", {"target": "t"})
+    records.get("auddc", {"a": 1}, lambda: {"auddc": _normal_interval(values)})
+    calls = []
+    again = records.get("auddc", {"a": 1}, lambda: calls.append(1) or {"auddc": mean_interval(values)})
+    assert calls == []
+    assert again["auddc"]["ci95"] == pytest.approx(mean_interval(values)["ci95"], rel=1e-12)
+    assert json.loads((tmp_path / "auddc.json").read_text()) == again

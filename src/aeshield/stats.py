@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
+from typing import Any
 
 import torch
 
@@ -141,8 +142,34 @@ def mean_interval(values: Sequence[float] | torch.Tensor, confidence: float = 0.
     n = v.numel()
     if n == 0:
         raise ValueError("mean_interval needs at least one value")
-    mean = float(v.mean())
-    std = float(v.std()) if n > 1 else 0.0
+    return mean_interval_from_summary(float(v.mean()), float(v.std()) if n > 1 else 0.0, n, confidence)
+
+
+def mean_interval_from_summary(mean: float, std: float, n: int, confidence: float = 0.95) -> dict:
+    """``mean_interval`` of ``n`` values with this mean and (n - 1) standard deviation."""
     half = t_quantile(1 - (1 - confidence) / 2, n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": mean, "std": std, "n": n, "ci95": [mean - half, mean + half],
             "ci_method": f"Student t, mean +- t({1 - (1 - confidence) / 2:g}, n-1) sd / sqrt(n)"}
+
+
+# What ``mean_interval`` stored before 2026-12-04 (commit 2515016): too narrow over few values.
+NORMAL_MEAN_INTERVAL = "normal approximation, mean +- 1.96 sd / sqrt(n)"
+
+
+def restate_mean_intervals(record: Any) -> tuple[Any, int]:
+    """``record`` (stored JSON) with every 95% mean interval of the normal approximation
+    restated as ``mean_interval`` states it now, from its own mean, sd and n (exactly what
+    recomputing from the values would give), and how many it restated."""
+    if isinstance(record, dict):
+        if record.get("ci_method") == NORMAL_MEAN_INTERVAL and {"mean", "std", "n"} <= record.keys():
+            restated = mean_interval_from_summary(float(record["mean"]), float(record["std"]), int(record["n"]))
+            return {**record, **restated}, 1
+        count, out = 0, {}
+        for key, value in record.items():
+            out[key], k = restate_mean_intervals(value)
+            count += k
+        return out, count
+    if isinstance(record, list):
+        items = [restate_mean_intervals(v) for v in record]
+        return [v for v, _ in items], sum(k for _, k in items)
+    return record, 0
