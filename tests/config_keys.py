@@ -2,7 +2,9 @@
 that adding a config field at its default leaves them unchanged (tests/fixtures/config_keys.json,
 computed at 87088e0 before the training schedules were added; the quick keys of aaa-mnist and
 demo were computed again when issue 26 retuned their recipe, which meant to retrain them; the
-keys of aaa-fmnist's 4x candidates were added when they were, every earlier key unchanged).
+keys of aaa-fmnist's 4x candidates were added when they were, every earlier key unchanged; the
+quick keys of aaa-ensemble-mnist and corruption-mnist were computed again when they moved to
+aaa-mnist's issue-26 recipe).
 
 Run ``python tests/config_keys.py > tests/fixtures/config_keys.json`` to regenerate; only a
 change that means to retrain or re-measure should.
